@@ -1,0 +1,1 @@
+"""Benchmarks and data preparation; product code never imports this package."""

@@ -1,0 +1,104 @@
+"""Command line: `python -m ingest PATH [--catalogue NAME]`; exit 0 ok, 1 nothing ingested, 2 bad setup."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from ingest.pipeline import Ingestor
+from ingest.readers import CatalogueError
+from retrieval.encoders import EncoderError, load_image_encoder, load_text_encoder
+from retrieval.settings import Settings
+from retrieval.store import ProductStore, StoreError, open_client
+from schemas.report import IngestReport
+from schemas.search import CATALOGUE_PATTERN
+
+log = logging.getLogger("ingest")
+SHOWN_REJECTIONS = 20
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m ingest",
+        description="Load a product catalogue (CSV or JSON Lines) into a Qdrant collection.",
+        epilog="Store: QDRANT_URL (+ QDRANT_API_KEY) for a server, else the embedded store at QDRANT_PATH "
+        "(default ./data/qdrant). Models: IMAGE_MODEL, TEXT_MODEL.",
+    )
+    parser.add_argument("path", type=Path, help="catalogue file (.csv, .jsonl)")
+    parser.add_argument("--catalogue", help="collection name (default: DEFAULT_CATALOGUE, 'products')")
+    parser.add_argument("--rejects", type=Path, help="write every rejected row and image here (JSON Lines)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    return parser.parse_args(argv)
+
+
+def print_summary(report: IngestReport) -> None:
+    rejected, skipped = len(report.rejected_rows), len(report.skipped_images)
+    print(
+        f"catalogue {report.catalogue}: read {report.read} rows from {report.source}\n"
+        f"  new {report.new}, updated {report.updated}, unchanged {report.unchanged}, "
+        f"rejected rows {rejected}, skipped images {skipped}, images embedded {report.images_embedded}\n"
+        f"  {report.seconds:.1f} s, {report.products_per_second:.1f} products/s"
+    )
+    for kind, items in (("rejected", report.rejected_rows), ("skipped image", report.skipped_images)):
+        for item in items[:SHOWN_REJECTIONS]:
+            where = f"line {item.line}" if item.line else "file"
+            ident = f" id {item.id}" if item.id else ""
+            print(f"  {kind}: {where}{ident}: {item.reason}", file=sys.stderr)
+        if len(items) > SHOWN_REJECTIONS:
+            print(f"  ... {len(items) - SHOWN_REJECTIONS} more {kind} entries (see --rejects)", file=sys.stderr)
+
+
+def write_rejects(report: IngestReport, target: Path) -> None:
+    with target.open("w", encoding="utf-8") as out:
+        for kind, items in (("row", report.rejected_rows), ("image", report.skipped_images)):
+            for item in items:
+                out.write(json.dumps({"kind": kind, **item.model_dump(exclude_none=True)}, ensure_ascii=False) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"error: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    catalogue = args.catalogue or settings.default_catalogue
+    if not re.fullmatch(CATALOGUE_PATTERN, catalogue):
+        print(f"error: catalogue name {catalogue!r} must be letters, digits, '_', '-', '.' (max 63)", file=sys.stderr)
+        return 2
+    try:
+        store = ProductStore(open_client(settings))
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        log.info("loading encoders %s and %s", settings.image_model, settings.text_model)
+        ingestor = Ingestor(
+            settings, store, load_image_encoder(settings.image_model), load_text_encoder(settings.text_model)
+        )
+        log.info("ingesting %s into %s (%s)", args.path, catalogue, settings.describe_store())
+        report = ingestor.run(args.path, catalogue, progress=False if args.no_progress else None)
+    except (CatalogueError, EncoderError, StoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+    print_summary(report)
+    if args.rejects:
+        write_rejects(report, args.rejects)
+        print(f"  reject report: {args.rejects}")
+    if report.written == 0 and report.unchanged == 0:
+        print("error: nothing could be ingested; fix the rows listed above", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The shared engine: settings, encoders, the Qdrant collection layout and query building."""

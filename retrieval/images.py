@@ -1,0 +1,57 @@
+"""Safe image decoding shared by ingest and the service: size checks before pixels, EXIF turn, RGB."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from urllib.parse import urlparse
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+class ImageDecodeError(ValueError):
+    """Bytes that are not a usable image; the message is safe to show to the user."""
+
+
+def is_url(ref: str) -> bool:
+    """An image ref that is fetched over HTTP rather than read from disk."""
+    return urlparse(ref).scheme in ("http", "https")
+
+
+def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Decode bytes into an RGB image, refusing empty, non-image, truncated and oversized inputs."""
+    if not data:
+        raise ImageDecodeError("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(f"image is {width}x{height} pixels, over the limit of {max_pixels}")
+            image.load()
+            image = ImageOps.exif_transpose(image) or image
+    except ImageDecodeError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not a recognised image format") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"image too large: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
+        raise ImageDecodeError(f"cannot decode image: {exc}") from None
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any mode to RGB; transparent pixels become white, as on a shop page."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        return background
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = image.point(lambda v: v / 256).convert("L")  # 16-bit to 8-bit, not clipped at 255
+    return image.convert("RGB")

@@ -1,0 +1,158 @@
+"""Query building and execution: one prefetch per modality, RRF fusion in Qdrant, payload filters."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+from qdrant_client import models
+
+from retrieval.encoders.base import ImageEncoder, TextEncoder, embed_images
+from retrieval.store import IMAGE_VECTOR, TEXT_VECTOR, EncoderFingerprint, ProductStore
+from schemas.catalogue import category_path, parse_category
+from schemas.payload import Product
+from schemas.search import ModalityScores, SearchFilters, SearchResponse, SearchResult
+
+# Candidates each modality contributes before fusion: enough that a product ranked well by one
+# modality and moderately by the other is still seen by RRF.
+PREFETCH_MIN = 50
+PREFETCH_FACTOR = 4
+
+
+def build_filter(filters: SearchFilters) -> models.Filter | None:
+    """Qdrant filter for category-or-below, retailer in, retailer not in."""
+    must: list[models.Condition] = []
+    must_not: list[models.Condition] = []
+    if filters.category:
+        path = category_path(parse_category(filters.category))
+        must.append(models.FieldCondition(key="category_prefixes", match=models.MatchValue(value=path)))
+    if filters.retailer:
+        must.append(models.FieldCondition(key="retailer", match=models.MatchAny(any=filters.retailer)))
+    if filters.exclude_retailer:
+        must_not.append(models.FieldCondition(key="retailer", match=models.MatchAny(any=filters.exclude_retailer)))
+    if not must and not must_not:
+        return None
+    return models.Filter(must=must or None, must_not=must_not or None)
+
+
+# (retailer, product id, photo index, stored ref) -> the URL a client should load the photo from.
+ImageUrl = Callable[[str, str, int, str], str]
+
+
+def _ref_as_url(retailer: str, product_id: str, index: int, ref: str) -> str:
+    return ref
+
+
+def to_product(payload: dict[str, object], image_url: ImageUrl = _ref_as_url) -> Product:
+    """Map a stored payload to the public product view (the one place that defines the wire format)."""
+    retailer, product_id = str(payload["retailer"]), str(payload["product_id"])
+    images = payload.get("images")
+    refs = [str(ref) for ref in images] if isinstance(images, list) else []
+    return Product.model_validate(
+        {
+            **{k: v for k, v in payload.items() if k in Product.model_fields},
+            "id": product_id,
+            "image_urls": [image_url(retailer, product_id, i, ref) for i, ref in enumerate(refs)],
+        }
+    )
+
+
+@dataclass
+class SearchEngine:
+    """Encodes queries with the loaded encoders and runs them against a catalogue's collection."""
+
+    store: ProductStore
+    image_encoder: ImageEncoder
+    text_encoder: TextEncoder
+
+    @property
+    def fingerprint(self) -> EncoderFingerprint:
+        return EncoderFingerprint(
+            self.image_encoder.name, self.image_encoder.dim, self.text_encoder.name, self.text_encoder.dim
+        )
+
+    def search(
+        self,
+        catalogue: str,
+        *,
+        image: Image.Image | None = None,
+        text: str | None = None,
+        filters: SearchFilters | None = None,
+        limit: int = 10,
+        image_url: ImageUrl = _ref_as_url,
+    ) -> SearchResponse:
+        """Search by a decoded PIL image and/or text; both given -> RRF fusion of the two prefetches."""
+        started = time.perf_counter()
+        self.store.check_encoders(catalogue, self.fingerprint)
+        image_vec = embed_images(self.image_encoder, [image])[0] if image is not None else None
+        text_vec = self.text_encoder.embed_texts([text])[0] if text else None
+        if image_vec is None and text_vec is None:
+            raise ValueError("give an image, a text, or both")
+        query_filter = build_filter(filters or SearchFilters())
+        points = self._query(catalogue, image_vec, text_vec, query_filter, limit)
+        results = []
+        for point in points:
+            product = to_product(point.payload or {}, image_url)
+            results.append(
+                SearchResult(
+                    id=product.id,
+                    retailer=product.retailer,
+                    score=float(point.score),
+                    scores=_modality_scores(point.vector, image_vec, text_vec),
+                    product=product,
+                )
+            )
+        return SearchResponse(
+            catalogue=catalogue,
+            modes=[m for m, v in ((IMAGE_VECTOR, image_vec), (TEXT_VECTOR, text_vec)) if v is not None],
+            fusion="rrf" if image_vec is not None and text_vec is not None else None,
+            took_ms=round((time.perf_counter() - started) * 1000, 2),
+            results=results,
+        )
+
+    def _query(
+        self,
+        catalogue: str,
+        image_vec: np.ndarray | None,
+        text_vec: np.ndarray | None,
+        query_filter: models.Filter | None,
+        limit: int,
+    ) -> list[models.ScoredPoint]:
+        client = self.store.client
+        queries: list[tuple[str, list[float] | list[list[float]]]] = []
+        if image_vec is not None:
+            queries.append((IMAGE_VECTOR, [image_vec.tolist()]))  # a one-row multivector: MAX_SIM = best photo
+        if text_vec is not None:
+            queries.append((TEXT_VECTOR, text_vec.tolist()))
+        with_vectors = [name for name, _ in queries]
+        if len(queries) == 1:
+            name, vector = queries[0]
+            return client.query_points(
+                catalogue, query=vector, using=name, query_filter=query_filter, limit=limit, with_vectors=with_vectors
+            ).points
+        depth = max(PREFETCH_MIN, PREFETCH_FACTOR * limit)
+        prefetch = [models.Prefetch(query=v, using=n, filter=query_filter, limit=depth) for n, v in queries]
+        return client.query_points(
+            catalogue,
+            prefetch=prefetch,
+            query=models.FusionQuery(fusion=models.Fusion.RRF),
+            query_filter=query_filter,
+            limit=limit,
+            with_vectors=with_vectors,
+        ).points
+
+
+def _modality_scores(
+    vectors: object, image_vec: np.ndarray | None, text_vec: np.ndarray | None
+) -> ModalityScores:
+    """Cosine per modality from the returned vectors (all are unit length, so cosine = dot)."""
+    stored = vectors if isinstance(vectors, dict) else {}
+    image_score = text_score = None
+    if image_vec is not None and stored.get(IMAGE_VECTOR):
+        image_score = float(np.max(np.asarray(stored[IMAGE_VECTOR], dtype=np.float32) @ image_vec))
+    if text_vec is not None and stored.get(TEXT_VECTOR):
+        text_score = float(np.asarray(stored[TEXT_VECTOR], dtype=np.float32) @ text_vec)
+    return ModalityScores(image=image_score, text=text_score)

@@ -1,0 +1,56 @@
+"""From a catalogue record to what is stored: point id, embedding text, content hash and payload."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from schemas.catalogue import CatalogueRecord, category_prefixes
+from schemas.payload import ProductPayload
+
+# Fixed namespace: the same (retailer, id) maps to the same point id on every machine, forever.
+_POINT_NAMESPACE = uuid.UUID("6f1d7a52-3c1e-4b8e-9a57-2f0c9d3e8b41")
+
+
+def point_id(retailer: str, product_id: str) -> str:
+    """Deterministic UUID of a product: re-ingesting updates in place and never duplicates."""
+    return str(uuid.uuid5(_POINT_NAMESPACE, f"{retailer}\x1f{product_id}"))
+
+
+def product_text(record: CatalogueRecord) -> str | None:
+    """The text that is embedded: title, brand, description, then attributes (title first: models truncate)."""
+    parts = [record.title, record.brand, record.description]
+    parts += [f"{key}: {value}" for key, value in record.attributes.items()]
+    text = ". ".join(p for p in parts if p)
+    return text or None
+
+
+def content_hash(record: CatalogueRecord, image_digests: Sequence[str | None]) -> str:
+    """sha256 over the record's fields and its images' bytes digests: equal hash, nothing to redo."""
+    fields = record.model_dump(exclude={"line"})
+    blob = json.dumps({"fields": fields, "images": list(image_digests)}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def build_payload(record: CatalogueRecord, *, images: list[str], digest: str) -> ProductPayload:
+    return ProductPayload(
+        product_id=record.id,
+        retailer=record.retailer,
+        title=record.title,
+        description=record.description,
+        brand=record.brand,
+        category=record.category,
+        category_path=record.category_path,
+        category_prefixes=category_prefixes(record.category),
+        price=record.price,
+        currency=record.currency,
+        url=record.url,
+        images=images,
+        attributes=record.attributes,
+        content_hash=digest,
+        ingested_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        source_line=record.line,
+    )

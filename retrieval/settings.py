@@ -1,0 +1,49 @@
+"""Every knob of the engine in one place, read from the environment (see README, Configuration)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_IMAGE_MODEL = "timm:tf_efficientnet_lite0"
+DEFAULT_TEXT_MODEL = "sentence-transformers:all-MiniLM-L6-v2"
+
+
+class Settings(BaseSettings):
+    """Store, models and defaults. `QDRANT_URL` selects a server; otherwise the embedded store at `QDRANT_PATH`."""
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", env_file=None)
+
+    qdrant_url: str | None = Field(default=None, description="Qdrant server URL, e.g. http://localhost:6333")
+    qdrant_api_key: str | None = Field(default=None, description="API key for the Qdrant server")
+    qdrant_path: Path | None = Field(
+        default=None, description="folder of the embedded store (default: ./data/qdrant)"
+    )
+    image_model: str = Field(default=DEFAULT_IMAGE_MODEL, description="image encoder spec")
+    text_model: str = Field(default=DEFAULT_TEXT_MODEL, description="text encoder spec")
+    default_catalogue: str = Field(default="products", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    batch_size: int = Field(default=32, ge=1, le=1024, description="images / texts per encoder batch")
+    decode_workers: int = Field(default=2, ge=1, le=64, description="threads that read and decode images")
+    torch_threads: int | None = Field(default=None, ge=1, le=256)
+    max_image_pixels: int = Field(default=40_000_000, ge=1, description="larger images are refused (bombs)")
+    max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+
+    @model_validator(mode="after")
+    def _one_store(self) -> Settings:
+        if self.qdrant_url and self.qdrant_path is not None:
+            raise ValueError(
+                "both QDRANT_URL and QDRANT_PATH are set: unset QDRANT_PATH to use the server, "
+                "or unset QDRANT_URL to use the embedded store"
+            )
+        if self.qdrant_api_key and not self.qdrant_url:
+            raise ValueError("QDRANT_API_KEY is set without QDRANT_URL: the embedded store takes no key")
+        return self
+
+    @property
+    def store_path(self) -> Path:
+        return (self.qdrant_path or Path("data") / "qdrant").resolve()
+
+    def describe_store(self) -> str:
+        return f"Qdrant server {self.qdrant_url}" if self.qdrant_url else f"embedded Qdrant at {self.store_path}"

@@ -1,0 +1,175 @@
+"""The Qdrant side: client from settings, the collection layout of a catalogue, encoder fingerprints."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from qdrant_client import QdrantClient, models
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+from retrieval.settings import Settings
+
+IMAGE_VECTOR = "image"
+TEXT_VECTOR = "text"
+LAYOUT_VERSION = 1
+
+# Every field a query can filter on gets an index (a server needs them; local mode ignores them).
+PAYLOAD_INDEXES: dict[str, models.PayloadSchemaType] = {
+    "product_id": models.PayloadSchemaType.KEYWORD,
+    "retailer": models.PayloadSchemaType.KEYWORD,
+    "brand": models.PayloadSchemaType.KEYWORD,
+    "category_path": models.PayloadSchemaType.KEYWORD,
+    "category_prefixes": models.PayloadSchemaType.KEYWORD,
+    "currency": models.PayloadSchemaType.KEYWORD,
+    "price": models.PayloadSchemaType.FLOAT,
+}
+
+
+class StoreError(RuntimeError):
+    """The store cannot do what was asked; the message says why and what to do."""
+
+
+class StoreBusy(StoreError):
+    """The embedded store folder is held by another process."""
+
+
+class CatalogueNotFound(StoreError):
+    def __init__(self, name: str, known: Sequence[str]) -> None:
+        listed = ", ".join(sorted(known)) or "none yet"
+        super().__init__(f"catalogue {name!r} does not exist (catalogues: {listed}); ingest it first")
+        self.name = name
+
+
+class EncoderMismatch(StoreError):
+    """The collection's vectors came from other encoders than the ones loaded now."""
+
+
+@dataclass(frozen=True)
+class EncoderFingerprint:
+    """Which encoders (name = model + weights) produced a collection's vectors, and their widths."""
+
+    image: str
+    image_dim: int
+    text: str
+    text_dim: int
+
+    def as_metadata(self) -> dict[str, Any]:
+        return {
+            "layout_version": LAYOUT_VERSION,
+            "image_encoder": self.image,
+            "image_dim": self.image_dim,
+            "text_encoder": self.text,
+            "text_dim": self.text_dim,
+        }
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, Any] | None) -> EncoderFingerprint | None:
+        try:
+            meta = metadata or {}
+            return cls(meta["image_encoder"], int(meta["image_dim"]), meta["text_encoder"], int(meta["text_dim"]))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+def open_client(settings: Settings) -> QdrantClient:
+    """A client for the server at QDRANT_URL, else for the embedded store folder (one process at a time)."""
+    if settings.qdrant_url:
+        return QdrantClient(url=settings.qdrant_url, api_key=settings.qdrant_api_key, timeout=30)
+    path = settings.store_path
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        return QdrantClient(path=str(path))
+    except RuntimeError as exc:
+        if "already accessed" in str(exc):
+            raise StoreBusy(
+                f"the embedded store {path} is in use by another process (an ingest or a running service); "
+                "stop it and retry, set QDRANT_PATH to another folder, or run a Qdrant server and set QDRANT_URL"
+            ) from exc
+        raise
+
+
+class ProductStore:
+    """One collection per catalogue: named vectors `image` (multivector, one row per photo) and `text`."""
+
+    def __init__(self, client: QdrantClient) -> None:
+        self.client = client
+
+    def close(self) -> None:
+        self.client.close()
+
+    def catalogues(self) -> list[str]:
+        try:
+            return sorted(c.name for c in self.client.get_collections().collections)
+        except (UnexpectedResponse, ResponseHandlingException) as exc:
+            raise StoreError(f"cannot reach Qdrant: {exc}") from exc
+
+    def fingerprint(self, catalogue: str) -> EncoderFingerprint:
+        """The encoders a catalogue was built with; CatalogueNotFound if it does not exist."""
+        if not self.client.collection_exists(catalogue):
+            raise CatalogueNotFound(catalogue, self.catalogues())
+        info = self.client.get_collection(catalogue)
+        found = EncoderFingerprint.from_metadata(info.config.metadata)
+        if found is None:
+            raise StoreError(f"collection {catalogue!r} was not made by this tool (no encoder metadata)")
+        return found
+
+    def check_encoders(self, catalogue: str, expected: EncoderFingerprint) -> None:
+        found = self.fingerprint(catalogue)
+        if found != expected:
+            raise EncoderMismatch(
+                f"catalogue {catalogue!r} was built with image encoder {found.image} ({found.image_dim}-d) and "
+                f"text encoder {found.text} ({found.text_dim}-d), but this process loaded {expected.image} "
+                f"({expected.image_dim}-d) and {expected.text} ({expected.text_dim}-d); set IMAGE_MODEL and "
+                "TEXT_MODEL to the catalogue's encoders, or ingest into a new catalogue"
+            )
+
+    def ensure_catalogue(self, catalogue: str, encoders: EncoderFingerprint) -> bool:
+        """Create the collection if missing (True), else check its encoders; payload indexes either way."""
+        created = False
+        if self.client.collection_exists(catalogue):
+            self.check_encoders(catalogue, encoders)
+        else:
+            self.client.create_collection(
+                catalogue,
+                vectors_config={
+                    IMAGE_VECTOR: models.VectorParams(
+                        size=encoders.image_dim,
+                        distance=models.Distance.COSINE,
+                        multivector_config=models.MultiVectorConfig(comparator=models.MultiVectorComparator.MAX_SIM),
+                    ),
+                    TEXT_VECTOR: models.VectorParams(size=encoders.text_dim, distance=models.Distance.COSINE),
+                },
+                metadata=encoders.as_metadata(),
+            )
+            created = True
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Payload indexes have no effect in the local Qdrant")
+            for field, schema in PAYLOAD_INDEXES.items():
+                self.client.create_payload_index(catalogue, field, field_schema=schema)
+        return created
+
+    def count(self, catalogue: str) -> int:
+        return self.client.count(catalogue, exact=True).count
+
+    def content_hashes(self, catalogue: str, ids: Sequence[str]) -> dict[str, str]:
+        """Stored content hash per point id, for the ids that exist."""
+        if not ids:
+            return {}
+        points = self.client.retrieve(catalogue, ids=list(ids), with_payload=["content_hash"], with_vectors=False)
+        return {str(p.id): str((p.payload or {}).get("content_hash", "")) for p in points}
+
+    def upsert(self, catalogue: str, points: Iterable[models.PointStruct]) -> None:
+        batch = list(points)
+        if batch:
+            self.client.upsert(catalogue, points=batch, wait=True)
+
+    def get(self, catalogue: str, point: str) -> models.Record | None:
+        found = self.client.retrieve(catalogue, ids=[point], with_payload=True, with_vectors=False)
+        return found[0] if found else None
+
+    def facet_counts(self, catalogue: str, key: str, *, limit: int = 1_000) -> dict[str, int]:
+        response = self.client.facet(catalogue, key=key, limit=limit, exact=True)
+        return {str(hit.value): hit.count for hit in response.hits}

@@ -1,0 +1,35 @@
+"""The ingest report: counts, timings and every rejected row or image with its reason."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class Rejection(BaseModel):
+    """One thing that was not ingested (a whole row, or one image of a row that was kept)."""
+
+    line: int | None = Field(default=None, description="line in the catalogue file")
+    id: str | None = None
+    field: str | None = None
+    reason: str
+
+
+class IngestReport(BaseModel):
+    catalogue: str
+    source: str
+    read: int = 0
+    new: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    rejected_rows: list[Rejection] = Field(default_factory=list)
+    skipped_images: list[Rejection] = Field(default_factory=list)
+    images_embedded: int = 0
+    seconds: float = 0.0
+
+    @property
+    def written(self) -> int:
+        return self.new + self.updated
+
+    @property
+    def products_per_second(self) -> float:
+        return self.written / self.seconds if self.seconds > 0 else 0.0

@@ -1,0 +1,71 @@
+"""The FastAPI application factory: lifespan, error mapping, routers and the static web page."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from retrieval.images import ImageDecodeError
+from retrieval.settings import Settings
+from retrieval.store import CatalogueNotFound, EncoderMismatch, StoreError
+from service.routes import catalogues, health, search
+from service.state import AppState, build_state
+
+STATIC = Path(__file__).parent / "static"
+log = logging.getLogger("service")
+
+
+def create_app(settings: Settings | None = None, *, state: AppState | None = None) -> FastAPI:
+    """Build the app; models and the store load in the lifespan (or come ready-made in `state`)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.app_state = state or build_state(settings or Settings())
+        try:
+            yield
+        finally:
+            if state is None:
+                app.state.app_state.close()
+
+    app = FastAPI(
+        title="product-match",
+        summary="Find the same product in other shops by photo and/or text, over Qdrant named vectors.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.include_router(health.router)
+    app.include_router(search.router)
+    app.include_router(catalogues.router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse(status_code=status, content={"detail": message})
+
+    @app.exception_handler(CatalogueNotFound)
+    def _not_found(request: Request, exc: CatalogueNotFound) -> JSONResponse:
+        return error(404, str(exc))
+
+    @app.exception_handler(EncoderMismatch)
+    def _mismatch(request: Request, exc: EncoderMismatch) -> JSONResponse:
+        return error(409, str(exc))
+
+    @app.exception_handler(ImageDecodeError)
+    def _bad_image(request: Request, exc: ImageDecodeError) -> JSONResponse:
+        return error(422, f"the uploaded image cannot be used: {exc}")
+
+    @app.exception_handler(StoreError)
+    def _store(request: Request, exc: StoreError) -> JSONResponse:
+        log.warning("store error on %s: %s", request.url.path, exc)
+        return error(503, f"the store cannot answer: {exc}")
+
+    return app

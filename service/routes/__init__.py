@@ -1,0 +1,1 @@
+"""One router per resource; handlers parse, call the engine, and return response models."""

@@ -1,0 +1,77 @@
+"""Catalogues: list them with counts, encoders and facets; serve a product's stored photos."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import quote
+
+from fastapi import APIRouter, HTTPException, Path as PathParam
+from fastapi.responses import FileResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from retrieval.images import is_url
+from retrieval.query import ImageUrl
+from retrieval.records import point_id
+from schemas.search import CATALOGUE_PATTERN, CatalogueInfo, CatalogueList, ErrorResponse
+from service.deps import StateDep
+from service.state import AppState
+
+router = APIRouter(tags=["catalogues"])
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+Catalogue = Annotated[str, PathParam(pattern=CATALOGUE_PATTERN)]
+
+
+def photo_url_for(catalogue: str) -> ImageUrl:
+    """URLs the API serves a catalogue's photos from; remote photos are linked where they are."""
+
+    def url(retailer: str, product_id: str, index: int, ref: str) -> str:
+        if is_url(ref):
+            return ref
+        return f"/catalogues/{catalogue}/products/{quote(retailer, safe='')}/{quote(product_id, safe='')}/images/{index}"
+
+    return url
+
+
+def _describe(state: AppState, name: str) -> CatalogueInfo:
+    store = state.store
+    fingerprint = store.fingerprint(name)
+    return CatalogueInfo(
+        name=name,
+        products=store.count(name),
+        image_encoder=fingerprint.image,
+        text_encoder=fingerprint.text,
+        categories=store.facet_counts(name, "category_prefixes"),
+        retailers=store.facet_counts(name, "retailer"),
+    )
+
+
+@router.get("/catalogues", response_model=CatalogueList)
+async def list_catalogues(state: StateDep) -> CatalogueList:
+    def describe_all() -> list[CatalogueInfo]:
+        return [_describe(state, name) for name in state.store.catalogues()]
+
+    return CatalogueList(catalogues=await run_in_threadpool(describe_all), default=state.settings.default_catalogue)
+
+
+@router.get(
+    "/catalogues/{catalogue}/products/{retailer}/{product_id}/images/{index}",
+    response_class=FileResponse,
+    responses={404: {"model": ErrorResponse}, 307: {"description": "the photo is a remote URL"}},
+)
+async def product_image(
+    state: StateDep, catalogue: Catalogue, retailer: str, product_id: str, index: Annotated[int, PathParam(ge=0, le=64)]
+) -> Response:
+    """A stored photo of a product. Only refs recorded at ingest are served, so no request names a file."""
+    state.store.fingerprint(catalogue)  # 404 for an unknown catalogue
+    record = await run_in_threadpool(state.store.get, catalogue, point_id(retailer, product_id))
+    images = (record.payload or {}).get("images", []) if record else []
+    if not record or index >= len(images):
+        raise HTTPException(404, f"no photo {index} for product {product_id!r} of {retailer!r}")
+    ref = str(images[index])
+    if is_url(ref):
+        return RedirectResponse(ref)
+    path = Path(ref)
+    if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+        raise HTTPException(404, "the photo file is no longer where it was ingested from")
+    return FileResponse(path)
