@@ -9,7 +9,13 @@ from pathlib import Path
 
 GROCERY_RETAILER = "hemkop"
 # A few in-store phone photos (val split) shipped with the sample to try photo search.
-SAMPLE_QUERIES = ("Arla-Standard-Milk", "Oatly-Natural-Oatghurt", "Granny-Smith", "Vine-Tomato", "Tropicana-Apple-Juice")
+SAMPLE_QUERIES = (
+    "Arla-Standard-Milk",
+    "Oatly-Natural-Oatghurt",
+    "Granny-Smith",
+    "Vine-Tomato",
+    "Tropicana-Apple-Juice",
+)
 
 
 def _information(folder: Path, name: str) -> dict[str, str]:

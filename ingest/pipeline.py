@@ -52,7 +52,9 @@ class Product:
     used_refs: list[str] = field(default_factory=list)
 
     def image_error(self, ref: str, reason: str) -> None:
-        self.errors.append(Rejection(line=self.record.line, id=self.record.id, field="image", reason=f"{ref}: {reason}"))
+        self.errors.append(
+            Rejection(line=self.record.line, id=self.record.id, field="image", reason=f"{ref}: {reason}")
+        )
 
 
 class Ingestor:
@@ -65,7 +67,9 @@ class Ingestor:
         self.store = store
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
-        self.fingerprint = EncoderFingerprint(image_encoder.name, image_encoder.dim, text_encoder.name, text_encoder.dim)
+        self.fingerprint = EncoderFingerprint(
+            image_encoder.name, image_encoder.dim, text_encoder.name, text_encoder.dim
+        )
 
     def run(self, path: Path, catalogue: str, *, progress: bool | None = None) -> IngestReport:
         """Ingest one catalogue file; rows that break the contract are reported, the rest lands."""
@@ -85,9 +89,7 @@ class Ingestor:
             for chunk in chunked(stream, CHUNK_SIZE):
                 report.read += len(chunk)
                 report.rejected_rows += [r for r in chunk if isinstance(r, Rejection)]
-                products = [
-                    Product(r, point_id(r.retailer, r.id)) for r in chunk if isinstance(r, CatalogueRecord)
-                ]
+                products = [Product(r, point_id(r.retailer, r.id)) for r in chunk if isinstance(r, CatalogueRecord)]
                 self._ingest_chunk(products, catalogue, path.parent, pool, http, report)
                 bar.update(len(chunk))
         bar.close()
@@ -118,8 +120,12 @@ class Ingestor:
             if not product.tensors and not product.record.title:
                 reasons = "; ".join(e.reason for e in product.errors[:3])
                 report.rejected_rows.append(
-                    Rejection(line=product.record.line, id=product.record.id, field="image",
-                              reason=f"no usable image and no title ({reasons})")
+                    Rejection(
+                        line=product.record.line,
+                        id=product.record.id,
+                        field="image",
+                        reason=f"no usable image and no title ({reasons})",
+                    )
                 )
             else:
                 ready.append(product)
@@ -172,7 +178,7 @@ class Ingestor:
         text_vectors = self.text_encoder.embed_texts([t for t in texts if t])
         points, image_at, text_at = [], 0, 0
         for product, text in zip(products, texts, strict=True):
-            vector: dict[str, list[float] | list[list[float]]] = {}
+            vector: dict[str, models.Vector] = {}
             n = len(product.tensors)
             if n:
                 vector[IMAGE_VECTOR] = image_vectors[image_at : image_at + n].tolist()
@@ -181,6 +187,6 @@ class Ingestor:
                 vector[TEXT_VECTOR] = text_vectors[text_at].tolist()
                 text_at += 1
             payload = build_payload(product.record, images=product.used_refs, digest=product.digest)
-            points.append(models.PointStruct(id=product.point_id, vector=vector, payload=payload.model_dump()))  # type: ignore[arg-type]
+            points.append(models.PointStruct(id=product.point_id, vector=vector, payload=payload.model_dump()))
             product.tensors = []
         return points

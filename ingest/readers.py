@@ -128,7 +128,10 @@ def validated_records(path: Path) -> Iterator[CatalogueRecord | Rejection]:
         key = (record.retailer, record.id)
         if key in seen:
             yield Rejection(
-                line=record.line, id=record.id, field="id", reason=f"duplicate of line {seen[key]} (same retailer and id)"
+                line=record.line,
+                id=record.id,
+                field="id",
+                reason=f"duplicate of line {seen[key]} (same retailer and id)",
             )
             continue
         seen[key] = record.line

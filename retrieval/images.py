@@ -25,12 +25,12 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
+            opened = Image.open(io.BytesIO(data))
+            width, height = opened.size
             if width * height > max_pixels:
-                raise ImageDecodeError(f"image is {width}x{height} pixels, over the limit of {max_pixels}")
-            image.load()
-            image = ImageOps.exif_transpose(image) or image
+                raise ImageDecodeError(f"image too large: {width}x{height} pixels, over the limit of {max_pixels}")
+            opened.load()
+            image: Image.Image = ImageOps.exif_transpose(opened) or opened
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:

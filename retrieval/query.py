@@ -145,9 +145,7 @@ class SearchEngine:
         ).points
 
 
-def _modality_scores(
-    vectors: object, image_vec: np.ndarray | None, text_vec: np.ndarray | None
-) -> ModalityScores:
+def _modality_scores(vectors: object, image_vec: np.ndarray | None, text_vec: np.ndarray | None) -> ModalityScores:
     """Cosine per modality from the returned vectors (all are unit length, so cosine = dot)."""
     stored = vectors if isinstance(vectors, dict) else {}
     image_score = text_score = None

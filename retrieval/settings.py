@@ -18,9 +18,7 @@ class Settings(BaseSettings):
 
     qdrant_url: str | None = Field(default=None, description="Qdrant server URL, e.g. http://localhost:6333")
     qdrant_api_key: str | None = Field(default=None, description="API key for the Qdrant server")
-    qdrant_path: Path | None = Field(
-        default=None, description="folder of the embedded store (default: ./data/qdrant)"
-    )
+    qdrant_path: Path | None = Field(default=None, description="folder of the embedded store (default: ./data/qdrant)")
     image_model: str = Field(default=DEFAULT_IMAGE_MODEL, description="image encoder spec")
     text_model: str = Field(default=DEFAULT_TEXT_MODEL, description="text encoder spec")
     default_catalogue: str = Field(default="products", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")

@@ -32,4 +32,6 @@ class IngestReport(BaseModel):
 
     @property
     def products_per_second(self) -> float:
-        return self.written / self.seconds if self.seconds > 0 else 0.0
+        """Valid products handled (written or found unchanged) per second of the whole run."""
+        handled = self.written + self.unchanged
+        return handled / self.seconds if self.seconds > 0 else 0.0

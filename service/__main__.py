@@ -33,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     shown = "localhost" if args.host in ("127.0.0.1", "0.0.0.0") else args.host
-    print(f"product-match is serving at http://{shown}:{args.port}/ (API docs: http://{shown}:{args.port}/docs)", flush=True)
+    print(
+        f"product-match is serving at http://{shown}:{args.port}/ (API docs: http://{shown}:{args.port}/docs)",
+        flush=True,
+    )
     try:
         uvicorn.run(create_app(settings, state=state), host=args.host, port=args.port, log_level="info")
     finally:

