@@ -1,25 +1,111 @@
-"""`python -m bench prepare sample SRC DEST`: build the bundled sample catalogue from the Grocery data."""
+"""`python -m bench prepare|quality|backbones`: evaluation sets, the quality table and plots, backbones."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import time
 from pathlib import Path
 
-from bench.prepare import write_grocery_sample
+from bench.prepare import prepare_all, write_grocery_sample
+
+DEFAULT_SHARED = Path("../shared/data")
+DEFAULT_SETS = Path("bench/out/sets")
+QUALITY_SETS = ["grocery-val", "abt-buy", "amazon-google", "alibaba"]
+
+
+def ensure_sets(sets_dir: Path, shared: Path, names: list[str]) -> None:
+    if any(not (sets_dir / name / "queries.jsonl").is_file() for name in names):
+        counts = prepare_all(shared, sets_dir)
+        print(f"prepared evaluation sets in {sets_dir}: {counts}")
+
+
+def quality(args: argparse.Namespace) -> int:
+    from bench.evalset import load_set
+    from bench.plots import embedding_map, recall_curves, score_distributions
+    from bench.quality import evaluate, table, write_results
+    from retrieval.encoders import load_image_encoder, load_text_encoder
+    from retrieval.settings import Settings
+
+    settings = Settings()
+    ensure_sets(args.sets_dir, args.shared, args.sets)
+    image_encoder = load_image_encoder(args.image_model or settings.image_model)
+    text_encoder = load_text_encoder(args.text_model or settings.text_model)
+    print(f"encoders: {image_encoder.name} ({image_encoder.dim}-d), {text_encoder.name} ({text_encoder.dim}-d)")
+    runs = {}
+    for name in args.sets:
+        started = time.perf_counter()
+        evalset = load_set(args.sets_dir / name)
+        runs[name] = run = evaluate(evalset, image_encoder, text_encoder, max_queries=args.max_queries)
+        print(
+            f"{name}: {run.products} products ingested in {run.ingest_seconds:.1f} s, "
+            f"{sum(len(t.outcomes) for t in run.tallies.values())} searches, {time.perf_counter() - started:.1f} s"
+        )
+        recall_curves(name, run, args.out)
+        score_distributions(name, run, args.out)
+        embedding_map(name, run, args.out)
+    write_results(runs, args.out)
+    print(table(runs))
+    print(f"table, results.json and plots written to {args.out}")
+    return 0
+
+
+def backbones(args: argparse.Namespace) -> int:
+    from bench.backbones import OFFLINE_BACKBONES, compare
+    from bench.evalset import load_set
+    from retrieval.encoders import load_text_encoder
+    from retrieval.settings import Settings
+
+    ensure_sets(args.sets_dir, args.shared, [args.set])
+    specs = list(OFFLINE_BACKBONES) + (args.open_clip or [])
+    result = compare(
+        specs,
+        load_set(args.sets_dir / args.set),
+        load_text_encoder(Settings().text_model),
+        max_queries=args.max_queries,
+    )
+    print(result)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "backbones.md").write_text(result + "\n")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench")
+    logging.basicConfig(level=logging.WARNING)
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--shared", type=Path, default=DEFAULT_SHARED, help="the shared data folder")
+    parser.add_argument("--sets-dir", type=Path, default=DEFAULT_SETS, help="where evaluation sets live")
     sub = parser.add_subparsers(dest="command", required=True)
+
     prepare = sub.add_parser("prepare", help="convert shared data into the catalogue contract")
-    prepare.add_argument("what", choices=["sample"])
-    prepare.add_argument("--grocery", type=Path, default=Path("../shared/data/grocery/dataset"))
-    prepare.add_argument("--out", type=Path, default=Path("sample/grocery"))
+    prepare.add_argument("what", choices=["sample", "sets"])
+    prepare.add_argument("--out", type=Path, help="default: sample/grocery or --sets-dir")
+
+    q = sub.add_parser("quality", help="recall@k / MRR per modality, fused and filtered, with plots")
+    q.add_argument("--sets", nargs="+", default=QUALITY_SETS, help=f"set names (default: {' '.join(QUALITY_SETS)})")
+    q.add_argument("--max-queries", type=int, help="first N queries of each set (quick runs)")
+    q.add_argument("--image-model", help="image encoder spec (default IMAGE_MODEL)")
+    q.add_argument("--text-model", help="text encoder spec (default TEXT_MODEL)")
+    q.add_argument("--out", type=Path, default=Path("bench/out/quality"))
+
+    b = sub.add_parser("backbones", help="compare image backbones on one set, image only")
+    b.add_argument("--set", default="grocery-val")
+    b.add_argument(
+        "--open-clip", nargs="*", help="open_clip specs with real weights to add, e.g. open_clip:ViT-B-32/ckpt.pt"
+    )
+    b.add_argument("--max-queries", type=int)
+    b.add_argument("--out", type=Path, default=Path("bench/out"))
+
     args = parser.parse_args(argv)
-    count = write_grocery_sample(args.grocery, args.out)
-    print(f"wrote {count} products to {args.out / 'catalogue.csv'}")
-    return 0
+    if args.command == "prepare":
+        if args.what == "sample":
+            out = args.out or Path("sample/grocery")
+            print(f"wrote {write_grocery_sample(args.shared / 'grocery' / 'dataset', out)} products to {out}")
+        else:
+            print(prepare_all(args.shared, args.out or args.sets_dir))
+        return 0
+    return quality(args) if args.command == "quality" else backbones(args)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
-"""Convert the Grocery Store Dataset (MIT) into the catalogue contract: the bundled sample and eval sets."""
+"""Convert ../shared/data into the catalogue contract: the bundled sample and the evaluation sets."""
 
 from __future__ import annotations
 
 import csv
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
+
+from bench.evalset import EvalQuery, write_queries
 
 GROCERY_RETAILER = "hemkop"
 # A few in-store phone photos (val split) shipped with the sample to try photo search.
@@ -33,6 +36,7 @@ def _information(folder: Path, name: str) -> dict[str, str]:
 def grocery_products(dataset: Path) -> list[dict[str, str]]:
     """One catalogue row per fine-grained class: its web image, description, category, brand, url."""
     rows = []
+    dataset = dataset.resolve()
     with (dataset / "classes.csv").open(encoding="utf-8") as f:
         for item in csv.DictReader(f):
             name = item["Class Name (str)"]
@@ -63,18 +67,25 @@ def grocery_products(dataset: Path) -> list[dict[str, str]]:
     return rows
 
 
+GROCERY_COLUMNS = ["id", "retailer", "title", "brand", "category", "url", "image", "volume", "description"]
+
+
+def write_catalogue(path: Path, rows: Iterable[dict[str, str]], columns: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as out:
+        writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def write_grocery_sample(dataset: Path, dest: Path) -> int:
     """Write catalogue.csv + images/ + queries/ under `dest`; returns the number of products."""
     rows = grocery_products(dataset)
     (dest / "images").mkdir(parents=True, exist_ok=True)
     (dest / "queries").mkdir(parents=True, exist_ok=True)
-    columns = ["id", "retailer", "title", "brand", "category", "url", "image", "volume", "description"]
-    with (dest / "catalogue.csv").open("w", newline="", encoding="utf-8") as out:
-        writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            shutil.copyfile(row["source_image"], dest / row["image"])
-            writer.writerow(row)
+    for row in rows:
+        shutil.copyfile(row["source_image"], dest / row["image"])
+    write_catalogue(dest / "catalogue.csv", rows, GROCERY_COLUMNS)
     for line in (dataset / "val.txt").read_text(encoding="utf-8").splitlines():
         photo = Path(line.split(",")[0].strip())
         for name in SAMPLE_QUERIES:
@@ -82,3 +93,122 @@ def write_grocery_sample(dataset: Path, dest: Path) -> int:
                 shutil.copyfile(dataset / photo, dest / "queries" / photo.name)
     shutil.copyfile(dataset.parent / "LICENSE", dest / "LICENSE")
     return len(rows)
+
+
+def write_grocery_set(dataset: Path, dest: Path, split: str) -> int:
+    """In-store photos of `split` (train | val) -> the shop's product; text = the kind of product.
+
+    The query text is the coarse class ("apple", "oat milk"): what a shopper knows without reading the
+    pack. It narrows the search to a kind of product; the photo has to tell which one.
+    """
+    rows = grocery_products(dataset)
+    write_catalogue(dest / "catalogue.csv", ({**r, "image": r["source_image"]} for r in rows), GROCERY_COLUMNS)
+    by_class = {r["class_name"]: r for r in rows}
+    queries = []
+    for line in (dataset / f"{split}.txt").read_text(encoding="utf-8").splitlines():
+        photo = Path(line.split(",")[0].strip())
+        row = by_class[photo.parent.name]
+        top, coarse = row["category"].split(" > ")
+        queries.append(
+            EvalQuery(
+                image=str((dataset / photo).resolve()),
+                text=coarse.replace("-", " ").lower(),
+                expect=[row["id"]],
+                category=row["category"],
+                group="packaged" if top == "Packages" else "fruit+veg",
+            )
+        )
+    write_queries(dest, queries)
+    return len(queries)
+
+
+_FIELD = re.compile(r"COL (\w+) VAL ")
+
+
+def parse_ditto_record(text: str) -> dict[str, str]:
+    """`COL name VAL x COL price VAL y` -> {"name": "x", "price": "y"}."""
+    parts = _FIELD.split(f" {text} ")
+    return {parts[i]: parts[i + 1].strip() for i in range(1, len(parts) - 1, 2)}
+
+
+def write_text_pairs_set(folder: Path, dest: Path, *, left: str, right: str, split: str = "test") -> int:
+    """Labelled pairs of two retailers -> both retailers' records as one catalogue; each left record with
+    a match is a text query whose answers are its matching right records (left retailer excluded)."""
+    ids: dict[tuple[str, str], str] = {}
+    records: dict[str, dict[str, str]] = {}
+    matches: dict[str, set[str]] = {}
+
+    def record_id(retailer: str, text: str) -> str:
+        key = (retailer, text)
+        if key not in ids:
+            ids[key] = f"{retailer[0]}{len(ids)}"
+            fields = parse_ditto_record(text)
+            title = fields.get("name") or fields.get("title") or ""
+            price = fields.get("price", "").strip()
+            records[ids[key]] = {
+                "id": ids[key],
+                "retailer": retailer,
+                "title": title,
+                "brand": fields.get("manufacturer", ""),
+                "description": fields.get("description", ""),
+                "price": price if re.fullmatch(r"\d+(\.\d+)?", price) else "",
+            }
+        return ids[key]
+
+    for line in (folder / f"{split}.txt").read_text(encoding="utf-8").splitlines():
+        a, b, label = line.split("\t")
+        left_id, right_id = record_id(left, a), record_id(right, b)
+        if label.strip() == "1":
+            matches.setdefault(left_id, set()).add(right_id)
+    rows = [r for r in records.values() if r["title"]]
+    write_catalogue(dest / "catalogue.csv", rows, ["id", "retailer", "title", "brand", "price", "description"])
+    queries = []
+    for left_id, expected in sorted(matches.items()):
+        record = records[left_id]
+        text = ". ".join(p for p in (record["title"], record["brand"], record["description"]) if p)
+        queries.append(EvalQuery(text=text, expect=sorted(expected), exclude_retailer=left))
+    write_queries(dest, queries)
+    return len(queries)
+
+
+def write_alibaba_set(folder: Path, dest: Path) -> int:
+    """eSSPR same-item pairs: seller A's photo + title -> the same item from seller B."""
+    pairs_file = folder / "same_trigger_recall_pairs_information"
+    with pairs_file.open(encoding="utf-8") as f:
+        pairs = [{k.strip(): v.strip() for k, v in row.items()} for row in csv.DictReader(f)]
+    rows, queries = [], []
+    for pair in pairs:
+        for side, retailer in (("trigger", "seller-a"), ("recall", "seller-b")):
+            rows.append(
+                {
+                    "id": pair[f"{side}_id"],
+                    "retailer": retailer,
+                    "title": pair[f"{side}_title"],
+                    "image": str((folder / pair[f"{side}_image_name"]).resolve()),
+                }
+            )
+        queries.append(
+            EvalQuery(
+                image=str((folder / pair["trigger_image_name"]).resolve()),
+                text=pair["trigger_title"],
+                expect=[pair["recall_id"]],
+                exclude_retailer="seller-a",
+            )
+        )
+    write_catalogue(dest / "catalogue.csv", rows, ["id", "retailer", "title", "image"])
+    write_queries(dest, queries)
+    return len(queries)
+
+
+def prepare_all(shared: Path, out: Path) -> dict[str, int]:
+    """Every evaluation set this project measures, written under `out`; returns queries per set."""
+    grocery = shared / "grocery" / "dataset"
+    return {
+        "grocery-val": write_grocery_set(grocery, out / "grocery-val", "val"),
+        "grocery-train": write_grocery_set(grocery, out / "grocery-train", "train"),
+        "abt-buy": write_text_pairs_set(shared / "text-pairs" / "abt-buy", out / "abt-buy", left="abt", right="buy"),
+        "amazon-google": write_text_pairs_set(
+            shared / "text-pairs" / "amazon-google", out / "amazon-google", left="amazon", right="google"
+        ),
+        "alibaba": write_alibaba_set(shared / "alibaba-pairs" / "eSSPR_same_items_pairs_information", out / "alibaba"),
+    }

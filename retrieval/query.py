@@ -74,6 +74,12 @@ class SearchEngine:
             self.image_encoder.name, self.image_encoder.dim, self.text_encoder.name, self.text_encoder.dim
         )
 
+    def encode_query(self, image: Image.Image | None, text: str | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Query vectors: the photo through the image encoder, the text through the text encoder."""
+        image_vec = embed_images(self.image_encoder, [image])[0] if image is not None else None
+        text_vec = self.text_encoder.embed_texts([text])[0] if text else None
+        return image_vec, text_vec
+
     def search(
         self,
         catalogue: str,
@@ -87,12 +93,28 @@ class SearchEngine:
         """Search by a decoded PIL image and/or text; both given -> RRF fusion of the two prefetches."""
         started = time.perf_counter()
         self.store.check_encoders(catalogue, self.fingerprint)
-        image_vec = embed_images(self.image_encoder, [image])[0] if image is not None else None
-        text_vec = self.text_encoder.embed_texts([text])[0] if text else None
+        image_vec, text_vec = self.encode_query(image, text)
+        response = self.search_vectors(
+            catalogue, image_vec=image_vec, text_vec=text_vec, filters=filters, limit=limit, image_url=image_url
+        )
+        response.took_ms = round((time.perf_counter() - started) * 1000, 2)
+        return response
+
+    def search_vectors(
+        self,
+        catalogue: str,
+        *,
+        image_vec: np.ndarray | None,
+        text_vec: np.ndarray | None,
+        filters: SearchFilters | None = None,
+        limit: int = 10,
+        image_url: ImageUrl = _ref_as_url,
+    ) -> SearchResponse:
+        """The store side of `search`, for vectors already encoded (benchmarks reuse one encoding)."""
+        started = time.perf_counter()
         if image_vec is None and text_vec is None:
             raise ValueError("give an image, a text, or both")
-        query_filter = build_filter(filters or SearchFilters())
-        points = self._query(catalogue, image_vec, text_vec, query_filter, limit)
+        points = self._query(catalogue, image_vec, text_vec, build_filter(filters or SearchFilters()), limit)
         results = []
         for point in points:
             product = to_product(point.payload or {}, image_url)

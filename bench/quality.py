@@ -1,0 +1,176 @@
+"""`python -m bench quality`: ingest each evaluation set into a fresh embedded store, run its queries
+through the engine the API uses, and print recall@k / MRR per modality, fused, and filtered."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from bench.evalset import EvalQuery, EvalSet
+from bench.metrics import KS, Outcome, Tally
+from ingest.pipeline import Ingestor
+from retrieval.encoders import ImageEncoder, TextEncoder
+from retrieval.query import SearchEngine
+from retrieval.settings import Settings
+from retrieval.store import ProductStore, open_client
+from schemas.search import SearchFilters, SearchResponse
+
+TOP_K = 10
+MODES = ("image", "text", "fused")
+
+
+@dataclass(frozen=True)
+class RowKey:
+    set: str
+    group: str
+    mode: str
+    filtered: bool
+
+    @property
+    def label(self) -> str:
+        return f"{self.mode}{' +category' if self.filtered else ''}"
+
+
+def outcome(response: SearchResponse, query: EvalQuery, mode: str) -> Outcome:
+    rank = true_score = best_other = None
+    for position, result in enumerate(response.results, start=1):
+        score = result.scores.image if mode == "image" else result.scores.text if mode == "text" else result.score
+        if result.id in query.expect:
+            if rank is None:
+                rank, true_score = position, score
+        elif best_other is None:
+            best_other = score
+    return Outcome(rank, true_score, best_other)
+
+
+def modes_of(query: EvalQuery) -> list[str]:
+    modes = []
+    if query.image:
+        modes.append("image")
+    if query.text:
+        modes.append("text")
+    if query.image and query.text:
+        modes.append("fused")
+    return modes
+
+
+def run_set(
+    evalset: EvalSet, engine: SearchEngine, catalogue: str, *, max_queries: int | None = None
+) -> dict[RowKey, Tally]:
+    """Every query of the set in every mode it supports, with and without its category filter."""
+    tallies: dict[RowKey, Tally] = defaultdict(Tally)
+    for query in evalset.queries[:max_queries]:
+        started = time.perf_counter()
+        image = None
+        if path := evalset.image_path(query):
+            with Image.open(path) as opened:
+                image = opened.convert("RGB")
+        image_vec, text_vec = engine.encode_query(image, query.text)
+        encode_s = time.perf_counter() - started
+        exclude = [query.exclude_retailer] if query.exclude_retailer else []
+        for mode in modes_of(query):
+            image_part = image_vec if mode in ("image", "fused") else None
+            text_part = text_vec if mode in ("text", "fused") else None
+            for filtered in (False, True) if query.category else (False,):
+                filters = SearchFilters(category=query.category if filtered else None, exclude_retailer=exclude)
+                started = time.perf_counter()
+                response = engine.search_vectors(
+                    catalogue, image_vec=image_part, text_vec=text_part, filters=filters, limit=TOP_K
+                )
+                seconds = time.perf_counter() - started + encode_s / max(1, len(modes_of(query)))
+                result = outcome(response, query, mode)
+                for group in {"all", query.group or "all"}:
+                    tallies[RowKey(evalset.name, group, mode, filtered)].add(result, seconds)
+    return dict(tallies)
+
+
+@dataclass
+class SetRun:
+    tallies: dict[RowKey, Tally]
+    ingest_seconds: float
+    products: int
+    embeddings: dict[str, tuple[np.ndarray, list[str]]]  # vector name -> (rows, category of each row)
+
+
+def evaluate(
+    evalset: EvalSet,
+    image_encoder: ImageEncoder,
+    text_encoder: TextEncoder,
+    *,
+    max_queries: int | None = None,
+    settings: Settings | None = None,
+) -> SetRun:
+    """Ingest the set's catalogue into a throw-away embedded store, then run its queries."""
+    with tempfile.TemporaryDirectory(prefix="bench-store-") as folder:
+        run_settings = (settings or Settings()).model_copy(update={"qdrant_path": Path(folder), "qdrant_url": None})
+        store = ProductStore(open_client(run_settings))
+        try:
+            catalogue = evalset.name
+            report = Ingestor(run_settings, store, image_encoder, text_encoder).run(
+                evalset.catalogue, catalogue, progress=False
+            )
+            if problems := report.rejected_rows + report.skipped_images:
+                raise ValueError(f"{evalset.catalogue}: {len(problems)} rows or images not ingested: {problems[0]}")
+            engine = SearchEngine(store, image_encoder, text_encoder)
+            tallies = run_set(evalset, engine, catalogue, max_queries=max_queries)
+            products = report.written + report.unchanged
+            return SetRun(tallies, report.seconds, products, catalogue_embeddings(store, catalogue))
+        finally:
+            store.close()
+
+
+def catalogue_embeddings(store: ProductStore, catalogue: str) -> dict[str, tuple[np.ndarray, list[str]]]:
+    """Every stored vector (first photo for images) with its product's category, for the 2-D map."""
+    rows: dict[str, list[np.ndarray]] = defaultdict(list)
+    labels: dict[str, list[str]] = defaultdict(list)
+    offset = None
+    while True:
+        points, offset = store.client.scroll(
+            catalogue, limit=256, offset=offset, with_vectors=True, with_payload=["category_path", "retailer"]
+        )
+        for point in points:
+            vectors = point.vector if isinstance(point.vector, dict) else {}
+            label = str((point.payload or {}).get("category_path") or (point.payload or {}).get("retailer"))
+            for name, value in vectors.items():
+                array = np.asarray(value, dtype=np.float32)
+                rows[name].append(array[0] if array.ndim == 2 else array)
+                labels[name].append(label)
+        if offset is None:
+            break
+    return {name: (np.vstack(vectors), labels[name]) for name, vectors in rows.items()}
+
+
+def table(runs: dict[str, SetRun]) -> str:
+    """A Markdown table, one row per (set, group, mode, filter)."""
+    header = "| set | group | mode | queries | R@1 | R@5 | R@10 | MRR | top-5 error | s | queries/s |"
+    lines = [header, "|" + " --- |" * (header.count("|") - 1)]
+    for name, run in runs.items():
+        for key in sorted(run.tallies, key=lambda k: (k.group != "all", k.group, MODES.index(k.mode), k.filtered)):
+            s = run.tallies[key].summary()
+            lines.append(
+                f"| {name} | {key.group} | {key.label} | {s['queries']} | "
+                + " | ".join(f"{s[f'R@{k}']:.3f}" for k in KS)
+                + f" | {s['MRR']:.3f} | {s['top5_error']:.3f} | {s['seconds']:.1f} | {s['queries_per_s']:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def write_results(runs: dict[str, SetRun], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    data = {
+        name: {
+            "products": run.products,
+            "ingest_seconds": run.ingest_seconds,
+            "rows": [{"group": k.group, "mode": k.label, **t.summary()} for k, t in run.tallies.items()],
+        }
+        for name, run in runs.items()
+    }
+    (out / "results.json").write_text(json.dumps(data, indent=2))
+    (out / "table.md").write_text(table(runs) + "\n")
