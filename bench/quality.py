@@ -20,7 +20,7 @@ from retrieval.encoders import ImageEncoder, TextEncoder
 from retrieval.query import SearchEngine
 from retrieval.settings import Settings
 from retrieval.store import ProductStore, open_client
-from schemas.search import SearchFilters, SearchResponse
+from schemas.search import SearchFilters, SearchOptions, SearchResponse
 
 TOP_K = 10
 MODES = ("image", "text", "fused")
@@ -82,7 +82,11 @@ def run_set(
                 filters = SearchFilters(category=query.category if filtered else None, exclude_retailer=exclude)
                 started = time.perf_counter()
                 response = engine.search_vectors(
-                    catalogue, image_vec=image_part, text_vec=text_part, filters=filters, limit=TOP_K
+                    catalogue,
+                    image_vec=image_part,
+                    text_vec=text_part,
+                    filters=filters,
+                    options=SearchOptions(limit=TOP_K),
                 )
                 seconds = time.perf_counter() - started + encode_s / max(1, len(modes_of(query)))
                 result = outcome(response, query, mode)

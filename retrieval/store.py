@@ -10,6 +10,7 @@ from typing import Any
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
+from retrieval.records import point_id
 from retrieval.settings import Settings
 
 IMAGE_VECTOR = "image"
@@ -41,6 +42,11 @@ class CatalogueNotFound(StoreError):
         listed = ", ".join(sorted(known)) or "none yet"
         super().__init__(f"catalogue {name!r} does not exist (catalogues: {listed}); ingest it first")
         self.name = name
+
+
+class ProductNotFound(StoreError):
+    def __init__(self, catalogue: str, retailer: str, product_id: str) -> None:
+        super().__init__(f"no product {product_id!r} of retailer {retailer!r} in catalogue {catalogue!r}")
 
 
 class EncoderMismatch(StoreError):
@@ -166,9 +172,17 @@ class ProductStore:
         if batch:
             self.client.upsert(catalogue, points=batch, wait=True)
 
-    def get(self, catalogue: str, point: str) -> models.Record | None:
-        found = self.client.retrieve(catalogue, ids=[point], with_payload=True, with_vectors=False)
+    def get(self, catalogue: str, point: str, *, with_vectors: bool = False) -> models.Record | None:
+        found = self.client.retrieve(catalogue, ids=[point], with_payload=True, with_vectors=with_vectors)
         return found[0] if found else None
+
+    def product(self, catalogue: str, retailer: str, product_id: str, *, with_vectors: bool = False) -> models.Record:
+        """A stored product by (retailer, id); ProductNotFound (or CatalogueNotFound) otherwise."""
+        self.fingerprint(catalogue)
+        record = self.get(catalogue, point_id(retailer, product_id), with_vectors=with_vectors)
+        if record is None:
+            raise ProductNotFound(catalogue, retailer, product_id)
+        return record
 
     def facet_counts(self, catalogue: str, key: str, *, limit: int = 1_000) -> dict[str, int]:
         response = self.client.facet(catalogue, key=key, limit=limit, exact=True)

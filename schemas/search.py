@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.payload import Product
 
@@ -20,6 +22,43 @@ class SearchFilters(BaseModel):
     )
     retailer: list[str] = Field(default_factory=list, max_length=100, description="only these retailers")
     exclude_retailer: list[str] = Field(default_factory=list, max_length=100, description="not these retailers")
+    brand: list[str] = Field(default_factory=list, max_length=100, description="only these brands (exact)")
+    price_min: float | None = Field(default=None, ge=0, description="price at least this")
+    price_max: float | None = Field(default=None, ge=0, description="price at most this")
+
+    @model_validator(mode="after")
+    def _price_range(self) -> SearchFilters:
+        if self.price_min is not None and self.price_max is not None and self.price_min > self.price_max:
+            raise ValueError(f"price_min {self.price_min} is above price_max {self.price_max}")
+        return self
+
+
+Fusion = Literal["rrf", "dbsf", "weighted"]
+
+
+class SearchOptions(BaseModel):
+    """How results are fused, cut and paged."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fusion: Fusion = Field(
+        default="rrf",
+        description="rrf: reciprocal rank fusion; dbsf: distribution-based score fusion; "
+        "weighted: RRF with image_weight / text_weight",
+    )
+    image_weight: float = Field(default=1.0, ge=0, le=100, description="weight of the image ranking (weighted)")
+    text_weight: float = Field(default=1.0, ge=0, le=100, description="weight of the text ranking (weighted)")
+    limit: int = Field(default=10, ge=1, le=100)
+    offset: int = Field(default=0, ge=0, le=1_000)
+    score_threshold: float | None = Field(
+        default=None, description="drop results whose returned score is below this (cosine, or the fused score)"
+    )
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> SearchOptions:
+        if self.fusion == "weighted" and self.image_weight == 0 and self.text_weight == 0:
+            raise ValueError("image_weight and text_weight cannot both be 0")
+        return self
 
 
 class ModalityScores(BaseModel):
@@ -32,7 +71,7 @@ class ModalityScores(BaseModel):
 class SearchResult(BaseModel):
     id: str = Field(description="the retailer's product id")
     retailer: str
-    score: float = Field(description="cosine for a one-modality query; the RRF score when fused")
+    score: float = Field(description="cosine for a one-modality query; the fused score (rrf, dbsf) when fused")
     scores: ModalityScores
     product: Product
 
@@ -40,9 +79,69 @@ class SearchResult(BaseModel):
 class SearchResponse(BaseModel):
     catalogue: str
     modes: list[str] = Field(description="which query vectors were used: image, text")
-    fusion: str | None = Field(default=None, description="'rrf' when image and text were fused")
+    fusion: Fusion | None = Field(default=None, description="the fusion used when image and text were both given")
     took_ms: float
     results: list[SearchResult]
+
+
+class ProductRef(BaseModel):
+    """A stored product, named by its retailer and the retailer's id."""
+
+    retailer: str = Field(min_length=1, max_length=128)
+    id: str = Field(min_length=1, max_length=256)
+
+
+class SearchRequest(BaseModel):
+    """`POST /search/json`: the programmatic twin of the multipart form."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "catalogue": "grocery",
+                    "text": "oat milk",
+                    "filters": {"category": "Packages", "exclude_retailer": ["my-shop"]},
+                    "options": {"fusion": "weighted", "image_weight": 1.0, "text_weight": 0.5, "limit": 5},
+                },
+                {"catalogue": "grocery", "product": {"retailer": "hemkop", "id": "44"}, "options": {"limit": 5}},
+            ]
+        },
+    )
+
+    catalogue: str | None = Field(default=None, pattern=CATALOGUE_PATTERN, description="default DEFAULT_CATALOGUE")
+    text: str | None = Field(default=None, max_length=MAX_TEXT_LENGTH)
+    image_base64: str | None = Field(
+        default=None, max_length=40_000_000, description="a photo, base64-encoded (standard alphabet)"
+    )
+    product: ProductRef | None = Field(
+        default=None, description="search with a stored product's own vectors (it is left out of the results)"
+    )
+    filters: SearchFilters = Field(default_factory=SearchFilters)
+    options: SearchOptions = Field(default_factory=SearchOptions)
+
+    @model_validator(mode="after")
+    def _one_kind_of_query(self) -> SearchRequest:
+        if self.product is not None and (self.text or self.image_base64):
+            raise ValueError("give either a stored product, or an image and/or a text, not both")
+        if self.product is None and not (self.text and self.text.strip()) and not self.image_base64:
+            raise ValueError("give an image, a text, or both (or a stored product)")
+        return self
+
+
+Decision = Literal["match", "no_match", "uncertain", "uncalibrated"]
+
+
+class MatchResult(SearchResult):
+    decision: Decision = Field(description="'uncalibrated' until a threshold is fitted for the catalogue")
+    confidence: float | None = Field(default=None, description="probability of being the same product, once calibrated")
+
+
+class MatchResponse(BaseModel):
+    catalogue: str
+    product: Product
+    calibrated: bool
+    matches: list[MatchResult]
 
 
 class CatalogueInfo(BaseModel):

@@ -10,10 +10,11 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
 
 from retrieval.images import ImageDecodeError
 from retrieval.settings import Settings
-from retrieval.store import CatalogueNotFound, EncoderMismatch, StoreError
+from retrieval.store import CatalogueNotFound, EncoderMismatch, ProductNotFound, StoreError
 from service.routes import catalogues, health, search
 from service.state import AppState, build_state
 
@@ -54,6 +55,16 @@ def create_app(settings: Settings | None = None, *, state: AppState | None = Non
     @app.exception_handler(CatalogueNotFound)
     def _not_found(request: Request, exc: CatalogueNotFound) -> JSONResponse:
         return error(404, str(exc))
+
+    @app.exception_handler(ProductNotFound)
+    def _no_product(request: Request, exc: ProductNotFound) -> JSONResponse:
+        return error(404, str(exc))
+
+    @app.exception_handler(ValidationError)
+    def _invalid(request: Request, exc: ValidationError) -> JSONResponse:
+        # cross-field checks (price_min > price_max, both weights 0) on models a handler builds itself
+        reasons = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        return error(422, reasons)
 
     @app.exception_handler(EncoderMismatch)
     def _mismatch(request: Request, exc: EncoderMismatch) -> JSONResponse:

@@ -11,7 +11,7 @@ from PIL import Image
 from ingest.pipeline import Ingestor
 from retrieval.query import SearchEngine
 from retrieval.store import CatalogueNotFound, ProductStore
-from schemas.search import SearchFilters
+from schemas.search import SearchFilters, SearchOptions
 from tests.conftest import GROCERY, SAMPLE
 from tests.test_ingest import sample_rows, write_catalogue
 
@@ -25,7 +25,7 @@ def test_every_product_photo_finds_its_own_product_first(engine: SearchEngine) -
     misses = []
     for row in sample_products():
         with Image.open(SAMPLE.parent / row["image"]) as image:
-            response = engine.search("grocery", image=image.convert("RGB"), limit=3)
+            response = engine.search("grocery", image=image.convert("RGB"), options=SearchOptions(limit=3))
         top = response.results[0]
         if (top.id, top.retailer) != (row["id"], row["retailer"]):
             misses.append(row["title"])
@@ -35,33 +35,44 @@ def test_every_product_photo_finds_its_own_product_first(engine: SearchEngine) -
 
 
 def test_text_search_with_a_category_filter_stays_inside_that_category(engine: SearchEngine) -> None:
-    unfiltered = engine.search("grocery", text="green apple", limit=5)
+    unfiltered = engine.search("grocery", text="green apple", options=SearchOptions(limit=5))
     assert unfiltered.results[0].product.category_path == "Fruit > Apple"
 
-    packages = engine.search("grocery", text="green apple", filters=SearchFilters(category="Packages"), limit=20)
+    packages = engine.search(
+        "grocery", text="green apple", filters=SearchFilters(category="Packages"), options=SearchOptions(limit=20)
+    )
     assert len(packages.results) == 20
     assert all(r.product.category[0] == "Packages" for r in packages.results)
     assert packages.results[0].product.category_path == "Packages > Juice"  # apple juice, not apples
 
-    juice = engine.search("grocery", text="apple", filters=SearchFilters(category="Packages > Juice"), limit=50)
+    juice = engine.search(
+        "grocery", text="apple", filters=SearchFilters(category="Packages > Juice"), options=SearchOptions(limit=50)
+    )
     assert {r.product.category_path for r in juice.results} == {"Packages > Juice"}
     assert len(juice.results) == 10  # every juice, and nothing else
 
-    nothing = engine.search("grocery", text="apple", filters=SearchFilters(category="Pack"), limit=5)
+    nothing = engine.search(
+        "grocery", text="apple", filters=SearchFilters(category="Pack"), options=SearchOptions(limit=5)
+    )
     assert nothing.results == []  # a prefix of a level's name is not a category
 
 
 def test_text_finds_products_by_their_names(engine: SearchEngine) -> None:
     """Name -> name + brand + description: DESIGN.md measured MiniLM at R@1 0.94 on these products."""
     rows = sample_products()
-    hits = sum(engine.search("grocery", text=row["title"], limit=1).results[0].id == row["id"] for row in rows)
+    hits = sum(
+        engine.search("grocery", text=row["title"], options=SearchOptions(limit=1)).results[0].id == row["id"]
+        for row in rows
+    )
     assert hits / len(rows) >= 0.93
 
 
 def test_photo_and_text_are_fused_with_per_modality_scores(engine: SearchEngine) -> None:
     photo = SAMPLE.parent / "queries" / "Arla-Standard-Milk_001.jpg"
     with Image.open(photo) as image:
-        fused = engine.search("grocery", image=image.convert("RGB"), text="Arla standard milk", limit=5)
+        fused = engine.search(
+            "grocery", image=image.convert("RGB"), text="Arla standard milk", options=SearchOptions(limit=5)
+        )
     assert fused.modes == ["image", "text"] and fused.fusion == "rrf"
     top = fused.results[0]
     assert top.product.title == "Arla Standard Milk"
@@ -81,10 +92,14 @@ def test_retailer_filters_find_the_same_product_in_another_shop(
     engine = SearchEngine(store, ingestor.image_encoder, ingestor.text_encoder)
     with Image.open(SAMPLE.parent / rows[3]["image"]) as image:
         query = image.convert("RGB")
-    elsewhere = engine.search(catalogue_name, image=query, filters=SearchFilters(exclude_retailer=["hemkop"]), limit=4)
+    elsewhere = engine.search(
+        catalogue_name, image=query, filters=SearchFilters(exclude_retailer=["hemkop"]), options=SearchOptions(limit=4)
+    )
     assert elsewhere.results[0].id == f"o-{rows[3]['id']}"
     assert {r.retailer for r in elsewhere.results} == {"other-shop"}
-    only = engine.search(catalogue_name, image=query, filters=SearchFilters(retailer=["hemkop"]), limit=20)
+    only = engine.search(
+        catalogue_name, image=query, filters=SearchFilters(retailer=["hemkop"]), options=SearchOptions(limit=20)
+    )
     assert {r.retailer for r in only.results} == {"hemkop"} and len(only.results) == 8
 
 
@@ -108,7 +123,10 @@ def test_in_store_photos_find_their_shop_product_as_measured(engine: SearchEngin
         photo = line.split(",")[0].strip()
         expected = ids[Path(photo).parent.name]
         with Image.open(GROCERY / photo) as image:
-            found = [r.id for r in engine.search("grocery", image=image.convert("RGB"), limit=5).results]
+            found = [
+                r.id
+                for r in engine.search("grocery", image=image.convert("RGB"), options=SearchOptions(limit=5)).results
+            ]
         at1 += found[0] == expected
         at5 += expected in found
     recall1, recall5 = at1 / len(lines), at5 / len(lines)

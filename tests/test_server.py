@@ -14,7 +14,7 @@ from retrieval.encoders import ImageEncoder, TextEncoder
 from retrieval.query import SearchEngine
 from retrieval.settings import Settings
 from retrieval.store import ProductStore, open_client
-from schemas.search import SearchFilters
+from schemas.search import SearchFilters, SearchOptions
 from tests.conftest import SAMPLE
 
 pytestmark = [
@@ -35,9 +35,11 @@ def test_ingest_and_search_on_a_server(image_encoder: ImageEncoder, text_encoder
         engine = SearchEngine(store, image_encoder, text_encoder)
         photo = Path(SAMPLE.parent / "images" / "Arla-Standard-Milk_Iconic.jpg")
         with Image.open(photo) as image:
-            fused = engine.search(name, image=image.convert("RGB"), text="milk", limit=5)
+            fused = engine.search(name, image=image.convert("RGB"), text="milk", options=SearchOptions(limit=5))
         assert fused.results[0].product.title == "Arla Standard Milk"
-        juice = engine.search(name, text="apple", filters=SearchFilters(category="Packages > Juice"), limit=50)
+        juice = engine.search(
+            name, text="apple", filters=SearchFilters(category="Packages > Juice"), options=SearchOptions(limit=50)
+        )
         assert {r.product.category_path for r in juice.results} == {"Packages > Juice"}
     finally:
         store.client.delete_collection(name)

@@ -6,15 +6,25 @@ from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Query
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from retrieval.images import is_url
-from retrieval.query import ImageUrl
-from retrieval.records import point_id
-from schemas.search import CATALOGUE_PATTERN, CatalogueInfo, CatalogueList, ErrorResponse
+from retrieval.query import ImageUrl, to_product
+from schemas.payload import Product
+from schemas.search import (
+    CATALOGUE_PATTERN,
+    CatalogueInfo,
+    CatalogueList,
+    ErrorResponse,
+    Fusion,
+    MatchResponse,
+    MatchResult,
+    SearchFilters,
+    SearchOptions,
+)
 from service.deps import StateDep
 from service.state import AppState
 
@@ -57,6 +67,51 @@ async def list_catalogues(state: StateDep) -> CatalogueList:
     return CatalogueList(catalogues=await run_in_threadpool(describe_all), default=state.settings.default_catalogue)
 
 
+NOT_FOUND: dict[int | str, dict[str, object]] = {404: {"model": ErrorResponse}}
+
+
+@router.get("/catalogues/{catalogue}/products/{retailer}/{product_id}", response_model=Product, responses=NOT_FOUND)
+async def get_product(state: StateDep, catalogue: Catalogue, retailer: str, product_id: str) -> Product:
+    """One stored product, as search results show it."""
+    record = await run_in_threadpool(state.store.product, catalogue, retailer, product_id)
+    return to_product(record.payload or {}, photo_url_for(catalogue))
+
+
+@router.get(
+    "/catalogues/{catalogue}/products/{retailer}/{product_id}/matches",
+    response_model=MatchResponse,
+    responses={**NOT_FOUND, 409: {"model": ErrorResponse}},
+)
+async def product_matches(
+    state: StateDep,
+    catalogue: Catalogue,
+    retailer: str,
+    product_id: str,
+    limit: Annotated[int, Query(ge=1, le=100)] = 10,
+    fusion: Fusion = "rrf",
+    category: Annotated[str | None, Query(max_length=1_000)] = None,
+) -> MatchResponse:
+    """The best candidates for the same product in the *other* retailers, ranked by the product's own photo
+    and text. Until a threshold is calibrated for the catalogue, every decision is 'uncalibrated'."""
+    filters = SearchFilters(category=category or None, exclude_retailer=[retailer])
+    product, response = await run_in_threadpool(
+        lambda: state.engine.search_product(
+            catalogue,
+            retailer,
+            product_id,
+            filters=filters,
+            options=SearchOptions(limit=limit, fusion=fusion),
+            image_url=photo_url_for(catalogue),
+        )
+    )
+    return MatchResponse(
+        catalogue=catalogue,
+        product=product,
+        calibrated=False,
+        matches=[MatchResult(**r.model_dump(), decision="uncalibrated") for r in response.results],
+    )
+
+
 @router.get(
     "/catalogues/{catalogue}/products/{retailer}/{product_id}/images/{index}",
     response_class=FileResponse,
@@ -66,10 +121,9 @@ async def product_image(
     state: StateDep, catalogue: Catalogue, retailer: str, product_id: str, index: Annotated[int, PathParam(ge=0, le=64)]
 ) -> Response:
     """A stored photo of a product. Only refs recorded at ingest are served, so no request names a file."""
-    state.store.fingerprint(catalogue)  # 404 for an unknown catalogue
-    record = await run_in_threadpool(state.store.get, catalogue, point_id(retailer, product_id))
-    images = (record.payload or {}).get("images", []) if record else []
-    if not record or index >= len(images):
+    record = await run_in_threadpool(state.store.product, catalogue, retailer, product_id)
+    images = (record.payload or {}).get("images", [])
+    if index >= len(images):
         raise HTTPException(404, f"no photo {index} for product {product_id!r} of {retailer!r}")
     ref = str(images[index])
     if is_url(ref):

@@ -1,7 +1,9 @@
-"""`POST /search`: a photo and/or text, filters, and a limit, as multipart form data."""
+"""`POST /search` (multipart form, for pages and curl) and `POST /search/json` (for programs)."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from typing import Annotated
 
@@ -10,11 +12,28 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from retrieval.images import decode_image
-from schemas.search import CATALOGUE_PATTERN, MAX_TEXT_LENGTH, ErrorResponse, SearchFilters, SearchResponse
+from schemas.search import (
+    CATALOGUE_PATTERN,
+    MAX_TEXT_LENGTH,
+    ErrorResponse,
+    Fusion,
+    SearchFilters,
+    SearchOptions,
+    SearchRequest,
+    SearchResponse,
+)
 from service.deps import StateDep
 from service.routes.catalogues import photo_url_for
+from service.state import AppState
 
 router = APIRouter(tags=["search"])
+
+ERRORS: dict[int | str, dict[str, object]] = {
+    404: {"model": ErrorResponse, "description": "unknown catalogue or stored product"},
+    409: {"model": ErrorResponse, "description": "the catalogue was built with other encoders"},
+    413: {"model": ErrorResponse, "description": "image too large"},
+    422: {"description": "no query, a bad image, or a field out of bounds"},
+}
 
 
 async def _read_upload(upload: UploadFile | None, max_bytes: int) -> bytes | None:
@@ -29,16 +48,36 @@ async def _read_upload(upload: UploadFile | None, max_bytes: int) -> bytes | Non
     return data
 
 
-@router.post(
-    "/search",
-    response_model=SearchResponse,
-    responses={
-        404: {"model": ErrorResponse, "description": "unknown catalogue"},
-        409: {"model": ErrorResponse, "description": "the catalogue was built with other encoders"},
-        413: {"model": ErrorResponse, "description": "image too large"},
-        422: {"description": "no image and no text, a bad image, or a field out of bounds"},
-    },
-)
+def _catalogue(state: AppState, name: str | None) -> str:
+    chosen = (name or "").strip() or state.settings.default_catalogue
+    if not re.fullmatch(CATALOGUE_PATTERN, chosen):
+        raise HTTPException(422, f"catalogue name {chosen!r} must be letters, digits, '_', '-', '.'")
+    return chosen
+
+
+async def _run(
+    state: AppState,
+    catalogue: str,
+    data: bytes | None,
+    text: str | None,
+    filters: SearchFilters,
+    options: SearchOptions,
+) -> SearchResponse:
+    picture: Image.Image | None = None
+    if data is not None:
+        picture = await run_in_threadpool(decode_image, data, max_pixels=state.settings.max_image_pixels)
+    return await run_in_threadpool(
+        lambda: state.engine.search(
+            catalogue, image=picture, text=text, filters=filters, options=options, image_url=photo_url_for(catalogue)
+        )
+    )
+
+
+def _words(values: list[str] | None) -> list[str]:
+    return [v.strip() for v in values or [] if v.strip()]
+
+
+@router.post("/search", response_model=SearchResponse, responses=ERRORS)
 async def search(
     state: StateDep,
     image: Annotated[UploadFile | None, File(description="a product photo (JPEG, PNG, WebP...)")] = None,
@@ -47,30 +86,65 @@ async def search(
     category: Annotated[str | None, Form(max_length=1_000, description="'A > B': this category or below")] = None,
     retailer: Annotated[list[str] | None, Form(description="only these retailers (repeat the field)")] = None,
     exclude_retailer: Annotated[list[str] | None, Form(description="not these retailers")] = None,
+    brand: Annotated[list[str] | None, Form(description="only these brands")] = None,
+    price_min: Annotated[float | None, Form(ge=0)] = None,
+    price_max: Annotated[float | None, Form(ge=0)] = None,
+    fusion: Annotated[Fusion, Form(description="rrf, dbsf, or weighted (with the weights)")] = "rrf",
+    image_weight: Annotated[float, Form(ge=0, le=100)] = 1.0,
+    text_weight: Annotated[float, Form(ge=0, le=100)] = 1.0,
     limit: Annotated[int, Form(ge=1, le=100)] = 10,
+    offset: Annotated[int, Form(ge=0, le=1_000)] = 0,
+    score_threshold: Annotated[float | None, Form(description="drop results scoring below this")] = None,
 ) -> SearchResponse:
-    """Find products by photo, text or both (fused with RRF), within the given filters."""
-    name = (catalogue or "").strip() or state.settings.default_catalogue
-    if not re.fullmatch(CATALOGUE_PATTERN, name):
-        raise HTTPException(422, f"catalogue name {name!r} must be letters, digits, '_', '-', '.'")
+    """Find products by photo, text or both (fused in Qdrant), within the given filters."""
+    name = _catalogue(state, catalogue)
     data = await _read_upload(image, state.settings.max_upload_bytes)
     query_text = (text or "").strip() or None
     if data is None and query_text is None:
         raise HTTPException(422, "give an image, a text, or both")
     filters = SearchFilters(
         category=(category or "").strip() or None,
-        retailer=[r for r in retailer or [] if r.strip()],
-        exclude_retailer=[r for r in exclude_retailer or [] if r.strip()],
+        retailer=_words(retailer),
+        exclude_retailer=_words(exclude_retailer),
+        brand=_words(brand),
+        price_min=price_min,
+        price_max=price_max,
     )
-    picture: Image.Image | None = None
-    if data is not None:
-        picture = await run_in_threadpool(decode_image, data, max_pixels=state.settings.max_image_pixels)
-    return await run_in_threadpool(
-        state.engine.search,
-        name,
-        image=picture,
-        text=query_text,
-        filters=filters,
+    options = SearchOptions(
+        fusion=fusion,
+        image_weight=image_weight,
+        text_weight=text_weight,
         limit=limit,
-        image_url=photo_url_for(name),
+        offset=offset,
+        score_threshold=score_threshold,
     )
+    return await _run(state, name, data, query_text, filters, options)
+
+
+@router.post("/search/json", response_model=SearchResponse, responses=ERRORS)
+async def search_json(state: StateDep, request: SearchRequest) -> SearchResponse:
+    """The same search with a JSON body: a base64 photo, a text, or a stored product as the query."""
+    name = _catalogue(state, request.catalogue)
+    if request.product is not None:
+        product = request.product
+        _, response = await run_in_threadpool(
+            lambda: state.engine.search_product(
+                name,
+                product.retailer,
+                product.id,
+                filters=request.filters,
+                options=request.options,
+                image_url=photo_url_for(name),
+            )
+        )
+        return response
+    data = None
+    if request.image_base64:
+        try:
+            data = base64.b64decode(request.image_base64, validate=True)
+        except (binascii.Error, ValueError):
+            raise HTTPException(422, "image_base64 is not valid base64") from None
+        if len(data) > state.settings.max_upload_bytes:
+            raise HTTPException(413, f"the image is larger than {state.settings.max_upload_bytes} bytes")
+    text = (request.text or "").strip() or None
+    return await _run(state, name, data, text, request.filters, request.options)

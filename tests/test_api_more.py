@@ -1,0 +1,166 @@
+"""Fusion modes, more filters, paging, the JSON API, and a product's matches in other shops."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from ingest.pipeline import Ingestor
+from retrieval.query import SearchEngine
+from retrieval.settings import Settings
+from schemas.search import SearchFilters, SearchOptions
+from service.app import create_app
+from service.state import AppState
+from tests.conftest import SAMPLE
+from tests.test_ingest import sample_rows, write_catalogue
+
+PHOTO = SAMPLE.parent / "images" / "Arla-Standard-Milk_Iconic.jpg"
+
+
+@pytest.fixture(scope="module")
+def two_shops(engine: SearchEngine, sample_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The first 30 sample products in two shops: the second lists them with its own ids and prices."""
+    rows = sample_rows(30)
+    for i, row in enumerate(rows):
+        row["price"] = str(10 + i)
+    other = [{**r, "retailer": "other-shop", "id": f"o-{r['id']}", "price": str(float(r["price"]) + 0.5)} for r in rows]
+    path = write_catalogue(tmp_path_factory.mktemp("two-shops"), rows + other)
+    ingestor = Ingestor(sample_settings, engine.store, engine.image_encoder, engine.text_encoder)
+    report = ingestor.run(path, "two-shops", progress=False)
+    assert report.new == 60
+    return "two-shops"
+
+
+@pytest.fixture(scope="module")
+def client(engine: SearchEngine, sample_settings: Settings) -> Iterator[TestClient]:
+    state = AppState(sample_settings, engine.store, engine)
+    with TestClient(create_app(sample_settings, state=state), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+def query_photo() -> Image.Image:
+    with Image.open(SAMPLE.parent / "queries" / "Oatly-Natural-Oatghurt_001.jpg") as image:
+        return image.convert("RGB")
+
+
+def test_weighted_fusion_with_one_weight_zero_follows_that_modality(engine: SearchEngine) -> None:
+    photo = query_photo()
+    image_only = [r.id for r in engine.search("grocery", image=photo, options=SearchOptions(limit=8)).results]
+    text_only = [r.id for r in engine.search("grocery", text="oat yoghurt", options=SearchOptions(limit=8)).results]
+    assert image_only != text_only
+
+    def fused(image_weight: float, text_weight: float) -> list[str]:
+        options = SearchOptions(fusion="weighted", image_weight=image_weight, text_weight=text_weight, limit=8)
+        response = engine.search("grocery", image=photo, text="oat yoghurt", options=options)
+        assert response.fusion == "weighted"
+        return [r.id for r in response.results]
+
+    assert fused(1.0, 0.0) == image_only
+    assert fused(0.0, 1.0) == text_only
+    dbsf = engine.search("grocery", image=photo, text="oat yoghurt", options=SearchOptions(fusion="dbsf", limit=8))
+    assert dbsf.fusion == "dbsf" and len(dbsf.results) == 8
+
+
+def test_offset_pages_and_score_threshold_cuts(engine: SearchEngine) -> None:
+    whole = [r.id for r in engine.search("grocery", text="juice", options=SearchOptions(limit=10)).results]
+    second = engine.search("grocery", text="juice", options=SearchOptions(limit=5, offset=5)).results
+    assert [r.id for r in second] == whole[5:]
+    cut = engine.search("grocery", text="juice", options=SearchOptions(limit=100, score_threshold=0.4)).results
+    assert cut and all(r.score >= 0.4 for r in cut) and len(cut) < 81
+
+
+def test_brand_and_price_filters(engine: SearchEngine, two_shops: str) -> None:
+    arla = engine.search("grocery", text="milk", filters=SearchFilters(brand=["Arla"]), options=SearchOptions(limit=50))
+    assert arla.results and {r.product.brand for r in arla.results} == {"Arla"}
+    priced = engine.search(
+        two_shops, text="fruit", filters=SearchFilters(price_min=12, price_max=14), options=SearchOptions(limit=50)
+    )
+    prices = sorted(r.product.price for r in priced.results if r.product.price is not None)
+    assert prices == [12.0, 12.5, 13.0, 13.5, 14.0]
+
+
+def test_product_and_its_matches_in_other_shops(client: TestClient, two_shops: str) -> None:
+    rows = sample_rows(30)
+    product = client.get(f"/catalogues/{two_shops}/products/hemkop/{rows[7]['id']}").json()
+    assert product["title"] == rows[7]["title"] and product["price"] == 17.0
+    body = client.get(f"/catalogues/{two_shops}/products/hemkop/{rows[7]['id']}/matches", params={"limit": 3}).json()
+    assert body["calibrated"] is False and body["product"]["id"] == rows[7]["id"]
+    first = body["matches"][0]
+    assert (first["id"], first["retailer"]) == (f"o-{rows[7]['id']}", "other-shop")
+    assert first["scores"]["image"] > 0.99 and first["scores"]["text"] > 0.99
+    assert {m["retailer"] for m in body["matches"]} == {"other-shop"}
+    assert {m["decision"] for m in body["matches"]} == {"uncalibrated"}
+    missing = client.get(f"/catalogues/{two_shops}/products/hemkop/nope/matches")
+    assert missing.status_code == 404 and "no product 'nope'" in missing.json()["detail"]
+
+
+def test_json_api_accepts_base64_photos_and_stored_products(client: TestClient, two_shops: str) -> None:
+    photo = base64.b64encode(PHOTO.read_bytes()).decode()
+    body = client.post("/search/json", json={"catalogue": "grocery", "image_base64": photo, "options": {"limit": 3}})
+    assert body.status_code == 200, body.text
+    assert body.json()["results"][0]["product"]["title"] == "Arla Standard Milk"
+    by_ref = client.post(
+        "/search/json",
+        json={
+            "catalogue": two_shops,
+            "product": {"retailer": "hemkop", "id": "3"},
+            "filters": {"exclude_retailer": ["hemkop"]},
+            "options": {"fusion": "weighted", "image_weight": 2, "text_weight": 1, "limit": 2},
+        },
+    ).json()
+    assert by_ref["fusion"] == "weighted" and by_ref["results"][0]["id"] == "o-3"
+    itself = client.post("/search/json", json={"catalogue": two_shops, "product": {"retailer": "hemkop", "id": "3"}})
+    assert "3" not in [r["id"] for r in itself.json()["results"] if r["retailer"] == "hemkop"]
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "status", "message"),
+    [
+        ("/search/json", {"text": "milk", "image_base64": "not base64!"}, 422, "not valid base64"),
+        ("/search/json", {"text": "milk", "product": {"retailer": "hemkop", "id": "1"}}, 422, "not both"),
+        ("/search/json", {}, 422, "give an image, a text"),
+        ("/search/json", {"text": "milk", "filters": {"price_min": 5, "price_max": 1}}, 422, "above price_max"),
+        ("/search/json", {"text": "milk", "options": {"fusion": "best"}}, 422, "rrf"),
+        ("/search/json", {"text": "milk", "unknown": 1}, 422, "Extra inputs"),
+        ("/search/json", {"product": {"retailer": "hemkop", "id": "nope"}}, 404, "no product"),
+        (
+            "/search/json",
+            {"image_base64": base64.b64encode(b"plain words").decode()},
+            422,
+            "not a recognised image format",
+        ),
+    ],
+)
+def test_json_api_errors(client: TestClient, path: str, payload: dict[str, object], status: int, message: str) -> None:
+    response = client.post(path, json={"catalogue": "grocery", **payload})
+    assert response.status_code == status, response.text
+    assert message in response.text
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"text": "milk", "price_min": "5", "price_max": "1"}, "above price_max"),
+        ({"text": "milk", "fusion": "weighted", "image_weight": "0", "text_weight": "0"}, "cannot both be 0"),
+        ({"text": "milk", "fusion": "maximum"}, "rrf"),
+        ({"text": "milk", "offset": "-1"}, "greater than or equal to 0"),
+    ],
+)
+def test_form_cross_field_errors_are_422(client: TestClient, data: dict[str, str], message: str) -> None:
+    response = client.post("/search", data=data)
+    assert response.status_code == 422 and message in response.text
+
+
+def test_browser_sends_empty_numbers(client: TestClient) -> None:
+    response = client.post("/search", data={"text": "milk", "price_min": "", "price_max": "", "score_threshold": ""})
+    assert response.status_code == 200, response.text
+
+
+def test_stored_product_photo_url_is_served(client: TestClient, two_shops: str, tmp_path: Path) -> None:
+    product = client.get(f"/catalogues/{two_shops}/products/other-shop/o-1").json()
+    assert client.get(product["image_urls"][0]).status_code == 200
