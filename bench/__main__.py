@@ -12,7 +12,7 @@ from bench.prepare import prepare_all, write_grocery_sample
 
 DEFAULT_SHARED = Path("../shared/data")
 DEFAULT_SETS = Path("bench/out/sets")
-QUALITY_SETS = ["grocery-val", "abt-buy", "amazon-google", "alibaba"]
+QUALITY_SETS = ["grocery-val", "grocery-val-names", "abt-buy", "amazon-google", "alibaba"]
 
 
 def ensure_sets(sets_dir: Path, shared: Path, names: list[str]) -> None:
@@ -37,7 +37,9 @@ def quality(args: argparse.Namespace) -> int:
     for name in args.sets:
         started = time.perf_counter()
         evalset = load_set(args.sets_dir / name)
-        runs[name] = run = evaluate(evalset, image_encoder, text_encoder, max_queries=args.max_queries)
+        runs[name] = run = evaluate(
+            evalset, image_encoder, text_encoder, max_queries=args.max_queries, fusions=args.fusion
+        )
         print(
             f"{name}: {run.products} products ingested in {run.ingest_seconds:.1f} s, "
             f"{sum(len(t.outcomes) for t in run.tallies.values())} searches, {time.perf_counter() - started:.1f} s"
@@ -87,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--max-queries", type=int, help="first N queries of each set (quick runs)")
     q.add_argument("--image-model", help="image encoder spec (default IMAGE_MODEL)")
     q.add_argument("--text-model", help="text encoder spec (default TEXT_MODEL)")
+    q.add_argument(
+        "--fusion",
+        nargs="+",
+        default=["rrf"],
+        help="fusions to report for image+text queries: rrf, dbsf, weighted:IMAGE:TEXT (default rrf)",
+    )
     q.add_argument("--out", type=Path, default=Path("bench/out/quality"))
 
     b = sub.add_parser("backbones", help="compare image backbones on one set, image only")

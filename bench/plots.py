@@ -17,7 +17,7 @@ from bench.quality import MODES, TOP_K, SetRun  # noqa: E402
 def recall_curves(name: str, run: SetRun, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     ks = np.arange(1, TOP_K + 1)
-    for key in sorted(run.tallies, key=lambda k: (MODES.index(k.mode), k.filtered)):
+    for key in sorted(run.tallies, key=lambda k: k.order):
         if key.group == "all":
             ax.plot(
                 ks,

@@ -95,11 +95,12 @@ def write_grocery_sample(dataset: Path, dest: Path) -> int:
     return len(rows)
 
 
-def write_grocery_set(dataset: Path, dest: Path, split: str) -> int:
-    """In-store photos of `split` (train | val) -> the shop's product; text = the kind of product.
+def write_grocery_set(dataset: Path, dest: Path, split: str, *, text: str = "kind") -> int:
+    """In-store photos of `split` (train | val) -> the shop's product, with a query text.
 
-    The query text is the coarse class ("apple", "oat milk"): what a shopper knows without reading the
-    pack. It narrows the search to a kind of product; the photo has to tell which one.
+    text="kind": the coarse class ("apple", "oat milk"), what a shopper knows without reading the pack;
+    it narrows the search to a kind of product and the photo has to tell which one.
+    text="name": the product's short name ("Arla Standard Milk"), as read off the pack.
     """
     rows = grocery_products(dataset)
     write_catalogue(dest / "catalogue.csv", ({**r, "image": r["source_image"]} for r in rows), GROCERY_COLUMNS)
@@ -112,7 +113,7 @@ def write_grocery_set(dataset: Path, dest: Path, split: str) -> int:
         queries.append(
             EvalQuery(
                 image=str((dataset / photo).resolve()),
-                text=coarse.replace("-", " ").lower(),
+                text=coarse.replace("-", " ").lower() if text == "kind" else row["title"],
                 expect=[row["id"]],
                 category=row["category"],
                 group="packaged" if top == "Packages" else "fruit+veg",
@@ -205,6 +206,7 @@ def prepare_all(shared: Path, out: Path) -> dict[str, int]:
     grocery = shared / "grocery" / "dataset"
     return {
         "grocery-val": write_grocery_set(grocery, out / "grocery-val", "val"),
+        "grocery-val-names": write_grocery_set(grocery, out / "grocery-val-names", "val", text="name"),
         "grocery-train": write_grocery_set(grocery, out / "grocery-train", "train"),
         "abt-buy": write_text_pairs_set(shared / "text-pairs" / "abt-buy", out / "abt-buy", left="abt", right="buy"),
         "amazon-google": write_text_pairs_set(

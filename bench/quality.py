@@ -7,6 +7,7 @@ import json
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,10 +33,30 @@ class RowKey:
     group: str
     mode: str
     filtered: bool
+    fusion: str = ""  # for mode "fused": which fusion, e.g. "rrf", "weighted 1:0.5"
 
     @property
     def label(self) -> str:
-        return f"{self.mode}{' +category' if self.filtered else ''}"
+        fusion = f" {self.fusion}" if self.fusion else ""
+        return f"{self.mode}{fusion}{' +category' if self.filtered else ''}"
+
+    @property
+    def order(self) -> tuple[bool, str, int, str, bool]:
+        return (self.group != "all", self.group, MODES.index(self.mode), self.fusion, self.filtered)
+
+
+def parse_fusion(spec: str) -> tuple[str, SearchOptions]:
+    """`rrf`, `dbsf` or `weighted:IMAGE:TEXT` -> (row label, the search options)."""
+    name, _, weights = spec.partition(":")
+    if name == "weighted":
+        image_weight, _, text_weight = weights.partition(":")
+        options = SearchOptions(
+            fusion="weighted", image_weight=float(image_weight or 1), text_weight=float(text_weight or 1), limit=TOP_K
+        )
+        return f"weighted {options.image_weight:g}:{options.text_weight:g}", options
+    if name not in ("rrf", "dbsf") or weights:
+        raise ValueError(f"fusion {spec!r}: use rrf, dbsf or weighted:IMAGE_WEIGHT:TEXT_WEIGHT")
+    return name, SearchOptions(fusion=name, limit=TOP_K)
 
 
 def outcome(response: SearchResponse, query: EvalQuery, mode: str) -> Outcome:
@@ -62,9 +83,17 @@ def modes_of(query: EvalQuery) -> list[str]:
 
 
 def run_set(
-    evalset: EvalSet, engine: SearchEngine, catalogue: str, *, max_queries: int | None = None
+    evalset: EvalSet,
+    engine: SearchEngine,
+    catalogue: str,
+    *,
+    max_queries: int | None = None,
+    fusions: Sequence[str] = ("rrf",),
 ) -> dict[RowKey, Tally]:
-    """Every query of the set in every mode it supports, with and without its category filter."""
+    """Every query of the set in every mode it supports (fused once per fusion), with and without its
+    category filter."""
+    plain = SearchOptions(limit=TOP_K)
+    fused = [parse_fusion(spec) for spec in fusions]
     tallies: dict[RowKey, Tally] = defaultdict(Tally)
     for query in evalset.queries[:max_queries]:
         started = time.perf_counter()
@@ -75,23 +104,22 @@ def run_set(
         image_vec, text_vec = engine.encode_query(image, query.text)
         encode_s = time.perf_counter() - started
         exclude = [query.exclude_retailer] if query.exclude_retailer else []
-        for mode in modes_of(query):
+        runs = [(mode, "", plain) for mode in modes_of(query) if mode != "fused"]
+        if "fused" in modes_of(query):
+            runs += [("fused", label, options) for label, options in fused]
+        for mode, fusion, options in runs:
             image_part = image_vec if mode in ("image", "fused") else None
             text_part = text_vec if mode in ("text", "fused") else None
             for filtered in (False, True) if query.category else (False,):
                 filters = SearchFilters(category=query.category if filtered else None, exclude_retailer=exclude)
                 started = time.perf_counter()
                 response = engine.search_vectors(
-                    catalogue,
-                    image_vec=image_part,
-                    text_vec=text_part,
-                    filters=filters,
-                    options=SearchOptions(limit=TOP_K),
+                    catalogue, image_vec=image_part, text_vec=text_part, filters=filters, options=options
                 )
-                seconds = time.perf_counter() - started + encode_s / max(1, len(modes_of(query)))
+                seconds = time.perf_counter() - started + encode_s / len(runs)
                 result = outcome(response, query, mode)
                 for group in {"all", query.group or "all"}:
-                    tallies[RowKey(evalset.name, group, mode, filtered)].add(result, seconds)
+                    tallies[RowKey(evalset.name, group, mode, filtered, fusion)].add(result, seconds)
     return dict(tallies)
 
 
@@ -110,6 +138,7 @@ def evaluate(
     *,
     max_queries: int | None = None,
     settings: Settings | None = None,
+    fusions: Sequence[str] = ("rrf",),
 ) -> SetRun:
     """Ingest the set's catalogue into a throw-away embedded store, then run its queries."""
     with tempfile.TemporaryDirectory(prefix="bench-store-") as folder:
@@ -123,7 +152,7 @@ def evaluate(
             if problems := report.rejected_rows + report.skipped_images:
                 raise ValueError(f"{evalset.catalogue}: {len(problems)} rows or images not ingested: {problems[0]}")
             engine = SearchEngine(store, image_encoder, text_encoder)
-            tallies = run_set(evalset, engine, catalogue, max_queries=max_queries)
+            tallies = run_set(evalset, engine, catalogue, max_queries=max_queries, fusions=fusions)
             products = report.written + report.unchanged
             return SetRun(tallies, report.seconds, products, catalogue_embeddings(store, catalogue))
         finally:
@@ -156,7 +185,7 @@ def table(runs: dict[str, SetRun]) -> str:
     header = "| set | group | mode | queries | R@1 | R@5 | R@10 | MRR | top-5 error | s | queries/s |"
     lines = [header, "|" + " --- |" * (header.count("|") - 1)]
     for name, run in runs.items():
-        for key in sorted(run.tallies, key=lambda k: (k.group != "all", k.group, MODES.index(k.mode), k.filtered)):
+        for key in sorted(run.tallies, key=lambda k: k.order):
             s = run.tallies[key].summary()
             lines.append(
                 f"| {name} | {key.group} | {key.label} | {s['queries']} | "

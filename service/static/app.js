@@ -67,10 +67,10 @@ function escapeHtml(s) {
   return String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
 }
 
-function render(body) {
+function render(results) {
   const list = $("results");
   list.innerHTML = "";
-  for (const r of body.results) {
+  for (const r of results) {
     const p = r.product;
     const price = p.price != null ? `${p.price} ${p.currency || ""}` : "";
     const item = document.createElement("li");
@@ -81,23 +81,48 @@ function render(body) {
       <div class="meta">${escapeHtml(r.retailer)} · ${escapeHtml(p.id)} ${price ? "· " + escapeHtml(price) : ""}</div>
       <div class="meta">${escapeHtml(p.category_path || "")}</div>
       <div class="meta">score ${r.score.toFixed(4)}</div>
-      ${bar("image", r.scores.image)}${bar("text", r.scores.text)}`;
+      ${bar("image", r.scores.image)}${bar("text", r.scores.text)}
+      ${r.decision ? `<div class="meta">decision: ${escapeHtml(r.decision)}</div>` : ""}`;
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = "Same product elsewhere";
+    button.addEventListener("click", () => showMatches(p));
+    item.append(button);
     list.append(item);
   }
-  setStatus(`${body.results.length} results from ${body.catalogue} by ${body.modes.join(" + ")}${body.fusion ? " (" + body.fusion + ")" : ""} in ${body.took_ms} ms`);
+}
+
+function showTitle(text) {
+  $("results-title").textContent = text;
+  $("results-title").hidden = !text;
+}
+
+async function showMatches(product) {
+  const catalogue = $("catalogue").value;
+  const url = `/catalogues/${encodeURIComponent(catalogue)}/products/${encodeURIComponent(product.retailer)}/${encodeURIComponent(product.id)}/matches?limit=${encodeURIComponent($("limit").value)}`;
+  setStatus("Looking in the other shops…");
+  const response = await fetch(url);
+  if (!response.ok) { setStatus(await errorText(response), true); return; }
+  const body = await response.json();
+  showTitle(`Same product as “${body.product.title || body.product.id}” (${body.product.retailer}) in other shops`);
+  render(body.matches);
+  setStatus(body.matches.length ? `${body.matches.length} candidates${body.calibrated ? "" : " (no match threshold calibrated yet)"}` : "No candidates in other shops.");
 }
 
 async function search(event) {
   event.preventDefault();
   const form = new FormData();
   if (photo) form.append("image", photo);
-  for (const id of ["text", "catalogue", "category", "limit"]) form.append(id, $(id).value);
+  for (const id of ["text", "catalogue", "category", "limit", "fusion", "image_weight", "text_weight"]) form.append(id, $(id).value);
   setStatus("Searching…");
   $("submit").disabled = true;
   try {
     const response = await fetch("/search", { method: "POST", body: form });
     if (!response.ok) { setStatus(await errorText(response), true); return; }
-    render(await response.json());
+    const body = await response.json();
+    showTitle("");
+    render(body.results);
+    setStatus(`${body.results.length} results from ${body.catalogue} by ${body.modes.join(" + ")}${body.fusion ? " (" + body.fusion + ")" : ""} in ${body.took_ms} ms`);
   } catch (e) {
     setStatus("The service did not answer: " + e, true);
   } finally {
