@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         "--fusion",
         nargs="+",
         default=["rrf"],
-        help="fusions to report for image+text queries: rrf, dbsf, weighted:IMAGE:TEXT (default rrf)",
+        help="fusions for the fused rows: rrf, dbsf, weighted:IMAGE:TEXT[:LEXICAL] (default rrf)",
     )
     q.add_argument("--out", type=Path, default=Path("bench/out/quality"))
 

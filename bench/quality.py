@@ -18,13 +18,15 @@ from bench.evalset import EvalQuery, EvalSet
 from bench.metrics import KS, Outcome, Tally
 from ingest.pipeline import Ingestor
 from retrieval.encoders import ImageEncoder, TextEncoder
-from retrieval.query import SearchEngine
+from retrieval.query import QueryVectors, SearchEngine
 from retrieval.settings import Settings
-from retrieval.store import ProductStore, open_client
+from retrieval.store import IMAGE_VECTOR, TEXT_VECTOR, ProductStore, open_client
 from schemas.search import SearchFilters, SearchOptions, SearchResponse
 
 TOP_K = 10
-MODES = ("image", "text", "fused")
+# image, dense text, lexical terms alone; then fusions: dense text + lexical, and everything the query has
+MODES = ("image", "text", "lexical", "text+lexical", "fused")
+FUSED_MODES = ("text+lexical", "fused")
 
 
 @dataclass(frozen=True)
@@ -46,23 +48,25 @@ class RowKey:
 
 
 def parse_fusion(spec: str) -> tuple[str, SearchOptions]:
-    """`rrf`, `dbsf` or `weighted:IMAGE:TEXT` -> (row label, the search options)."""
+    """`rrf`, `dbsf` or `weighted:IMAGE:TEXT[:LEXICAL]` -> (row label, the search options)."""
     name, _, weights = spec.partition(":")
     if name == "weighted":
-        image_weight, _, text_weight = weights.partition(":")
+        values = [float(w) for w in weights.split(":") if w] + [1.0, 1.0, 1.0]
         options = SearchOptions(
-            fusion="weighted", image_weight=float(image_weight or 1), text_weight=float(text_weight or 1), limit=TOP_K
+            fusion="weighted", image_weight=values[0], text_weight=values[1], lexical_weight=values[2], limit=TOP_K
         )
-        return f"weighted {options.image_weight:g}:{options.text_weight:g}", options
+        label = f"{options.image_weight:g}:{options.text_weight:g}:{options.lexical_weight:g}"
+        return f"weighted {label}", options
     if name not in ("rrf", "dbsf") or weights:
-        raise ValueError(f"fusion {spec!r}: use rrf, dbsf or weighted:IMAGE_WEIGHT:TEXT_WEIGHT")
+        raise ValueError(f"fusion {spec!r}: use rrf, dbsf or weighted:IMAGE:TEXT[:LEXICAL] weights")
     return name, SearchOptions(fusion=name, limit=TOP_K)
 
 
 def outcome(response: SearchResponse, query: EvalQuery, mode: str) -> Outcome:
     rank = true_score = best_other = None
     for position, result in enumerate(response.results, start=1):
-        score = result.scores.image if mode == "image" else result.scores.text if mode == "text" else result.score
+        single = {"image": result.scores.image, "text": result.scores.text, "lexical": result.scores.lexical}
+        score = single.get(mode, result.score)
         if result.id in query.expect:
             if rank is None:
                 rank, true_score = position, score
@@ -76,10 +80,22 @@ def modes_of(query: EvalQuery) -> list[str]:
     if query.image:
         modes.append("image")
     if query.text:
-        modes.append("text")
+        modes += ["text", "lexical", "text+lexical"]
     if query.image and query.text:
         modes.append("fused")
     return modes
+
+
+def vectors_for(mode: str, encoded: QueryVectors) -> QueryVectors:
+    if mode == "image":
+        return QueryVectors(image=encoded.image)
+    if mode == "text":
+        return QueryVectors(text=encoded.text)
+    if mode == "lexical":
+        return QueryVectors(lexical=encoded.lexical)
+    if mode == "text+lexical":
+        return QueryVectors(text=encoded.text, lexical=encoded.lexical)
+    return encoded
 
 
 def run_set(
@@ -101,20 +117,17 @@ def run_set(
         if path := evalset.image_path(query):
             with Image.open(path) as opened:
                 image = opened.convert("RGB")
-        image_vec, text_vec = engine.encode_query(image, query.text)
+        encoded = engine.encode_query(image, query.text)
         encode_s = time.perf_counter() - started
         exclude = [query.exclude_retailer] if query.exclude_retailer else []
-        runs = [(mode, "", plain) for mode in modes_of(query) if mode != "fused"]
-        if "fused" in modes_of(query):
-            runs += [("fused", label, options) for label, options in fused]
+        runs = [(mode, "", plain) for mode in modes_of(query) if mode not in FUSED_MODES]
+        runs += [(mode, label, options) for mode in modes_of(query) if mode in FUSED_MODES for label, options in fused]
         for mode, fusion, options in runs:
-            image_part = image_vec if mode in ("image", "fused") else None
-            text_part = text_vec if mode in ("text", "fused") else None
             for filtered in (False, True) if query.category else (False,):
                 filters = SearchFilters(category=query.category if filtered else None, exclude_retailer=exclude)
                 started = time.perf_counter()
                 response = engine.search_vectors(
-                    catalogue, image_vec=image_part, text_vec=text_part, filters=filters, options=options
+                    catalogue, vectors_for(mode, encoded), filters=filters, options=options
                 )
                 seconds = time.perf_counter() - started + encode_s / len(runs)
                 result = outcome(response, query, mode)
@@ -166,12 +179,18 @@ def catalogue_embeddings(store: ProductStore, catalogue: str) -> dict[str, tuple
     offset = None
     while True:
         points, offset = store.client.scroll(
-            catalogue, limit=256, offset=offset, with_vectors=True, with_payload=["category_path", "retailer"]
+            catalogue,
+            limit=256,
+            offset=offset,
+            with_vectors=[IMAGE_VECTOR, TEXT_VECTOR],
+            with_payload=["category_path", "retailer"],
         )
         for point in points:
             vectors = point.vector if isinstance(point.vector, dict) else {}
             label = str((point.payload or {}).get("category_path") or (point.payload or {}).get("retailer"))
             for name, value in vectors.items():
+                if not isinstance(value, list):
+                    continue  # the sparse lexical vector has no place on a 2-D map
                 array = np.asarray(value, dtype=np.float32)
                 rows[name].append(array[0] if array.ndim == 2 else array)
                 labels[name].append(label)

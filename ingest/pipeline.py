@@ -22,9 +22,10 @@ from ingest.readers import validated_records
 from ingest.sources import URL_TIMEOUT_S, SourceError, read_ref, resolve_ref
 from retrieval.encoders.base import ImageEncoder, TextEncoder
 from retrieval.images import ImageDecodeError, decode_image
+from retrieval.lexical import document_vector
 from retrieval.records import build_payload, content_hash, point_id, product_text
 from retrieval.settings import Settings
-from retrieval.store import IMAGE_VECTOR, TEXT_VECTOR, EncoderFingerprint, ProductStore
+from retrieval.store import IMAGE_VECTOR, LEXICAL_VECTOR, TEXT_VECTOR, EncoderFingerprint, ProductStore
 from schemas.catalogue import CatalogueRecord
 from schemas.report import IngestReport, Rejection
 
@@ -186,6 +187,8 @@ class Ingestor:
             if text:
                 vector[TEXT_VECTOR] = text_vectors[text_at].tolist()
                 text_at += 1
+            if lexical := document_vector(product.record):
+                vector[LEXICAL_VECTOR] = lexical
             payload = build_payload(product.record, images=product.used_refs, digest=product.digest)
             points.append(models.PointStruct(id=product.point_id, vector=vector, payload=payload.model_dump()))
             product.tensors = []

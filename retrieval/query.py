@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
 from qdrant_client import models
 
 from retrieval.encoders.base import ImageEncoder, TextEncoder, embed_images
-from retrieval.store import IMAGE_VECTOR, TEXT_VECTOR, EncoderFingerprint, ProductStore
+from retrieval.lexical import overlap, query_vector
+from retrieval.store import IMAGE_VECTOR, LEXICAL_VECTOR, TEXT_VECTOR, EncoderFingerprint, ProductStore
 from schemas.catalogue import category_path, parse_category
 from schemas.payload import Product
 from schemas.search import ModalityScores, SearchFilters, SearchOptions, SearchResponse, SearchResult
@@ -68,6 +69,28 @@ def to_product(payload: dict[str, object], image_url: ImageUrl = _ref_as_url) ->
     )
 
 
+Query = list[float] | list[list[float]] | models.SparseVector
+
+
+@dataclass(frozen=True)
+class QueryVectors:
+    """What one query searches with; each present part is one ranking (one prefetch) in the fusion."""
+
+    image: np.ndarray | None = None
+    text: np.ndarray | None = None
+    lexical: models.SparseVector | None = None
+
+    def rankings(self) -> list[tuple[str, Query]]:
+        out: list[tuple[str, Query]] = []
+        if self.image is not None:
+            out.append((IMAGE_VECTOR, [self.image.tolist()]))  # a one-row multivector: MAX_SIM = best photo
+        if self.text is not None:
+            out.append((TEXT_VECTOR, self.text.tolist()))
+        if self.lexical is not None and self.lexical.indices:
+            out.append((LEXICAL_VECTOR, self.lexical))
+        return out
+
+
 @dataclass
 class SearchEngine:
     """Encodes queries with the loaded encoders and runs them against a catalogue's collection."""
@@ -82,11 +105,14 @@ class SearchEngine:
             self.image_encoder.name, self.image_encoder.dim, self.text_encoder.name, self.text_encoder.dim
         )
 
-    def encode_query(self, image: Image.Image | None, text: str | None) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """Query vectors: the photo through the image encoder, the text through the text encoder."""
-        image_vec = embed_images(self.image_encoder, [image])[0] if image is not None else None
-        text_vec = self.text_encoder.embed_texts([text])[0] if text else None
-        return image_vec, text_vec
+    def encode_query(self, image: Image.Image | None, text: str | None) -> QueryVectors:
+        """Query vectors: the photo through the image encoder, the text through the text encoder and into
+        lexical terms."""
+        return QueryVectors(
+            image=embed_images(self.image_encoder, [image])[0] if image is not None else None,
+            text=self.text_encoder.embed_texts([text])[0] if text else None,
+            lexical=query_vector(text) if text else None,
+        )
 
     def search(
         self,
@@ -98,22 +124,19 @@ class SearchEngine:
         options: SearchOptions | None = None,
         image_url: ImageUrl = _ref_as_url,
     ) -> SearchResponse:
-        """Search by a decoded PIL image and/or text; both given -> the two prefetches fused in Qdrant."""
+        """Search by a decoded PIL image and/or text; several rankings are fused in Qdrant."""
         started = time.perf_counter()
         self.store.check_encoders(catalogue, self.fingerprint)
-        image_vec, text_vec = self.encode_query(image, text)
-        response = self.search_vectors(
-            catalogue, image_vec=image_vec, text_vec=text_vec, filters=filters, options=options, image_url=image_url
-        )
+        vectors = self.encode_query(image, text)
+        response = self.search_vectors(catalogue, vectors, filters=filters, options=options, image_url=image_url)
         response.took_ms = round((time.perf_counter() - started) * 1000, 2)
         return response
 
     def search_vectors(
         self,
         catalogue: str,
+        vectors: QueryVectors,
         *,
-        image_vec: np.ndarray | None,
-        text_vec: np.ndarray | None,
         filters: SearchFilters | None = None,
         options: SearchOptions | None = None,
         image_url: ImageUrl = _ref_as_url,
@@ -121,11 +144,14 @@ class SearchEngine:
     ) -> SearchResponse:
         """The store side of `search`, for vectors already encoded (benchmarks reuse one encoding)."""
         started = time.perf_counter()
-        if image_vec is None and text_vec is None:
-            raise ValueError("give an image, a text, or both")
         options = options or SearchOptions()
+        if not options.lexical:
+            vectors = replace(vectors, lexical=None)
+        rankings = vectors.rankings()
+        if not rankings:
+            raise ValueError("give an image, a text, or both")
         query_filter = build_filter(filters or SearchFilters(), exclude_points=exclude_points)
-        points = self._query(catalogue, image_vec, text_vec, query_filter, options)
+        points = self._query(catalogue, rankings, query_filter, options)
         results = []
         for point in points:
             product = to_product(point.payload or {}, image_url)
@@ -134,14 +160,14 @@ class SearchEngine:
                     id=product.id,
                     retailer=product.retailer,
                     score=float(point.score),
-                    scores=_modality_scores(point.vector, image_vec, text_vec),
+                    scores=_modality_scores(point.vector, vectors),
                     product=product,
                 )
             )
         return SearchResponse(
             catalogue=catalogue,
-            modes=[m for m, v in ((IMAGE_VECTOR, image_vec), (TEXT_VECTOR, text_vec)) if v is not None],
-            fusion=options.fusion if image_vec is not None and text_vec is not None else None,
+            modes=[name for name, _ in rankings],
+            fusion=options.fusion if len(rankings) > 1 else None,
             took_ms=round((time.perf_counter() - started) * 1000, 2),
             results=results,
         )
@@ -156,21 +182,19 @@ class SearchEngine:
         options: SearchOptions | None = None,
         image_url: ImageUrl = _ref_as_url,
     ) -> tuple[Product, SearchResponse]:
-        """Search with a stored product's own vectors (its first photo and its text), leaving it out."""
+        """Search with a stored product's own vectors (first photo, text, lexical terms), leaving it out."""
         started = time.perf_counter()
         self.store.check_encoders(catalogue, self.fingerprint)
         record = self.store.product(catalogue, retailer, product_id, with_vectors=True)
-        vectors = record.vector if isinstance(record.vector, dict) else {}
-        photos = vectors.get(IMAGE_VECTOR)
-        text = vectors.get(TEXT_VECTOR)
+        stored = record.vector if isinstance(record.vector, dict) else {}
+        photos, text, lexical = stored.get(IMAGE_VECTOR), stored.get(TEXT_VECTOR), stored.get(LEXICAL_VECTOR)
+        vectors = QueryVectors(
+            image=np.asarray(photos[0], dtype=np.float32) if isinstance(photos, list) and photos else None,
+            text=np.asarray(text, dtype=np.float32) if isinstance(text, list) and text else None,
+            lexical=lexical if isinstance(lexical, models.SparseVector) else None,
+        )
         response = self.search_vectors(
-            catalogue,
-            image_vec=np.asarray(photos[0], dtype=np.float32) if isinstance(photos, list) and photos else None,
-            text_vec=np.asarray(text, dtype=np.float32) if isinstance(text, list) and text else None,
-            filters=filters,
-            options=options,
-            image_url=image_url,
-            exclude_points=[str(record.id)],
+            catalogue, vectors, filters=filters, options=options, image_url=image_url, exclude_points=[str(record.id)]
         )
         response.took_ms = round((time.perf_counter() - started) * 1000, 2)
         return to_product(record.payload or {}, image_url), response
@@ -178,47 +202,62 @@ class SearchEngine:
     def _query(
         self,
         catalogue: str,
-        image_vec: np.ndarray | None,
-        text_vec: np.ndarray | None,
+        rankings: list[tuple[str, Query]],
         query_filter: models.Filter | None,
         options: SearchOptions,
     ) -> list[models.ScoredPoint]:
         client = self.store.client
-        queries: list[tuple[str, list[float] | list[list[float]]]] = []
-        if image_vec is not None:
-            queries.append((IMAGE_VECTOR, [image_vec.tolist()]))  # a one-row multivector: MAX_SIM = best photo
-        if text_vec is not None:
-            queries.append((TEXT_VECTOR, text_vec.tolist()))
-        page = {
-            "query_filter": query_filter,
-            "limit": options.limit,
-            "offset": options.offset,
-            "score_threshold": options.score_threshold,
-            "with_vectors": [name for name, _ in queries],
-        }
-        if len(queries) == 1:
-            name, vector = queries[0]
-            return client.query_points(catalogue, query=vector, using=name, **page).points  # type: ignore[arg-type]
+        names = [name for name, _ in rankings]
+        if len(rankings) == 1:
+            name, query = rankings[0]
+            return client.query_points(
+                catalogue,
+                query=query,
+                using=name,
+                query_filter=query_filter,
+                limit=options.limit,
+                offset=options.offset,
+                score_threshold=options.score_threshold,
+                with_vectors=names,
+            ).points
         depth = max(PREFETCH_MIN, PREFETCH_FACTOR * (options.offset + options.limit))
-        prefetch = [models.Prefetch(query=v, using=n, filter=query_filter, limit=depth) for n, v in queries]
-        return client.query_points(catalogue, prefetch=prefetch, query=fusion_query(options), **page).points  # type: ignore[arg-type]
+        prefetch = [models.Prefetch(query=q, using=n, filter=query_filter, limit=depth) for n, q in rankings]
+        return client.query_points(
+            catalogue,
+            prefetch=prefetch,
+            query=fusion_query(options, names),
+            query_filter=query_filter,
+            limit=options.limit,
+            offset=options.offset,
+            score_threshold=options.score_threshold,
+            with_vectors=names,
+        ).points
 
 
-def fusion_query(options: SearchOptions) -> models.FusionQuery | models.RrfQuery:
-    """The Query API's fusion stage for the two prefetches (image first, then text)."""
+def fusion_query(options: SearchOptions, rankings: Sequence[str]) -> models.FusionQuery | models.RrfQuery:
+    """The Query API's fusion stage over the prefetches, named in `rankings` order."""
     if options.fusion == "dbsf":
         return models.FusionQuery(fusion=models.Fusion.DBSF)
     if options.fusion == "weighted":
-        return models.RrfQuery(rrf=models.Rrf(weights=[options.image_weight, options.text_weight]))
+        weight = {
+            IMAGE_VECTOR: options.image_weight,
+            TEXT_VECTOR: options.text_weight,
+            LEXICAL_VECTOR: options.lexical_weight,
+        }
+        return models.RrfQuery(rrf=models.Rrf(weights=[weight[name] for name in rankings]))
     return models.FusionQuery(fusion=models.Fusion.RRF)
 
 
-def _modality_scores(vectors: object, image_vec: np.ndarray | None, text_vec: np.ndarray | None) -> ModalityScores:
-    """Cosine per modality from the returned vectors (all are unit length, so cosine = dot)."""
-    stored = vectors if isinstance(vectors, dict) else {}
-    image_score = text_score = None
-    if image_vec is not None and stored.get(IMAGE_VECTOR):
-        image_score = float(np.max(np.asarray(stored[IMAGE_VECTOR], dtype=np.float32) @ image_vec))
-    if text_vec is not None and stored.get(TEXT_VECTOR):
-        text_score = float(np.asarray(stored[TEXT_VECTOR], dtype=np.float32) @ text_vec)
-    return ModalityScores(image=image_score, text=text_score)
+def _modality_scores(stored_vectors: object, query: QueryVectors) -> ModalityScores:
+    """Per-modality scores from the returned vectors: cosine for dense ones (unit vectors: cosine = dot),
+    the share of query terms present for the lexical one."""
+    stored = stored_vectors if isinstance(stored_vectors, dict) else {}
+    scores = ModalityScores()
+    if query.image is not None and stored.get(IMAGE_VECTOR):
+        scores.image = float(np.max(np.asarray(stored[IMAGE_VECTOR], dtype=np.float32) @ query.image))
+    if query.text is not None and stored.get(TEXT_VECTOR):
+        scores.text = float(np.asarray(stored[TEXT_VECTOR], dtype=np.float32) @ query.text)
+    document = stored.get(LEXICAL_VECTOR)
+    if query.lexical is not None:
+        scores.lexical = overlap(query.lexical, document.indices if isinstance(document, models.SparseVector) else [])
+    return scores

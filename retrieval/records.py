@@ -42,6 +42,8 @@ def build_payload(record: CatalogueRecord, *, images: list[str], digest: str) ->
         title=record.title,
         description=record.description,
         brand=record.brand,
+        gtin=record.gtin,
+        mpn=record.mpn,
         category=record.category,
         category_path=record.category_path,
         category_prefixes=category_prefixes(record.category),

@@ -15,13 +15,16 @@ from retrieval.settings import Settings
 
 IMAGE_VECTOR = "image"
 TEXT_VECTOR = "text"
-LAYOUT_VERSION = 1
+LEXICAL_VECTOR = "lexical"
+LAYOUT_VERSION = 2  # 2: + the `lexical` sparse vector
 
 # Every field a query can filter on gets an index (a server needs them; local mode ignores them).
 PAYLOAD_INDEXES: dict[str, models.PayloadSchemaType] = {
     "product_id": models.PayloadSchemaType.KEYWORD,
     "retailer": models.PayloadSchemaType.KEYWORD,
     "brand": models.PayloadSchemaType.KEYWORD,
+    "gtin": models.PayloadSchemaType.KEYWORD,
+    "mpn": models.PayloadSchemaType.KEYWORD,
     "category_path": models.PayloadSchemaType.KEYWORD,
     "category_prefixes": models.PayloadSchemaType.KEYWORD,
     "currency": models.PayloadSchemaType.KEYWORD,
@@ -120,6 +123,12 @@ class ProductStore:
         found = EncoderFingerprint.from_metadata(info.config.metadata)
         if found is None:
             raise StoreError(f"collection {catalogue!r} was not made by this tool (no encoder metadata)")
+        version = (info.config.metadata or {}).get("layout_version")
+        if version != LAYOUT_VERSION:
+            raise StoreError(
+                f"catalogue {catalogue!r} has collection layout {version}, this version needs {LAYOUT_VERSION}: "
+                "ingest the catalogue again under a new name (or delete the collection first)"
+            )
         return found
 
     def check_encoders(self, catalogue: str, expected: EncoderFingerprint) -> None:
@@ -148,6 +157,8 @@ class ProductStore:
                     ),
                     TEXT_VECTOR: models.VectorParams(size=encoders.text_dim, distance=models.Distance.COSINE),
                 },
+                # Qdrant weighs each term by its inverse document frequency, kept up to date as data changes.
+                sparse_vectors_config={LEXICAL_VECTOR: models.SparseVectorParams(modifier=models.Modifier.IDF)},
                 metadata=encoders.as_metadata(),
             )
             created = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -14,7 +15,7 @@ MAX_ATTRIBUTE_LENGTH = 2_000
 
 # Columns with a meaning of their own; every other column becomes an attribute.
 KNOWN_COLUMNS = frozenset(
-    {"id", "retailer", "title", "description", "brand", "category", "price", "currency", "url", "image"}
+    {"id", "retailer", "title", "description", "brand", "category", "price", "currency", "url", "image", "gtin", "mpn"}
 )
 
 
@@ -59,6 +60,8 @@ class CatalogueRecord(BaseModel):
     title: str | None = Field(default=None, max_length=1_000)
     description: str | None = Field(default=None, max_length=20_000)
     brand: str | None = Field(default=None, max_length=256)
+    gtin: str | None = Field(default=None, description="GTIN / EAN / UPC: 8, 12, 13 or 14 digits")
+    mpn: str | None = Field(default=None, max_length=128, description="manufacturer part number")
     category: list[str] = Field(default_factory=list, max_length=12)
     price: float | None = Field(default=None, ge=0)
     currency: str | None = Field(default=None, max_length=8)
@@ -89,6 +92,16 @@ class CatalogueRecord(BaseModel):
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError("price must be a finite number")
         return value
+
+    @field_validator("gtin", mode="before")
+    @classmethod
+    def _gtin(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        digits = re.sub(r"[\s-]", "", str(value))
+        if not re.fullmatch(r"\d{8}|\d{12,14}", digits):
+            raise ValueError(f"gtin must be 8, 12, 13 or 14 digits, got {value!r}")
+        return digits.zfill(14)  # GTIN-14 form: the same product compares equal whatever length it was given in
 
     @field_validator("currency")
     @classmethod

@@ -13,6 +13,8 @@ class ProductPayload(BaseModel):
     title: str | None = None
     description: str | None = None
     brand: str | None = None
+    gtin: str | None = Field(default=None, description="GTIN-14 (zero-padded)")
+    mpn: str | None = None
     category: list[str] = Field(default_factory=list, description="levels, root first")
     category_path: str | None = Field(default=None, description="'A > B > C': exact category filter")
     category_prefixes: list[str] = Field(default_factory=list, description="every ancestor path: prefix filter")
@@ -36,6 +38,8 @@ class Product(BaseModel):
     title: str | None = None
     description: str | None = None
     brand: str | None = None
+    gtin: str | None = None
+    mpn: str | None = None
     category: list[str] = Field(default_factory=list)
     category_path: str | None = None
     price: float | None = None

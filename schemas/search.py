@@ -48,6 +48,8 @@ class SearchOptions(BaseModel):
     )
     image_weight: float = Field(default=1.0, ge=0, le=100, description="weight of the image ranking (weighted)")
     text_weight: float = Field(default=1.0, ge=0, le=100, description="weight of the text ranking (weighted)")
+    lexical: bool = Field(default=True, description="add the lexical ranking (words, codes, GTIN) for a text")
+    lexical_weight: float = Field(default=1.0, ge=0, le=100, description="weight of the lexical ranking (weighted)")
     limit: int = Field(default=10, ge=1, le=100)
     offset: int = Field(default=0, ge=0, le=1_000)
     score_threshold: float | None = Field(
@@ -56,8 +58,8 @@ class SearchOptions(BaseModel):
 
     @model_validator(mode="after")
     def _some_weight(self) -> SearchOptions:
-        if self.fusion == "weighted" and self.image_weight == 0 and self.text_weight == 0:
-            raise ValueError("image_weight and text_weight cannot both be 0")
+        if self.fusion == "weighted" and self.image_weight == self.text_weight == self.lexical_weight == 0:
+            raise ValueError("image_weight, text_weight and lexical_weight cannot all be 0")
         return self
 
 
@@ -66,6 +68,7 @@ class ModalityScores(BaseModel):
 
     image: float | None = Field(default=None, description="best cosine over the product's photos")
     text: float | None = None
+    lexical: float | None = Field(default=None, description="share of the query's words and codes the product has")
 
 
 class SearchResult(BaseModel):
@@ -78,7 +81,7 @@ class SearchResult(BaseModel):
 
 class SearchResponse(BaseModel):
     catalogue: str
-    modes: list[str] = Field(description="which query vectors were used: image, text")
+    modes: list[str] = Field(description="which rankings were used: image, text, lexical")
     fusion: Fusion | None = Field(default=None, description="the fusion used when image and text were both given")
     took_ms: float
     results: list[SearchResult]

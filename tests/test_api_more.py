@@ -51,11 +51,14 @@ def query_photo() -> Image.Image:
 def test_weighted_fusion_with_one_weight_zero_follows_that_modality(engine: SearchEngine) -> None:
     photo = query_photo()
     image_only = [r.id for r in engine.search("grocery", image=photo, options=SearchOptions(limit=8)).results]
-    text_only = [r.id for r in engine.search("grocery", text="oat yoghurt", options=SearchOptions(limit=8)).results]
+    dense = SearchOptions(limit=8, lexical=False)
+    text_only = [r.id for r in engine.search("grocery", text="oat yoghurt", options=dense).results]
     assert image_only != text_only
 
     def fused(image_weight: float, text_weight: float) -> list[str]:
-        options = SearchOptions(fusion="weighted", image_weight=image_weight, text_weight=text_weight, limit=8)
+        options = SearchOptions(
+            fusion="weighted", image_weight=image_weight, text_weight=text_weight, lexical_weight=0, limit=8
+        )
         response = engine.search("grocery", image=photo, text="oat yoghurt", options=options)
         assert response.fusion == "weighted"
         return [r.id for r in response.results]
@@ -146,7 +149,10 @@ def test_json_api_errors(client: TestClient, path: str, payload: dict[str, objec
     ("data", "message"),
     [
         ({"text": "milk", "price_min": "5", "price_max": "1"}, "above price_max"),
-        ({"text": "milk", "fusion": "weighted", "image_weight": "0", "text_weight": "0"}, "cannot both be 0"),
+        (
+            {"text": "milk", "fusion": "weighted", "image_weight": "0", "text_weight": "0", "lexical_weight": "0"},
+            "cannot all be 0",
+        ),
         ({"text": "milk", "fusion": "maximum"}, "rrf"),
         ({"text": "milk", "offset": "-1"}, "greater than or equal to 0"),
     ],

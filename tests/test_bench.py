@@ -48,7 +48,7 @@ def test_quality_bench_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFix
     out = tmp_path / "out"
     code = bench_main(
         ["--sets-dir", str(tmp_path / "sets"), "--shared", str(SHARED_DATA), "quality",
-         "--sets", "alibaba", "grocery-val", "--max-queries", "12", "--fusion", "rrf", "weighted:1:0",
+         "--sets", "alibaba", "grocery-val", "--max-queries", "12", "--fusion", "rrf", "weighted:1:0:0",
          "--out", str(out)]
     )  # fmt: skip
     assert code == 0
@@ -62,9 +62,9 @@ def test_quality_bench_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFix
     assert grocery[("all", "image")]["queries"] == 12
     # the category filter restricts candidates to the expected product's kind: recall cannot drop
     assert grocery[("all", "image +category")]["R@5"] >= grocery[("all", "image")]["R@5"]
-    # weighted fusion with the text weight at 0 ranks exactly as the image alone
+    # weighted fusion with the text and lexical weights at 0 ranks exactly as the image alone
     for metric in ("R@1", "R@5", "MRR"):
-        assert grocery[("all", "fused weighted 1:0")][metric] == grocery[("all", "image")][metric]
+        assert grocery[("all", "fused weighted 1:0:0")][metric] == grocery[("all", "image")][metric]
     for name in ("alibaba-recall.png", "grocery-val-recall.png", "grocery-val-scores.png", "grocery-val-map.png"):
         assert (out / name).stat().st_size > 5_000
     assert (out / "table.md").read_text().startswith("| set | group | mode |")

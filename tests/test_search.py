@@ -73,10 +73,11 @@ def test_photo_and_text_are_fused_with_per_modality_scores(engine: SearchEngine)
         fused = engine.search(
             "grocery", image=image.convert("RGB"), text="Arla standard milk", options=SearchOptions(limit=5)
         )
-    assert fused.modes == ["image", "text"] and fused.fusion == "rrf"
+    assert fused.modes == ["image", "text", "lexical"] and fused.fusion == "rrf"
     top = fused.results[0]
     assert top.product.title == "Arla Standard Milk"
     assert top.scores.image is not None and top.scores.text is not None
+    assert top.scores.lexical == 1.0  # arla, standard, milk: every query term is in the product
     assert all(r.scores.image is not None and r.scores.text is not None for r in fused.results)
     assert [r.score for r in fused.results] == sorted((r.score for r in fused.results), reverse=True)
 

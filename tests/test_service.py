@@ -51,7 +51,8 @@ def test_search_by_uploaded_photo_returns_that_product_first(client: TestClient)
     assert body["catalogue"] == "grocery" and body["modes"] == ["image"]
     top = body["results"][0]
     assert (top["id"], top["retailer"], top["product"]["title"]) == ("41", "hemkop", "Arla Standard Milk")
-    assert set(top["scores"]) == {"image", "text"} and top["scores"]["image"] > 0.99
+    assert set(top["scores"]) == {"image", "text", "lexical"} and top["scores"]["image"] > 0.99
+    assert top["scores"]["text"] is None and top["scores"]["lexical"] is None  # a photo-only query
     assert len(body["results"]) == 3
     photo = client.get(top["product"]["image_urls"][0])
     assert photo.status_code == 200 and photo.content == PHOTO.read_bytes()
@@ -75,7 +76,7 @@ def test_browser_style_empty_fields_are_ignored(client: TestClient) -> None:
         data={"text": "oat milk", "category": "", "catalogue": "", "retailer": ""},
     )
     assert response.status_code == 200, response.text
-    assert response.json()["modes"] == ["text"]
+    assert response.json()["modes"] == ["text", "lexical"]
 
 
 @pytest.mark.parametrize(
