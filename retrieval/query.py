@@ -206,26 +206,21 @@ class SearchEngine:
         query_filter: models.Filter | None,
         options: SearchOptions,
     ) -> list[models.ScoredPoint]:
-        client = self.store.client
         names = [name for name, _ in rankings]
+        using: str | None
+        query: Query | models.FusionQuery | models.RrfQuery
+        prefetch: list[models.Prefetch] | None = None
         if len(rankings) == 1:
-            name, query = rankings[0]
-            return client.query_points(
-                catalogue,
-                query=query,
-                using=name,
-                query_filter=query_filter,
-                limit=options.limit,
-                offset=options.offset,
-                score_threshold=options.score_threshold,
-                with_vectors=names,
-            ).points
-        depth = max(PREFETCH_MIN, PREFETCH_FACTOR * (options.offset + options.limit))
-        prefetch = [models.Prefetch(query=q, using=n, filter=query_filter, limit=depth) for n, q in rankings]
-        return client.query_points(
+            using, query = rankings[0]
+        else:
+            depth = max(PREFETCH_MIN, PREFETCH_FACTOR * (options.offset + options.limit))
+            prefetch = [models.Prefetch(query=q, using=n, filter=query_filter, limit=depth) for n, q in rankings]
+            using, query = None, fusion_query(options, names)
+        return self.store.client.query_points(
             catalogue,
             prefetch=prefetch,
-            query=fusion_query(options, names),
+            query=query,
+            using=using,
             query_filter=query_filter,
             limit=options.limit,
             offset=options.offset,

@@ -24,7 +24,6 @@ class Settings(BaseSettings):
     default_catalogue: str = Field(default="products", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     batch_size: int = Field(default=32, ge=1, le=1024, description="images / texts per encoder batch")
     decode_workers: int = Field(default=2, ge=1, le=64, description="threads that read and decode images")
-    torch_threads: int | None = Field(default=None, ge=1, le=256)
     max_image_pixels: int = Field(default=40_000_000, ge=1, description="larger images are refused (bombs)")
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
 

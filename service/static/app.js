@@ -81,7 +81,7 @@ function render(results) {
       <div class="meta">${escapeHtml(r.retailer)} · ${escapeHtml(p.id)} ${price ? "· " + escapeHtml(price) : ""}</div>
       <div class="meta">${escapeHtml(p.category_path || "")}</div>
       <div class="meta">score ${r.score.toFixed(4)}</div>
-      ${bar("image", r.scores.image)}${bar("text", r.scores.text)}
+      ${bar("image", r.scores.image)}${bar("text", r.scores.text)}${bar("words", r.scores.lexical)}
       ${r.decision ? `<div class="meta">decision: ${escapeHtml(r.decision)}</div>` : ""}`;
     const button = document.createElement("button");
     button.type = "button";
