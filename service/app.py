@@ -10,7 +10,6 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import ValidationError
 
 from retrieval.images import ImageDecodeError
 from retrieval.settings import Settings
@@ -59,12 +58,6 @@ def create_app(settings: Settings | None = None, *, state: AppState | None = Non
     @app.exception_handler(ProductNotFound)
     def _no_product(request: Request, exc: ProductNotFound) -> JSONResponse:
         return error(404, str(exc))
-
-    @app.exception_handler(ValidationError)
-    def _invalid(request: Request, exc: ValidationError) -> JSONResponse:
-        # cross-field checks (price_min > price_max, both weights 0) on models a handler builds itself
-        reasons = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
-        return error(422, reasons)
 
     @app.exception_handler(EncoderMismatch)
     def _mismatch(request: Request, exc: EncoderMismatch) -> JSONResponse:

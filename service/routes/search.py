@@ -9,6 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 from PIL import Image
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from retrieval.images import decode_image
@@ -104,24 +105,27 @@ async def search(
     query_text = (text or "").strip() or None
     if data is None and query_text is None:
         raise HTTPException(422, "give an image, a text, or both")
-    filters = SearchFilters(
-        category=(category or "").strip() or None,
-        retailer=_words(retailer),
-        exclude_retailer=_words(exclude_retailer),
-        brand=_words(brand),
-        price_min=price_min,
-        price_max=price_max,
-    )
-    options = SearchOptions(
-        fusion=fusion,
-        image_weight=image_weight,
-        text_weight=text_weight,
-        lexical=lexical,
-        lexical_weight=lexical_weight,
-        limit=limit,
-        offset=offset,
-        score_threshold=score_threshold,
-    )
+    try:  # the fields are checked one by one above; these models add the cross-field checks
+        filters = SearchFilters(
+            category=(category or "").strip() or None,
+            retailer=_words(retailer),
+            exclude_retailer=_words(exclude_retailer),
+            brand=_words(brand),
+            price_min=price_min,
+            price_max=price_max,
+        )
+        options = SearchOptions(
+            fusion=fusion,
+            image_weight=image_weight,
+            text_weight=text_weight,
+            lexical=lexical,
+            lexical_weight=lexical_weight,
+            limit=limit,
+            offset=offset,
+            score_threshold=score_threshold,
+        )
+    except ValidationError as exc:
+        raise HTTPException(422, "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
     return await _run(state, name, data, query_text, filters, options)
 
 
