@@ -73,6 +73,34 @@ def backbones(args: argparse.Namespace) -> int:
     return 0
 
 
+def calibrate(args: argparse.Namespace) -> int:
+    from bench.calibrate import HEADER, calibrate
+    from bench.evalset import load_set
+    from retrieval.encoders import load_image_encoder, load_text_encoder
+    from retrieval.settings import Settings
+
+    settings = Settings()
+    names = [name for pair in args.pairs for name in pair.split(":")]
+    ensure_sets(args.sets_dir, args.shared, names)
+    image_encoder, text_encoder = load_image_encoder(settings.image_model), load_text_encoder(settings.text_model)
+    lines = [HEADER]
+    for pair in args.pairs:
+        fit_name, eval_name = pair.split(":")
+        row = calibrate(
+            load_set(args.sets_dir / fit_name),
+            load_set(args.sets_dir / eval_name),
+            image_encoder,
+            text_encoder,
+            target=args.target_precision,
+        )
+        lines.append(row)
+        print(row, flush=True)
+    print("\n".join(lines))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "calibration.md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
@@ -105,7 +133,19 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--max-queries", type=int)
     b.add_argument("--out", type=Path, default=Path("bench/out"))
 
+    c = sub.add_parser("calibrate", help="fit match thresholds on one set, measure precision/recall on another")
+    c.add_argument(
+        "--pairs",
+        nargs="+",
+        default=["abt-buy-valid:abt-buy", "amazon-google-valid:amazon-google"],
+        help="FIT_SET:EVAL_SET pairs (default: the valid -> test splits of both text-pair sets)",
+    )
+    c.add_argument("--target-precision", type=float, default=0.95)
+    c.add_argument("--out", type=Path, default=Path("bench/out"))
+
     args = parser.parse_args(argv)
+    if args.command == "calibrate":
+        return calibrate(args)
     if args.command == "prepare":
         if args.what == "sample":
             out = args.out or Path("sample/grocery")

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, model_validator
 
+from schemas.search import ProductRef
+
 
 class EvalQuery(BaseModel):
     """One query: a photo and/or text, the product ids that count as correct, optional constraints."""
@@ -18,6 +20,9 @@ class EvalQuery(BaseModel):
     category: str | None = Field(default=None, description="category filter used in the '+category' rows")
     exclude_retailer: str | None = Field(default=None, description="always applied (cross-retailer matching)")
     group: str | None = Field(default=None, description="optional sub-set name for a separate table row")
+    product: ProductRef | None = Field(
+        default=None, description="the query is this stored product (used by `bench calibrate` as a labelled pair)"
+    )
 
     @model_validator(mode="after")
     def _needs_input(self) -> EvalQuery:

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from bench.evalset import EvalQuery, write_queries
+from schemas.search import ProductRef
 
 GROCERY_RETAILER = "hemkop"
 # A few in-store phone photos (val split) shipped with the sample to try photo search.
@@ -167,7 +168,14 @@ def write_text_pairs_set(folder: Path, dest: Path, *, left: str, right: str, spl
     for left_id, expected in sorted(matches.items()):
         record = records[left_id]
         text = ". ".join(p for p in (record["title"], record["brand"], record["description"]) if p)
-        queries.append(EvalQuery(text=text, expect=sorted(expected), exclude_retailer=left))
+        queries.append(
+            EvalQuery(
+                text=text,
+                expect=sorted(expected),
+                exclude_retailer=left,
+                product=ProductRef(retailer=left, id=left_id),
+            )
+        )
     write_queries(dest, queries)
     return len(queries)
 
@@ -211,6 +219,16 @@ def prepare_all(shared: Path, out: Path) -> dict[str, int]:
         "abt-buy": write_text_pairs_set(shared / "text-pairs" / "abt-buy", out / "abt-buy", left="abt", right="buy"),
         "amazon-google": write_text_pairs_set(
             shared / "text-pairs" / "amazon-google", out / "amazon-google", left="amazon", right="google"
+        ),
+        "abt-buy-valid": write_text_pairs_set(
+            shared / "text-pairs" / "abt-buy", out / "abt-buy-valid", left="abt", right="buy", split="valid"
+        ),
+        "amazon-google-valid": write_text_pairs_set(
+            shared / "text-pairs" / "amazon-google",
+            out / "amazon-google-valid",
+            left="amazon",
+            right="google",
+            split="valid",
         ),
         "alibaba": write_alibaba_set(shared / "alibaba-pairs" / "eSSPR_same_items_pairs_information", out / "alibaba"),
     }

@@ -7,7 +7,8 @@ import json
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from retrieval.encoders import ImageEncoder, TextEncoder
 from retrieval.query import QueryVectors, SearchEngine
 from retrieval.settings import Settings
 from retrieval.store import IMAGE_VECTOR, TEXT_VECTOR, ProductStore, open_client
+from schemas.report import IngestReport
 from schemas.search import SearchFilters, SearchOptions, SearchResponse
 
 TOP_K = 10
@@ -154,20 +156,27 @@ def evaluate(
     fusions: Sequence[str] = ("rrf",),
 ) -> SetRun:
     """Ingest the set's catalogue into a throw-away embedded store, then run its queries."""
+    with ingested(evalset, image_encoder, text_encoder, settings=settings) as (engine, report):
+        tallies = run_set(evalset, engine, evalset.name, max_queries=max_queries, fusions=fusions)
+        products = report.written + report.unchanged
+        return SetRun(tallies, report.seconds, products, catalogue_embeddings(engine.store, evalset.name))
+
+
+@contextmanager
+def ingested(
+    evalset: EvalSet, image_encoder: ImageEncoder, text_encoder: TextEncoder, *, settings: Settings | None = None
+) -> Iterator[tuple[SearchEngine, IngestReport]]:
+    """The set's catalogue ingested, as collection `evalset.name`, into a throw-away embedded store."""
     with tempfile.TemporaryDirectory(prefix="bench-store-") as folder:
         run_settings = (settings or Settings()).model_copy(update={"qdrant_path": Path(folder), "qdrant_url": None})
         store = ProductStore(open_client(run_settings))
         try:
-            catalogue = evalset.name
             report = Ingestor(run_settings, store, image_encoder, text_encoder).run(
-                evalset.catalogue, catalogue, progress=False
+                evalset.catalogue, evalset.name, progress=False
             )
             if problems := report.rejected_rows + report.skipped_images:
                 raise ValueError(f"{evalset.catalogue}: {len(problems)} rows or images not ingested: {problems[0]}")
-            engine = SearchEngine(store, image_encoder, text_encoder)
-            tallies = run_set(evalset, engine, catalogue, max_queries=max_queries, fusions=fusions)
-            products = report.written + report.unchanged
-            return SetRun(tallies, report.seconds, products, catalogue_embeddings(store, catalogue))
+            yield SearchEngine(store, image_encoder, text_encoder), report
         finally:
             store.close()
 

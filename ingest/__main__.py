@@ -63,6 +63,11 @@ def write_rejects(report: IngestReport, target: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["calibrate"]:
+        from ingest.calibrate import main as calibrate
+
+        return calibrate(argv[1:])
     args = parse_args(argv)
     try:
         settings = Settings()

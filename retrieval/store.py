@@ -12,6 +12,7 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 
 from retrieval.records import point_id
 from retrieval.settings import Settings
+from schemas.search import Calibration
 
 IMAGE_VECTOR = "image"
 TEXT_VECTOR = "text"
@@ -167,6 +168,17 @@ class ProductStore:
             for field, schema in PAYLOAD_INDEXES.items():
                 self.client.create_payload_index(catalogue, field, field_schema=schema)
         return created
+
+    def calibration(self, catalogue: str) -> Calibration | None:
+        """The match model fitted for a catalogue, if any (kept in its collection metadata)."""
+        stored = (self.client.get_collection(catalogue).config.metadata or {}).get("calibration")
+        return Calibration.model_validate(stored) if stored else None
+
+    def save_calibration(self, catalogue: str, calibration: Calibration | None) -> None:
+        """Store (or with None, drop) a catalogue's match model. Metadata updates merge keys, so dropping
+        writes null rather than leaving the key out."""
+        calibration_data = calibration.model_dump() if calibration else None
+        self.client.update_collection(catalogue, metadata={"calibration": calibration_data})
 
     def count(self, catalogue: str) -> int:
         return self.client.count(catalogue, exact=True).count

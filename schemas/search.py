@@ -135,6 +135,33 @@ class SearchRequest(BaseModel):
 Decision = Literal["match", "no_match", "uncertain", "uncalibrated"]
 
 
+class LabelledPair(BaseModel):
+    """A stored product and the ids of the same product in other retailers (calibration input, JSON Lines)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    product: ProductRef
+    expect: list[str] = Field(default_factory=list, description="ids of the same product elsewhere; [] = none")
+
+
+class Calibration(BaseModel):
+    """A catalogue's fitted match model (stored in its collection metadata)."""
+
+    features: list[str]
+    mean: list[float]
+    scale: list[float]
+    weights: list[float]
+    bias: float
+    match_threshold: float = Field(description="probability at or above which a candidate is a match")
+    uncertain_threshold: float = Field(description="below the match threshold, at or above this: uncertain")
+    target_precision: float
+    precision: float = Field(description="precision of 'match' on the fitting candidates")
+    recall: float = Field(description="share of the true pairs among the fitting candidates decided 'match'")
+    candidates: int
+    fitted_at: str
+    source: str = ""
+
+
 class MatchResult(SearchResult):
     decision: Decision = Field(description="'uncalibrated' until a threshold is fitted for the catalogue")
     confidence: float | None = Field(default=None, description="probability of being the same product, once calibrated")

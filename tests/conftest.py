@@ -79,3 +79,19 @@ def ingestor(store: ProductStore, image_encoder: ImageEncoder, text_encoder: Tex
 @pytest.fixture
 def catalogue_name() -> str:
     return f"test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def two_shops(engine: SearchEngine, sample_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The first 30 sample products in two shops: the second lists them with its own ids and prices."""
+    from tests.test_ingest import sample_rows, write_catalogue
+
+    rows = sample_rows(30)
+    for i, row in enumerate(rows):
+        row["price"] = str(10 + i)
+    other = [{**r, "retailer": "other-shop", "id": f"o-{r['id']}", "price": str(float(r["price"]) + 0.5)} for r in rows]
+    path = write_catalogue(tmp_path_factory.mktemp("two-shops"), rows + other)
+    ingestor = Ingestor(sample_settings, engine.store, engine.image_encoder, engine.text_encoder)
+    report = ingestor.run(path, "two-shops", progress=False)
+    assert report.new == 60
+    return "two-shops"

@@ -10,30 +10,15 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from ingest.pipeline import Ingestor
 from retrieval.query import SearchEngine
 from retrieval.settings import Settings
 from schemas.search import SearchFilters, SearchOptions
 from service.app import create_app
 from service.state import AppState
 from tests.conftest import SAMPLE
-from tests.test_ingest import sample_rows, write_catalogue
+from tests.test_ingest import sample_rows
 
 PHOTO = SAMPLE.parent / "images" / "Arla-Standard-Milk_Iconic.jpg"
-
-
-@pytest.fixture(scope="module")
-def two_shops(engine: SearchEngine, sample_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The first 30 sample products in two shops: the second lists them with its own ids and prices."""
-    rows = sample_rows(30)
-    for i, row in enumerate(rows):
-        row["price"] = str(10 + i)
-    other = [{**r, "retailer": "other-shop", "id": f"o-{r['id']}", "price": str(float(r["price"]) + 0.5)} for r in rows]
-    path = write_catalogue(tmp_path_factory.mktemp("two-shops"), rows + other)
-    ingestor = Ingestor(sample_settings, engine.store, engine.image_encoder, engine.text_encoder)
-    report = ingestor.run(path, "two-shops", progress=False)
-    assert report.new == 60
-    return "two-shops"
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from retrieval.calibration import decide
 from retrieval.images import is_url
 from retrieval.query import ImageUrl, to_product
 from schemas.payload import Product
@@ -91,8 +92,9 @@ async def product_matches(
     fusion: Fusion = "rrf",
     category: Annotated[str | None, Query(max_length=1_000)] = None,
 ) -> MatchResponse:
-    """The best candidates for the same product in the *other* retailers, ranked by the product's own photo
-    and text. Until a threshold is calibrated for the catalogue, every decision is 'uncalibrated'."""
+    """The best candidates for the same product in the *other* retailers, ranked by the product's own photo,
+    text and terms. Each gets a decision from the catalogue's calibration (`python -m ingest calibrate`);
+    without one, every decision is 'uncalibrated'."""
     filters = SearchFilters(category=category or None, exclude_retailer=[retailer])
     product, response = await run_in_threadpool(
         lambda: state.engine.search_product(
@@ -104,12 +106,16 @@ async def product_matches(
             image_url=photo_url_for(catalogue),
         )
     )
-    return MatchResponse(
-        catalogue=catalogue,
-        product=product,
-        calibrated=False,
-        matches=[MatchResult(**r.model_dump(), decision="uncalibrated") for r in response.results],
-    )
+    calibration = await run_in_threadpool(state.store.calibration, catalogue)
+    if calibration is None:
+        matches = [MatchResult(**r.model_dump(), decision="uncalibrated") for r in response.results]
+    else:
+        decisions = decide(calibration, [r.scores for r in response.results])
+        matches = [
+            MatchResult(**r.model_dump(), decision=decision, confidence=round(p, 4))
+            for r, (p, decision) in zip(response.results, decisions, strict=True)
+        ]
+    return MatchResponse(catalogue=catalogue, product=product, calibrated=calibration is not None, matches=matches)
 
 
 @router.get(

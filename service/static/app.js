@@ -82,7 +82,7 @@ function render(results) {
       <div class="meta">${escapeHtml(p.category_path || "")}</div>
       <div class="meta">score ${r.score.toFixed(4)}</div>
       ${bar("image", r.scores.image)}${bar("text", r.scores.text)}${bar("words", r.scores.lexical)}
-      ${r.decision ? `<div class="meta">decision: ${escapeHtml(r.decision)}</div>` : ""}`;
+      ${r.decision ? `<div class="meta">decision: ${escapeHtml(r.decision)}${r.confidence != null ? ` (p = ${r.confidence.toFixed(2)})` : ""}</div>` : ""}`;
     const button = document.createElement("button");
     button.type = "button";
     button.textContent = "Same product elsewhere";

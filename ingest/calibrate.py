@@ -1,0 +1,64 @@
+"""`python -m ingest calibrate PAIRS.jsonl --catalogue NAME`: fit and store a catalogue's match model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from retrieval.calibration import fit, labelled_candidates
+from retrieval.encoders import EncoderError, load_image_encoder, load_text_encoder
+from retrieval.query import SearchEngine
+from retrieval.settings import Settings
+from retrieval.store import ProductStore, StoreError, open_client
+from schemas.search import LabelledPair
+
+
+def read_pairs(path: Path) -> list[LabelledPair]:
+    pairs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                pairs.append(LabelledPair.model_validate_json(line))
+            except ValidationError as exc:
+                raise ValueError(f"{path} line {number}: {exc.errors()[0]['msg']}") from None
+    return pairs
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ingest calibrate",
+        description="Fit the match decision of a catalogue from labelled pairs and store it with the catalogue.",
+        epilog='PAIRS: JSON Lines, {"product": {"retailer": "a", "id": "1"}, "expect": ["b-7"]} per line; '
+        "expect lists the ids of the same product in other retailers ([] if none).",
+    )
+    parser.add_argument("pairs", type=Path)
+    parser.add_argument("--catalogue", required=True)
+    parser.add_argument("--target-precision", type=float, default=0.95)
+    parser.add_argument("--depth", type=int, default=5, help="candidates per product used for fitting")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings()
+        pairs = read_pairs(args.pairs)
+        store = ProductStore(open_client(settings))
+    except (ValidationError, ValueError, OSError, StoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        engine = SearchEngine(store, load_image_encoder(settings.image_model), load_text_encoder(settings.text_model))
+        rows, labels = labelled_candidates(engine, args.catalogue, pairs, depth=args.depth)
+        calibration = fit(rows, labels, target_precision=args.target_precision, source=str(args.pairs))
+        store.save_calibration(args.catalogue, calibration)
+    except (EncoderError, StoreError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+    print(
+        f"catalogue {args.catalogue}: calibrated on {len(pairs)} products, {calibration.candidates} candidates; "
+        f"match at p >= {calibration.match_threshold:.3f} (precision {calibration.precision:.3f}, "
+        f"recall {calibration.recall:.3f}), uncertain at p >= {calibration.uncertain_threshold:.3f}"
+    )
+    return 0
