@@ -68,9 +68,7 @@ class Ingestor:
         self.store = store
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
-        self.fingerprint = EncoderFingerprint(
-            image_encoder.name, image_encoder.dim, text_encoder.name, text_encoder.dim
-        )
+        self.fingerprint = EncoderFingerprint.of(image_encoder, text_encoder)
 
     def run(self, path: Path, catalogue: str, *, progress: bool | None = None) -> IngestReport:
         """Ingest one catalogue file; rows that break the contract are reported, the rest lands."""

@@ -101,9 +101,7 @@ class SearchEngine:
 
     @property
     def fingerprint(self) -> EncoderFingerprint:
-        return EncoderFingerprint(
-            self.image_encoder.name, self.image_encoder.dim, self.text_encoder.name, self.text_encoder.dim
-        )
+        return EncoderFingerprint.of(self.image_encoder, self.text_encoder)
 
     def encode_query(self, image: Image.Image | None, text: str | None) -> QueryVectors:
         """Query vectors: the photo through the image encoder, the text through the text encoder and into
@@ -185,7 +183,7 @@ class SearchEngine:
         """Search with a stored product's own vectors (first photo, text, lexical terms), leaving it out."""
         started = time.perf_counter()
         self.store.check_encoders(catalogue, self.fingerprint)
-        record = self.store.product(catalogue, retailer, product_id, with_vectors=True)
+        record = self.store.product(catalogue, retailer, product_id, with_vectors=True, known=True)
         stored = record.vector if isinstance(record.vector, dict) else {}
         photos, text, lexical = stored.get(IMAGE_VECTOR), stored.get(TEXT_VECTOR), stored.get(LEXICAL_VECTOR)
         vectors = QueryVectors(

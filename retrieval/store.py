@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
@@ -31,6 +31,13 @@ PAYLOAD_INDEXES: dict[str, models.PayloadSchemaType] = {
     "currency": models.PayloadSchemaType.KEYWORD,
     "price": models.PayloadSchemaType.FLOAT,
 }
+
+
+class Encoder(Protocol):
+    """What a fingerprint needs of an encoder (both encoder protocols have it)."""
+
+    name: str
+    dim: int
 
 
 class StoreError(RuntimeError):
@@ -74,6 +81,10 @@ class EncoderFingerprint:
             "text_encoder": self.text,
             "text_dim": self.text_dim,
         }
+
+    @classmethod
+    def of(cls, image_encoder: Encoder, text_encoder: Encoder) -> EncoderFingerprint:
+        return cls(image_encoder.name, image_encoder.dim, text_encoder.name, text_encoder.dim)
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, Any] | None) -> EncoderFingerprint | None:
@@ -199,9 +210,13 @@ class ProductStore:
         found = self.client.retrieve(catalogue, ids=[point], with_payload=True, with_vectors=with_vectors)
         return found[0] if found else None
 
-    def product(self, catalogue: str, retailer: str, product_id: str, *, with_vectors: bool = False) -> models.Record:
-        """A stored product by (retailer, id); ProductNotFound (or CatalogueNotFound) otherwise."""
-        self.fingerprint(catalogue)
+    def product(
+        self, catalogue: str, retailer: str, product_id: str, *, with_vectors: bool = False, known: bool = False
+    ) -> models.Record:
+        """A stored product by (retailer, id); ProductNotFound (or CatalogueNotFound) otherwise.
+        `known=True`: the caller has already checked the catalogue (no second collection look-up)."""
+        if not known:
+            self.fingerprint(catalogue)
         record = self.get(catalogue, point_id(retailer, product_id), with_vectors=with_vectors)
         if record is None:
             raise ProductNotFound(catalogue, retailer, product_id)

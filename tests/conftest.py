@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,25 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "sample" / "grocery" / "catalogue.csv"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 GROCERY = SHARED_DATA / "grocery" / "dataset"
+
+
+def sample_rows(n: int) -> list[dict[str, str]]:
+    with SAMPLE.open(encoding="utf-8") as f:
+        return list(csv.DictReader(f))[:n]
+
+
+def write_catalogue(folder: Path, rows: list[dict[str, str]]) -> Path:
+    """A catalogue in `folder` whose relative image refs point at copies of the sample's photos."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    for image in (SAMPLE.parent / "images").iterdir():
+        shutil.copyfile(image, folder / "images" / image.name)
+    path = folder / "catalogue.csv"
+    columns = sorted({key for row in rows for key in row}, key=lambda c: (c not in ("id", "retailer"), c))
+    with path.open("w", newline="", encoding="utf-8") as out:
+        writer = csv.DictWriter(out, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -84,8 +105,6 @@ def catalogue_name() -> str:
 @pytest.fixture(scope="session")
 def two_shops(engine: SearchEngine, sample_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> str:
     """The first 30 sample products in two shops: the second lists them with its own ids and prices."""
-    from tests.test_ingest import sample_rows, write_catalogue
-
     rows = sample_rows(30)
     for i, row in enumerate(rows):
         row["price"] = str(10 + i)

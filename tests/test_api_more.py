@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -15,8 +14,7 @@ from retrieval.settings import Settings
 from schemas.search import SearchFilters, SearchOptions
 from service.app import create_app
 from service.state import AppState
-from tests.conftest import SAMPLE
-from tests.test_ingest import sample_rows
+from tests.conftest import SAMPLE, sample_rows
 
 PHOTO = SAMPLE.parent / "images" / "Arla-Standard-Milk_Iconic.jpg"
 
@@ -152,6 +150,6 @@ def test_browser_sends_empty_numbers(client: TestClient) -> None:
     assert response.status_code == 200, response.text
 
 
-def test_stored_product_photo_url_is_served(client: TestClient, two_shops: str, tmp_path: Path) -> None:
+def test_stored_product_photo_url_is_served(client: TestClient, two_shops: str) -> None:
     product = client.get(f"/catalogues/{two_shops}/products/other-shop/o-1").json()
     assert client.get(product["image_urls"][0]).status_code == 200

@@ -17,7 +17,7 @@ from retrieval.settings import Settings
 from schemas.search import LabelledPair, ModalityScores, ProductRef
 from service.app import create_app
 from service.state import AppState
-from tests.test_ingest import sample_rows, write_catalogue
+from tests.conftest import sample_rows, write_catalogue
 
 
 def pairs(n: int) -> list[LabelledPair]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,26 +11,7 @@ from ingest.pipeline import Ingestor
 from retrieval.records import point_id
 from retrieval.store import EncoderMismatch, ProductStore
 from schemas.report import IngestReport
-from tests.conftest import SAMPLE
-
-
-def sample_rows(n: int) -> list[dict[str, str]]:
-    with SAMPLE.open(encoding="utf-8") as f:
-        return list(csv.DictReader(f))[:n]
-
-
-def write_catalogue(folder: Path, rows: list[dict[str, str]]) -> Path:
-    """A catalogue in `folder` whose relative image refs point at copies of the sample's photos."""
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    for image in (SAMPLE.parent / "images").iterdir():
-        shutil.copyfile(image, folder / "images" / image.name)
-    path = folder / "catalogue.csv"
-    columns = sorted({key for row in rows for key in row}, key=lambda c: (c not in ("id", "retailer"), c))
-    with path.open("w", newline="", encoding="utf-8") as out:
-        writer = csv.DictWriter(out, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+from tests.conftest import SAMPLE, sample_rows, write_catalogue
 
 
 def test_sample_catalogue_lands_whole(sample_report: IngestReport, sample_store: ProductStore) -> None:

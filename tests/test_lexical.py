@@ -13,7 +13,7 @@ from retrieval.query import SearchEngine
 from retrieval.store import EncoderFingerprint, ProductStore, StoreError
 from schemas.catalogue import CatalogueRecord
 from schemas.search import SearchOptions
-from tests.test_ingest import sample_rows, write_catalogue
+from tests.conftest import sample_rows, write_catalogue
 
 
 def test_tokens_keep_codes_whole_joined_and_split() -> None:

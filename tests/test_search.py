@@ -12,8 +12,7 @@ from ingest.pipeline import Ingestor
 from retrieval.query import SearchEngine
 from retrieval.store import CatalogueNotFound, ProductStore
 from schemas.search import SearchFilters, SearchOptions
-from tests.conftest import GROCERY, SAMPLE
-from tests.test_ingest import sample_rows, write_catalogue
+from tests.conftest import GROCERY, SAMPLE, sample_rows, write_catalogue
 
 
 def sample_products() -> list[dict[str, str]]:
