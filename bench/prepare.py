@@ -133,12 +133,29 @@ def parse_ditto_record(text: str) -> dict[str, str]:
     return {parts[i]: parts[i + 1].strip() for i in range(1, len(parts) - 1, 2)}
 
 
+SPLITS = ("train", "valid", "test")
+
+
+def labelled_pairs(folder: Path, split: str) -> list[tuple[str, str, bool]]:
+    """(left record text, right record text, same product) of one split file."""
+    out = []
+    for line in (folder / f"{split}.txt").read_text(encoding="utf-8").splitlines():
+        a, b, label = line.split("\t")
+        out.append((a, b, label.strip() == "1"))
+    return out
+
+
 def write_text_pairs_set(folder: Path, dest: Path, *, left: str, right: str, split: str = "test") -> int:
-    """Labelled pairs of two retailers -> both retailers' records as one catalogue; each left record with
-    a match is a text query whose answers are its matching right records (left retailer excluded)."""
+    """Labelled pairs of two retailers -> both retailers' records of `split` as one catalogue; each left
+    record with a match in `split` is a text query whose answers are its matching right records (left
+    retailer excluded).
+
+    The splits share records, and a pair of two records of this split is sometimes labelled in another
+    split only: a query's answers are its pairs labelled "same" in any split, except pairs that some split
+    also labels "different". The valid split leaves out queries that are test queries too, so that a model
+    fitted on valid is measured on test queries it has not seen."""
     ids: dict[tuple[str, str], str] = {}
     records: dict[str, dict[str, str]] = {}
-    matches: dict[str, set[str]] = {}
 
     def record_id(retailer: str, text: str) -> str:
         key = (retailer, text)
@@ -157,11 +174,17 @@ def write_text_pairs_set(folder: Path, dest: Path, *, left: str, right: str, spl
             }
         return ids[key]
 
-    for line in (folder / f"{split}.txt").read_text(encoding="utf-8").splitlines():
-        a, b, label = line.split("\t")
-        left_id, right_id = record_id(left, a), record_id(right, b)
-        if label.strip() == "1":
-            matches.setdefault(left_id, set()).add(right_id)
+    pairs = labelled_pairs(folder, split)
+    for a, b, _ in pairs:
+        record_id(left, a), record_id(right, b)
+    every = [pair for other in SPLITS for pair in labelled_pairs(folder, other)]
+    different = {(a, b) for a, b, same in every if not same}
+    held_out = {a for a, _, same in labelled_pairs(folder, "test") if same} if split != "test" else set()
+    queried = {a for a, _, same in pairs if same and a not in held_out}
+    matches: dict[str, set[str]] = {}
+    for a, b, same in every:
+        if same and a in queried and (right, b) in ids and ((a, b) not in different or (a, b, True) in pairs):
+            matches.setdefault(ids[(left, a)], set()).add(ids[(right, b)])
     rows = [r for r in records.values() if r["title"]]
     write_catalogue(dest / "catalogue.csv", rows, ["id", "retailer", "title", "brand", "price", "description"])
     queries = []

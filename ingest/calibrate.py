@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from retrieval.calibration import fit, labelled_candidates
+from retrieval.calibration import DEFAULT_DEPTH, DEFAULT_FUSION, fit, labelled_candidates
 from retrieval.encoders import EncoderError, load_image_encoder, load_text_encoder
 from retrieval.query import SearchEngine
 from retrieval.settings import Settings
@@ -37,8 +37,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("pairs", type=Path)
     parser.add_argument("--catalogue", required=True)
     parser.add_argument("--target-precision", type=float, default=0.95)
-    parser.add_argument("--depth", type=int, default=5, help="candidates per product used for fitting")
+    parser.add_argument(
+        "--depth", type=int, default=DEFAULT_DEPTH, help="candidates per product that the model re-ranks"
+    )
+    parser.add_argument(
+        "--fusion", choices=["rrf", "dbsf"], default=DEFAULT_FUSION, help="the fusion that finds the candidates"
+    )
     args = parser.parse_args(argv)
+    if not 0 < args.target_precision < 1 or not 1 <= args.depth <= 100:
+        parser.error("--target-precision must be between 0 and 1, --depth between 1 and 100")
     try:
         settings = Settings()
         pairs = read_pairs(args.pairs)
@@ -48,8 +55,14 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         engine = SearchEngine(store, load_image_encoder(settings.image_model), load_text_encoder(settings.text_model))
-        rows, labels = labelled_candidates(engine, args.catalogue, pairs, depth=args.depth)
-        calibration = fit(rows, labels, target_precision=args.target_precision, source=str(args.pairs))
+        data = labelled_candidates(engine, args.catalogue, pairs, depth=args.depth, fusion=args.fusion)
+        calibration = fit(
+            data,
+            target_precision=args.target_precision,
+            depth=args.depth,
+            fusion=args.fusion,
+            source=str(args.pairs),
+        )
         store.save_calibration(args.catalogue, calibration)
     except (EncoderError, StoreError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -58,7 +71,7 @@ def main(argv: list[str]) -> int:
         store.close()
     print(
         f"catalogue {args.catalogue}: calibrated on {len(pairs)} products, {calibration.candidates} candidates; "
-        f"match at p >= {calibration.match_threshold:.3f} (precision {calibration.precision:.3f}, "
+        f"match at p >= {calibration.match_threshold:.3f} (out-of-fold precision {calibration.precision:.3f}, "
         f"recall {calibration.recall:.3f}), uncertain at p >= {calibration.uncertain_threshold:.3f}"
     )
     return 0

@@ -44,6 +44,22 @@ def tokens(text: str) -> list[str]:
     return out
 
 
+def codes(text: str) -> set[str]:
+    """Model-number-like tokens (letters and digits, 4+ characters, separators removed): `KX-TG6313S` ->
+    `kxtg6313s`."""
+    return {
+        t
+        for t in tokens(text)
+        if len(t) >= 4 and t.isalnum() and any(c.isdigit() for c in t) and any(c.isalpha() for c in t)
+    }
+
+
+def code_stem(code: str) -> str:
+    """A code without its trailing letters, which are often a colour or region (`ysp3050bk` -> `ysp3050`)."""
+    stem = code.rstrip("abcdefghijklmnopqrstuvwxyz")
+    return stem if len(stem) >= 4 and any(c.isalpha() for c in stem) else code
+
+
 def gtin_token(gtin: str) -> str:
     return f"gtin:{gtin.zfill(14)}"
 

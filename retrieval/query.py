@@ -15,7 +15,15 @@ from retrieval.lexical import overlap, query_vector
 from retrieval.store import IMAGE_VECTOR, LEXICAL_VECTOR, TEXT_VECTOR, EncoderFingerprint, ProductStore
 from schemas.catalogue import category_path, parse_category
 from schemas.payload import Product
-from schemas.search import ModalityScores, SearchFilters, SearchOptions, SearchResponse, SearchResult
+from schemas.search import (
+    ModalityRanks,
+    ModalityScores,
+    PayloadCondition,
+    SearchFilters,
+    SearchOptions,
+    SearchResponse,
+    SearchResult,
+)
 
 # Candidates each modality contributes before fusion: enough that a product ranked well by one
 # modality and moderately by the other is still seen by RRF.
@@ -42,20 +50,37 @@ def build_filter(filters: SearchFilters, *, exclude_points: Sequence[str] = ()) 
         must.append(
             models.FieldCondition(key="price", range=models.Range(gte=filters.price_min, lte=filters.price_max))
         )
+    for condition in filters.where:
+        (must_not if condition.negate else must).append(payload_condition(condition))
     if not must and not must_not:
         return None
     return models.Filter(must=must or None, must_not=must_not or None)
+
+
+def payload_condition(condition: PayloadCondition) -> models.FieldCondition:
+    """A free condition of the request as Qdrant's field condition."""
+    key = condition.key
+    if condition.range is not None:
+        return models.FieldCondition(key=key, range=models.Range(**condition.range.model_dump()))
+    if condition.any is not None:
+        return models.FieldCondition(key=key, match=models.MatchAny(any=condition.any))
+    if condition.except_ is not None:
+        return models.FieldCondition(
+            key=key,
+            match=models.MatchExcept(**{"except": condition.except_}),
+        )
+    return models.FieldCondition(key=key, match=models.MatchValue(value=condition.match))
 
 
 # (retailer, product id, photo index, stored ref) -> the URL a client should load the photo from.
 ImageUrl = Callable[[str, str, int, str], str]
 
 
-def _ref_as_url(retailer: str, product_id: str, index: int, ref: str) -> str:
+def ref_as_url(retailer: str, product_id: str, index: int, ref: str) -> str:
     return ref
 
 
-def to_product(payload: dict[str, object], image_url: ImageUrl = _ref_as_url) -> Product:
+def to_product(payload: dict[str, object], image_url: ImageUrl = ref_as_url) -> Product:
     """Map a stored payload to the public product view (the one place that defines the wire format)."""
     retailer, product_id = str(payload["retailer"]), str(payload["product_id"])
     images = payload.get("images")
@@ -120,7 +145,7 @@ class SearchEngine:
         text: str | None = None,
         filters: SearchFilters | None = None,
         options: SearchOptions | None = None,
-        image_url: ImageUrl = _ref_as_url,
+        image_url: ImageUrl = ref_as_url,
     ) -> SearchResponse:
         """Search by a decoded PIL image and/or text; several rankings are fused in Qdrant."""
         started = time.perf_counter()
@@ -137,7 +162,7 @@ class SearchEngine:
         *,
         filters: SearchFilters | None = None,
         options: SearchOptions | None = None,
-        image_url: ImageUrl = _ref_as_url,
+        image_url: ImageUrl = ref_as_url,
         exclude_points: Sequence[str] = (),
     ) -> SearchResponse:
         """The store side of `search`, for vectors already encoded (benchmarks reuse one encoding)."""
@@ -149,7 +174,7 @@ class SearchEngine:
         if not rankings:
             raise ValueError("give an image, a text, or both")
         query_filter = build_filter(filters or SearchFilters(), exclude_points=exclude_points)
-        points = self._query(catalogue, rankings, query_filter, options)
+        points, ranks = self._query(catalogue, rankings, query_filter, options)
         results = []
         for point in points:
             product = to_product(point.payload or {}, image_url)
@@ -159,6 +184,7 @@ class SearchEngine:
                     retailer=product.retailer,
                     score=float(point.score),
                     scores=_modality_scores(point.vector, vectors),
+                    ranks=ModalityRanks(**{name: ranks[name].get(str(point.id)) for name in ranks}),
                     product=product,
                 )
             )
@@ -178,7 +204,7 @@ class SearchEngine:
         *,
         filters: SearchFilters | None = None,
         options: SearchOptions | None = None,
-        image_url: ImageUrl = _ref_as_url,
+        image_url: ImageUrl = ref_as_url,
     ) -> tuple[Product, SearchResponse]:
         """Search with a stored product's own vectors (first photo, text, lexical terms), leaving it out."""
         started = time.perf_counter()
@@ -203,28 +229,42 @@ class SearchEngine:
         rankings: list[tuple[str, Query]],
         query_filter: models.Filter | None,
         options: SearchOptions,
-    ) -> list[models.ScoredPoint]:
+    ) -> tuple[list[models.ScoredPoint], dict[str, dict[str, int]]]:
+        """The fused (or single) ranking, and each modality's own ranking as point id -> 1-based rank. For a
+        fused query the modality rankings are the prefetches, asked again in the same batch request."""
         names = [name for name, _ in rankings]
-        using: str | None
-        query: Query | models.FusionQuery | models.RrfQuery
-        prefetch: list[models.Prefetch] | None = None
         if len(rankings) == 1:
-            using, query = rankings[0]
-        else:
-            depth = max(PREFETCH_MIN, PREFETCH_FACTOR * (options.offset + options.limit))
-            prefetch = [models.Prefetch(query=q, using=n, filter=query_filter, limit=depth) for n, q in rankings]
-            using, query = None, fusion_query(options, names)
-        return self.store.client.query_points(
-            catalogue,
-            prefetch=prefetch,
-            query=query,
-            using=using,
-            query_filter=query_filter,
+            points = self.store.client.query_points(
+                catalogue,
+                query=rankings[0][1],
+                using=rankings[0][0],
+                query_filter=query_filter,
+                limit=options.limit,
+                offset=options.offset,
+                score_threshold=options.score_threshold,
+                with_vectors=names,
+            ).points
+            return points, {names[0]: {str(p.id): options.offset + i for i, p in enumerate(points, start=1)}}
+        depth = max(PREFETCH_MIN, PREFETCH_FACTOR * (options.offset + options.limit))
+        fused = models.QueryRequest(
+            prefetch=[models.Prefetch(query=q, using=n, filter=query_filter, limit=depth) for n, q in rankings],
+            query=fusion_query(options, names),
+            filter=query_filter,
             limit=options.limit,
             offset=options.offset,
             score_threshold=options.score_threshold,
-            with_vectors=names,
-        ).points
+            with_vector=names,
+            with_payload=True,
+        )
+        single = [
+            models.QueryRequest(query=q, using=n, filter=query_filter, limit=depth, with_payload=False)
+            for n, q in rankings
+        ]
+        first, *each = self.store.client.query_batch_points(catalogue, requests=[fused, *single])
+        ranks = {
+            name: {str(p.id): i for i, p in enumerate(r.points, start=1)} for name, r in zip(names, each, strict=True)
+        }
+        return first.points, ranks
 
 
 def fusion_query(options: SearchOptions, rankings: Sequence[str]) -> models.FusionQuery | models.RrfQuery:

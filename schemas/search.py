@@ -12,6 +12,61 @@ CATALOGUE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 MAX_TEXT_LENGTH = 2_000
 
 
+# Payload fields a free condition may name: the stored product fields, or one of its attributes
+# (`attributes.colour`: the catalogue's extra columns).
+CONDITION_FIELDS = ("title", "description", "brand", "gtin", "mpn", "category_path", "price", "currency", "url")
+CONDITION_KEY_PATTERN = rf"^(?:{'|'.join(CONDITION_FIELDS)}|attributes\.[A-Za-z0-9_ -]{{1,64}})$"
+Scalar = str | int | bool
+
+
+class ValueRange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    gt: float | None = None
+    gte: float | None = None
+    lt: float | None = None
+    lte: float | None = None
+
+
+class PayloadCondition(BaseModel):
+    """One free condition on a payload field: exactly one of `match`, `any`, `except`, `range`."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        json_schema_extra={
+            "examples": [
+                {"key": "attributes.colour", "match": "red"},
+                {"key": "currency", "any": ["EUR", "SEK"]},
+                {"key": "price", "range": {"gte": 10, "lt": 50}},
+                {"key": "brand", "match": "Arla", "negate": True},
+            ]
+        },
+    )
+
+    key: str = Field(
+        pattern=CONDITION_KEY_PATTERN,
+        description=f"a stored field ({', '.join(CONDITION_FIELDS)}) or attributes.<column>",
+        examples=["attributes.colour"],
+    )
+    match: Scalar | None = Field(default=None, description="the field equals this value")
+    any: list[str] | list[int] | None = Field(
+        default=None, min_length=1, max_length=100, description="one of these values (all strings or all integers)"
+    )
+    except_: list[str] | list[int] | None = Field(
+        default=None, alias="except", min_length=1, max_length=100, description="none of these values"
+    )
+    range: ValueRange | None = Field(default=None, description="numeric bounds")
+    negate: bool = Field(default=False, description="the condition must NOT hold")
+
+    @model_validator(mode="after")
+    def _one_test(self) -> PayloadCondition:
+        given = [name for name in ("match", "any", "except_", "range") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"condition on {self.key!r}: give exactly one of match, any, except, range")
+        return self
+
+
 class SearchFilters(BaseModel):
     """Payload filters; all given conditions must hold."""
 
@@ -25,6 +80,9 @@ class SearchFilters(BaseModel):
     brand: list[str] = Field(default_factory=list, max_length=100, description="only these brands (exact)")
     price_min: float | None = Field(default=None, ge=0, description="price at least this")
     price_max: float | None = Field(default=None, ge=0, description="price at most this")
+    where: list[PayloadCondition] = Field(
+        default_factory=list, max_length=32, description="free conditions on other payload fields (all must hold)"
+    )
 
     @model_validator(mode="after")
     def _price_range(self) -> SearchFilters:
@@ -71,11 +129,21 @@ class ModalityScores(BaseModel):
     lexical: float | None = Field(default=None, description="share of the query's words and codes the product has")
 
 
+class ModalityRanks(BaseModel):
+    """Where the product stands in each modality's own ranking (1 = first), before fusion. None: that
+    modality was not used, or ranked the product below the candidates it passed to the fusion."""
+
+    image: int | None = None
+    text: int | None = None
+    lexical: int | None = None
+
+
 class SearchResult(BaseModel):
     id: str = Field(description="the retailer's product id")
     retailer: str
     score: float = Field(description="cosine for a one-modality query; the fused score (rrf, dbsf) when fused")
     scores: ModalityScores
+    ranks: ModalityRanks = Field(default_factory=ModalityRanks)
     product: Product
 
 
@@ -147,6 +215,7 @@ class LabelledPair(BaseModel):
 class Calibration(BaseModel):
     """A catalogue's fitted match model (stored in its collection metadata)."""
 
+    version: int = Field(default=1, description="the match model's feature set; an older one must be fitted again")
     features: list[str]
     mean: list[float]
     scale: list[float]
@@ -155,9 +224,11 @@ class Calibration(BaseModel):
     match_threshold: float = Field(description="probability at or above which a candidate is a match")
     uncertain_threshold: float = Field(description="below the match threshold, at or above this: uncertain")
     target_precision: float
-    precision: float = Field(description="precision of 'match' on the fitting candidates")
-    recall: float = Field(description="share of the true pairs among the fitting candidates decided 'match'")
+    precision: float = Field(description="precision of 'match' on the fitting pairs (out-of-fold)")
+    recall: float = Field(description="share of the fitting's labelled true pairs decided 'match' (out-of-fold)")
     candidates: int
+    depth: int = Field(default=5, description="candidates per product the model re-ranks")
+    fusion: Fusion = Field(default="rrf", description="the fusion that finds the candidates")
     fitted_at: str
     source: str = ""
 

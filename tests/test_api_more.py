@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -70,6 +71,23 @@ def test_brand_and_price_filters(engine: SearchEngine, two_shops: str) -> None:
     assert prices == [12.0, 12.5, 13.0, 13.5, 14.0]
 
 
+def test_free_payload_conditions_in_the_json_body(client: TestClient) -> None:
+    def ids(where: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        body = {"catalogue": "grocery", "text": "juice", "filters": {"where": where}, "options": {"limit": 100}}
+        response = client.post("/search/json", json=body)
+        assert response.status_code == 200, response.text
+        return [r["product"] for r in response.json()["results"]]
+
+    litre = ids([{"key": "attributes.volume", "match": "1l"}])
+    assert len(litre) == 21 and {p["attributes"]["volume"] for p in litre} == {"1l"}
+    sizes = ids([{"key": "attributes.volume", "any": ["2l", "3dl"]}])
+    assert sorted(p["attributes"]["volume"] for p in sizes) == ["2l", "2l", "3dl", "3dl"]
+    not_arla = ids([{"key": "attributes.volume", "match": "1l"}, {"key": "brand", "match": "Arla", "negate": True}])
+    assert len(not_arla) == 14 and all(p["brand"] != "Arla" for p in not_arla)
+    excepted = ids([{"key": "attributes.volume", "except": ["1l", "1kg"]}])
+    assert {p["attributes"].get("volume") for p in excepted} == {"2l", "3dl", "750g"}
+
+
 def test_product_and_its_matches_in_other_shops(client: TestClient, two_shops: str) -> None:
     rows = sample_rows(30)
     product = client.get(f"/catalogues/{two_shops}/products/hemkop/{rows[7]['id']}").json()
@@ -113,6 +131,8 @@ def test_json_api_accepts_base64_photos_and_stored_products(client: TestClient, 
         ("/search/json", {"text": "milk", "filters": {"price_min": 5, "price_max": 1}}, 422, "above price_max"),
         ("/search/json", {"text": "milk", "options": {"fusion": "best"}}, 422, "rrf"),
         ("/search/json", {"text": "milk", "unknown": 1}, 422, "Extra inputs"),
+        ("/search/json", {"text": "milk", "filters": {"where": [{"key": "x.y", "match": 1}]}}, 422, "pattern"),
+        ("/search/json", {"text": "milk", "filters": {"where": [{"key": "brand"}]}}, 422, "exactly one of"),
         ("/search/json", {"product": {"retailer": "hemkop", "id": "nope"}}, 404, "no product"),
         (
             "/search/json",

@@ -11,10 +11,22 @@ import pytest
 from fastapi.testclient import TestClient
 
 from ingest.__main__ import main as ingest_main
-from retrieval.calibration import decide, features, fit, labelled_candidates, lowest_threshold, probabilities
+from retrieval.calibration import (
+    FEATURES,
+    Candidate,
+    Labelled,
+    decide,
+    features,
+    find_matches,
+    fit,
+    labelled_candidates,
+    lowest_threshold,
+    probabilities,
+)
 from retrieval.query import SearchEngine
 from retrieval.settings import Settings
-from schemas.search import LabelledPair, ModalityScores, ProductRef
+from schemas.payload import Product
+from schemas.search import LabelledPair, ProductRef
 from service.app import create_app
 from service.state import AppState
 from tests.conftest import sample_rows, write_catalogue
@@ -30,27 +42,53 @@ def test_threshold_is_the_lowest_probability_reaching_the_precision() -> None:
     p = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
     y = np.array([1, 1, 0, 1, 0], dtype=float)
     assert lowest_threshold(p, y, 0.95) == (0.8, 1.0, 2 / 3)
+    assert lowest_threshold(p, y, 0.95, positives=4) == (0.8, 1.0, 0.5)  # a true pair the search missed
     assert lowest_threshold(p, y, 0.7)[0] == 0.6  # 3 of 4 above 0.6 are right
     assert lowest_threshold(p, np.zeros(5), 0.5) == (1.0, 0.0, 0.0)
 
 
-def test_fit_on_real_candidates_and_decide(engine: SearchEngine, two_shops: str) -> None:
-    rows, labels = labelled_candidates(engine, two_shops, pairs(30), depth=5)
-    assert len(rows) == 150 and sum(labels) == 30  # every product's twin is among its 5 candidates
-    calibration = fit(rows, labels, target_precision=0.95)
-    assert calibration.precision >= 0.95 and calibration.recall > 0.5
-    p = probabilities(calibration, rows)
-    assert p[np.asarray(labels)].mean() > p[~np.asarray(labels)].mean()
-    twin = ModalityScores(image=1.0, text=1.0, lexical=1.0)
-    stranger = ModalityScores(image=0.2, text=0.1, lexical=0.0)
-    (_, first), (_, second) = decide(calibration, [twin, stranger])
-    assert (first, second) == ("match", "no_match")
-    assert len(features([twin, stranger])[0]) == len(calibration.weights) == 10
+def product(title: str, **fields: object) -> Product:
+    return Product.model_validate({"id": title, "retailer": "r", "title": title, **fields})
+
+
+def test_identifiers_titles_and_prices_become_features() -> None:
+    query = product("Panasonic KX-TG6313S DECT 6.0 cordless phone", price=60.0, gtin="00012345678905")
+    candidates = [
+        Candidate(product("panasonic kxtg6313s cordless phone", price=59.0), {"text": 0.7, "lexical": 0.2}),
+        Candidate(product("Panasonic KX-TG9332S DECT 6.0 phone", price=120.0), {"text": 0.8, "lexical": 0.4}),
+        Candidate(product("Panasonic KX-TG6313B", gtin="00012345678905"), {"text": 0.6, "lexical": 0.1}),
+    ]
+    rows = [dict(zip(FEATURES, row, strict=True)) for row in features(query, candidates)]
+    same, sibling, black = rows
+    assert (same["code_same"], sibling["code_same"], black["code_stem_same"]) == (1.0, 0.0, 1.0)
+    assert sibling["code_conflict"] == 1.0 and same["code_conflict"] == 0.0
+    assert black["gtin_same"] == 1.0 and same["gtin_same"] == same["gtin_conflict"] == 0.0
+    assert same["price_gap"] < 0.05 < sibling["price_gap"] and black["price_known"] == 0.0
+    assert same["text_margin"] == pytest.approx(-0.1) and sibling["text_margin"] == pytest.approx(0.1)
+    assert (same["has_image"], same["has_text"], same["image"]) == (0.0, 1.0, 0.0)
+    assert same["reciprocal_rank"] == 1.0 and black["reciprocal_rank"] == pytest.approx(1 / 3)
+    assert (sibling["numbers_kept"], same["numbers_kept"], same["numbers_added"]) == (1.0, 0.0, 0.0)
+
+
+def test_fit_on_real_candidates_and_rerank(engine: SearchEngine, two_shops: str) -> None:
+    data = labelled_candidates(engine, two_shops, pairs(30), depth=5)
+    assert len(data.rows) == 150 and sum(data.labels) == 30 == data.positives  # each twin is among its 5
+    calibration = fit(data, target_precision=0.95)
+    assert calibration.precision >= 0.95 and calibration.recall > 0.5  # out-of-fold, on held-out products
+    p = probabilities(calibration, data.rows)
+    labels = np.asarray(data.labels)
+    assert p[labels].mean() > p[~labels].mean() + 0.5
+    assert decide(calibration, 0.999) == "match" and decide(calibration, 0.0) == "no_match"
+    _, matches = find_matches(engine, two_shops, "hemkop", "7", calibration=calibration, limit=3)
+    assert matches[0].id == "o-7" and matches[0].decision == "match"
+    confidences = [m.confidence or 0.0 for m in matches]
+    assert confidences == sorted(confidences, reverse=True) and confidences[0] > 0.9
+    assert all(m.retailer != "hemkop" for m in matches)
 
 
 def test_too_few_labels_is_refused() -> None:
     with pytest.raises(ValueError, match="at least 10 candidates"):
-        fit([[0.5] * 10] * 4, [True, False, True, False])
+        fit(Labelled([[0.5] * len(FEATURES)] * 4, [True, False, True, False], [0, 1, 2, 3], 2))
 
 
 @pytest.fixture
@@ -65,8 +103,7 @@ def test_matches_endpoint_uses_the_stored_calibration(
     engine: SearchEngine,
     two_shops: str,
 ) -> None:
-    rows, labels = labelled_candidates(engine, two_shops, pairs(30), depth=5)
-    engine.store.save_calibration(two_shops, fit(rows, labels, source="test"))
+    engine.store.save_calibration(two_shops, fit(labelled_candidates(engine, two_shops, pairs(30)), source="test"))
     try:
         body = client.get(f"/catalogues/{two_shops}/products/hemkop/5/matches", params={"limit": 5}).json()
         assert body["calibrated"] is True
@@ -91,7 +128,7 @@ def test_calibrate_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: 
     labelled.write_text("\n".join(p.model_dump_json() for p in pairs(12)) + "\n")
     capsys.readouterr()
     assert ingest_main(["calibrate", str(labelled), "--catalogue", "shops"]) == 0
-    assert "catalogue shops: calibrated on 12 products, 60 candidates; match at p >=" in capsys.readouterr().out
+    assert "catalogue shops: calibrated on 12 products, 144 candidates; match at p >=" in capsys.readouterr().out
 
     labelled.write_text(json.dumps({"product": {"retailer": "hemkop"}}) + "\n")
     assert ingest_main(["calibrate", str(labelled), "--catalogue", "shops"]) == 2

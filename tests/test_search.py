@@ -79,6 +79,17 @@ def test_photo_and_text_are_fused_with_per_modality_scores(engine: SearchEngine)
     assert top.scores.lexical == 1.0  # arla, standard, milk: every query term is in the product
     assert all(r.scores.image is not None and r.scores.text is not None for r in fused.results)
     assert [r.score for r in fused.results] == sorted((r.score for r in fused.results), reverse=True)
+    # each modality's own ranking, as a query of that modality alone gives it
+    with Image.open(photo) as image:
+        alone = engine.search("grocery", image=image.convert("RGB"), options=SearchOptions(limit=50))  # = depth
+    image_rank = {r.id: i for i, r in enumerate(alone.results, start=1)}
+    text_alone = engine.search("grocery", text="Arla standard milk", options=SearchOptions(limit=50, lexical=False))
+    text_rank = {r.id: i for i, r in enumerate(text_alone.results, start=1)}
+    for result in fused.results:
+        assert (result.ranks.image, result.ranks.text) == (image_rank.get(result.id), text_rank.get(result.id))
+        assert result.ranks.lexical is None or result.ranks.lexical >= 1
+    assert sum(r.ranks.image is None for r in fused.results) <= 1  # one can come from the text rankings only
+    assert [r.ranks.image for r in alone.results[:3]] == [1, 2, 3] and alone.results[0].ranks.text is None
 
 
 def test_retailer_filters_find_the_same_product_in_another_shop(

@@ -11,7 +11,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from retrieval.calibration import decide
+from retrieval.calibration import find_matches, usable
 from retrieval.images import is_url
 from retrieval.query import ImageUrl, to_product
 from schemas.payload import Product
@@ -24,7 +24,6 @@ from schemas.search import (
     MatchResponse,
     MatchResult,
     SearchFilters,
-    SearchOptions,
 )
 from service.deps import StateDep
 from service.state import AppState
@@ -89,33 +88,31 @@ async def product_matches(
     retailer: str,
     product_id: str,
     limit: Annotated[int, Query(ge=1, le=100)] = 10,
-    fusion: Fusion = "rrf",
+    fusion: Annotated[Fusion | None, Query(description="default: the calibration's fusion, else rrf")] = None,
     category: Annotated[str | None, Query(max_length=1_000)] = None,
 ) -> MatchResponse:
-    """The best candidates for the same product in the *other* retailers, ranked by the product's own photo,
-    text and terms. Each gets a decision from the catalogue's calibration (`python -m ingest calibrate`);
-    without one, every decision is 'uncalibrated'."""
-    filters = SearchFilters(category=category or None, exclude_retailer=[retailer])
-    product, response = await run_in_threadpool(
-        lambda: state.engine.search_product(
+    """The best candidates for the same product in the *other* retailers, found by the product's own photo,
+    text and terms. With a calibration (`python -m ingest calibrate`) the candidates are re-ranked by the
+    fitted match model and each gets a decision with a confidence; without one, in search order, every
+    decision is 'uncalibrated'."""
+
+    def run() -> tuple[Product, list[MatchResult], bool]:
+        calibration = usable(state.store.calibration(catalogue))
+        product, matches = find_matches(
+            state.engine,
             catalogue,
             retailer,
             product_id,
-            filters=filters,
-            options=SearchOptions(limit=limit, fusion=fusion),
+            calibration=calibration,
+            limit=limit,
+            filters=SearchFilters(category=category or None),
+            fusion=fusion,
             image_url=photo_url_for(catalogue),
         )
-    )
-    calibration = await run_in_threadpool(state.store.calibration, catalogue)
-    if calibration is None:
-        matches = [MatchResult(**r.model_dump(), decision="uncalibrated") for r in response.results]
-    else:
-        decisions = decide(calibration, [r.scores for r in response.results])
-        matches = [
-            MatchResult(**r.model_dump(), decision=decision, confidence=round(p, 4))
-            for r, (p, decision) in zip(response.results, decisions, strict=True)
-        ]
-    return MatchResponse(catalogue=catalogue, product=product, calibrated=calibration is not None, matches=matches)
+        return product, matches, calibration is not None
+
+    product, matches, calibrated = await run_in_threadpool(run)
+    return MatchResponse(catalogue=catalogue, product=product, calibrated=calibrated, matches=matches)
 
 
 @router.get(
