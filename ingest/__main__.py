@@ -68,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         from ingest.calibrate import main as calibrate
 
         return calibrate(argv[1:])
+    if argv[:1] == ["match"]:
+        from ingest.match import main as match
+
+        return match(argv[1:])
     args = parse_args(argv)
     try:
         settings = Settings()

@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     decode_workers: int = Field(default=2, ge=1, le=64, description="threads that read and decode images")
     max_image_pixels: int = Field(default=40_000_000, ge=1, description="larger images are refused (bombs)")
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    max_job_products: int = Field(default=1_000, ge=1, le=100_000, description="products one HTTP match job takes")
 
     @model_validator(mode="after")
     def _one_store(self) -> Settings:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -221,6 +221,18 @@ class ProductStore:
         if record is None:
             raise ProductNotFound(catalogue, retailer, product_id)
         return record
+
+    def product_ids(self, catalogue: str, retailer: str) -> Iterator[str]:
+        """Every product id of one retailer, in a stable order (by point id), page by page."""
+        only = models.Filter(must=[models.FieldCondition(key="retailer", match=models.MatchValue(value=retailer))])
+        offset = None
+        while True:
+            points, offset = self.client.scroll(
+                catalogue, scroll_filter=only, limit=256, offset=offset, with_payload=["product_id"]
+            )
+            yield from (str((p.payload or {})["product_id"]) for p in points)
+            if offset is None:
+                return
 
     def facet_counts(self, catalogue: str, key: str, *, limit: int = 1_000) -> dict[str, int]:
         response = self.client.facet(catalogue, key=key, limit=limit, exact=True)

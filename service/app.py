@@ -14,7 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from retrieval.images import ImageDecodeError
 from retrieval.settings import Settings
 from retrieval.store import CatalogueNotFound, EncoderMismatch, ProductNotFound, StoreError
-from service.routes import catalogues, health, search
+from service.routes import catalogues, health, jobs, search
 from service.state import AppState, build_state
 
 STATIC = Path(__file__).parent / "static"
@@ -42,6 +42,7 @@ def create_app(settings: Settings | None = None, *, state: AppState | None = Non
     app.include_router(health.router)
     app.include_router(search.router)
     app.include_router(catalogues.router)
+    app.include_router(jobs.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)

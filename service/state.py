@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from retrieval.encoders import load_image_encoder, load_text_encoder
 from retrieval.query import SearchEngine
 from retrieval.settings import Settings
 from retrieval.store import ProductStore, open_client
+from service.jobs import Jobs
 
 log = logging.getLogger("service")
 
@@ -18,8 +19,10 @@ class AppState:
     settings: Settings
     store: ProductStore
     engine: SearchEngine
+    jobs: Jobs = field(default_factory=Jobs)
 
     def close(self) -> None:
+        self.jobs.close()
         self.store.close()
 
 

@@ -1,0 +1,133 @@
+"""Batch matching: the command line (rows per product, resume after a kill) and the HTTP job."""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from ingest.__main__ import main as ingest_main
+from retrieval.batch import COLUMNS, done_products
+from retrieval.query import SearchEngine
+from retrieval.settings import Settings
+from service.app import create_app
+from service.state import AppState
+from tests.conftest import sample_rows, write_catalogue
+
+
+@pytest.fixture
+def shops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A store with 12 sample products in shop `hemkop` and their twins (other ids) in `other-shop`."""
+    monkeypatch.setenv("QDRANT_PATH", str(tmp_path / "store"))
+    for key in ("QDRANT_URL", "IMAGE_MODEL", "TEXT_MODEL"):
+        monkeypatch.delenv(key, raising=False)
+    rows = sample_rows(12)
+    twins = [{**r, "retailer": "other-shop", "id": f"o-{r['id']}"} for r in rows]
+    assert ingest_main([str(write_catalogue(tmp_path / "feed", rows + twins)), "--catalogue", "shops"]) == 0
+    return tmp_path
+
+
+def read(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_match_a_retailer_then_resume_after_a_cut(shops: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = shops / "matches.csv"
+    args = ["match", "--catalogue", "shops", "--retailer", "hemkop", "--out", str(out), "--limit", "2"]
+    assert ingest_main([*args, "--no-progress"]) == 0
+    assert "matched 12 products of hemkop" in capsys.readouterr().out
+    rows = read(out)
+    assert list(rows[0]) == list(COLUMNS) and len(rows) == 24
+    firsts = {r["left_id"]: r for r in rows if r["rank"] == "1"}
+    assert all(r["right_id"] == f"o-{left}" and r["right_retailer"] == "other-shop" for left, r in firsts.items())
+    assert {r["decision"] for r in rows} == {"uncalibrated"}
+    complete = out.read_text(encoding="utf-8")
+
+    # a run killed in the middle of writing product 8's second row
+    lines = complete.splitlines(keepends=True)
+    out.write_text("".join(lines[:16]) + lines[16][:20], encoding="utf-8")
+    assert ingest_main([*args, "--no-progress"]) == 2  # the file exists: resume or overwrite, never mix
+    assert "--resume" in capsys.readouterr().err
+    assert done_products(out) == {r["left_id"] for r in rows[:14]}  # product 8's first row went too
+    assert ingest_main([*args, "--resume", "--no-progress"]) == 0
+    assert "(7 done before, 0 without candidates)" in capsys.readouterr().out
+    assert sorted(read(out), key=lambda r: (r["left_id"], r["rank"])) == sorted(
+        rows, key=lambda r: (r["left_id"], r["rank"])
+    )
+    assert ingest_main([*args, "--resume", "--no-progress"]) == 0  # nothing left to do: nothing added
+    assert len(read(out)) == 24
+
+
+def test_match_refuses_what_it_cannot_do(shops: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = shops / "m.csv"
+    base = ["match", "--catalogue", "shops", "--out", str(out), "--no-progress"]
+    assert ingest_main([*base, "--retailer", "nobody"]) == 2
+    assert "no products of retailer 'nobody'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ingest_main([*base, "--retailer", "hemkop", "--against", "hemkop"])
+    out.write_text("something,else\n1,2\n", encoding="utf-8")
+    assert ingest_main([*base, "--retailer", "hemkop", "--resume"]) == 2
+    assert "not a matches file" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def client(engine: SearchEngine, sample_settings: Settings) -> Iterator[TestClient]:
+    state = AppState(sample_settings.model_copy(update={"max_job_products": 40}), engine.store, engine)
+    with TestClient(create_app(sample_settings, state=state), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+def wait_for(client: TestClient, job_id: str) -> dict[str, Any]:
+    for _ in range(600):
+        job: dict[str, Any] = client.get(f"/jobs/{job_id}").json()
+        if job["status"] in ("done", "failed"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not finish in 60 s: {job}")
+
+
+def test_match_job_over_http(client: TestClient, two_shops: str) -> None:
+    submitted = client.post(f"/catalogues/{two_shops}/match-jobs", json={"retailer": "hemkop", "limit": 2})
+    assert submitted.status_code == 202, submitted.text
+    job = wait_for(client, submitted.json()["id"])
+    assert (job["status"], job["done"], job["total"], job["error"]) == ("done", 30, 30, None)
+    rows = client.get(f"/jobs/{job['id']}/rows", params={"limit": 10_000}).json()
+    assert len(rows) == 60 and list(rows[0]) == list(COLUMNS)
+    firsts = [r for r in rows if r["rank"] == "1"]
+    assert sum(r["right_id"] == f"o-{r['left_id']}" for r in firsts) >= 29  # the twin first, as found by search
+    assert client.get(f"/jobs/{job['id']}/rows", params={"offset": 58}).json() == rows[58:]
+    text = client.get(f"/jobs/{job['id']}/rows.csv").text
+    assert text.splitlines()[0] == ",".join(COLUMNS) and len(text.splitlines()) == 61
+
+    listed = client.post(f"/catalogues/{two_shops}/match-jobs", json={"retailer": "other-shop", "product_ids": ["o-3"]})
+    job = wait_for(client, listed.json()["id"])
+    rows = client.get(f"/jobs/{job['id']}/rows").json()
+    assert job["total"] == 1 and [r["right_id"] for r in rows][:1] == ["3"] and len(rows) == 3
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "message"),
+    [
+        ("/catalogues/two-shops/match-jobs", {"retailer": "nobody"}, 422, "no products of retailer"),
+        ("/catalogues/grocery/match-jobs", {"retailer": "hemkop"}, 422, "more than a job takes (40"),
+        ("/catalogues/two-shops/match-jobs", {"retailer": "hemkop", "product_ids": ["zzz"]}, 404, "no product"),
+        ("/catalogues/nope/match-jobs", {"retailer": "hemkop"}, 404, "nope"),
+        ("/catalogues/two-shops/match-jobs", {"retailer": "hemkop", "limit": 0}, 422, "greater than or equal"),
+    ],
+)
+def test_match_job_errors(
+    client: TestClient, two_shops: str, path: str, body: dict[str, object], status: int, message: str
+) -> None:
+    response = client.post(path, json=body)
+    assert response.status_code == status and message in response.text, response.text
+
+
+def test_unknown_job_is_404(client: TestClient) -> None:
+    assert client.get(f"/jobs/{'0' * 32}").status_code == 404
+    assert client.get("/jobs/not-an-id").status_code == 422
