@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 from collections.abc import Iterator
 
@@ -9,11 +10,12 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from ingest.pipeline import Ingestor
 from retrieval.query import SearchEngine
 from retrieval.settings import Settings
 from service.app import create_app
 from service.state import AppState
-from tests.conftest import SAMPLE
+from tests.conftest import SAMPLE, SHARED_DATA
 
 PHOTO = SAMPLE.parent / "images" / "Arla-Standard-Milk_Iconic.jpg"
 
@@ -120,3 +122,64 @@ def test_catalogue_listing_and_photo_route_errors(client: TestClient) -> None:
     assert client.get("/catalogues/grocery/products/hemkop/nope/images/0").status_code == 404
     assert client.get("/catalogues/nope/products/hemkop/41/images/0").status_code == 404
     assert client.get("/catalogues/grocery/products/hemkop/41/images/-1").status_code == 422
+
+
+MYNTRA = SHARED_DATA / "myntra-100" / "data"
+
+
+def myntra_styles() -> list[dict[str, str]]:
+    with (MYNTRA / "styles.csv").open(encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def fashion(engine: SearchEngine, sample_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """40 Myntra fashion products (shared data) as a second catalogue beside the sample's grocery."""
+    styles = myntra_styles()[:40]
+    rows = [
+        {
+            "id": s["id"],
+            "retailer": "myntra",
+            "title": s["productDisplayName"],
+            "brand": s["productDisplayName"].split()[0],
+            "category": f"{s['masterCategory']} > {s['subCategory']} > {s['articleType']}",
+            "image": str(MYNTRA / "images" / f"{s['id']}.jpg"),
+            "colour": s["baseColour"],
+        }
+        for s in styles
+    ]
+    path = tmp_path_factory.mktemp("fashion") / "catalogue.csv"
+    with path.open("w", newline="", encoding="utf-8") as out:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    report = Ingestor(sample_settings, engine.store, engine.image_encoder, engine.text_encoder).run(
+        path, "fashion", progress=False
+    )
+    assert report.new == 40 and not report.skipped_images
+    return "fashion"
+
+
+def test_fashion_and_grocery_catalogues_side_by_side(client: TestClient, fashion: str) -> None:
+    listed = {c["name"]: c for c in client.get("/catalogues").json()["catalogues"]}
+    assert listed["fashion"]["products"] == 40 and listed["grocery"]["products"] == 81
+    assert listed["fashion"]["retailers"] == {"myntra": 40} and "Apparel" in listed["fashion"]["categories"]
+    assert "Packages" not in listed["fashion"]["categories"]
+
+    shoe = next(
+        s for s in csv.DictReader((MYNTRA / "styles.csv").open(encoding="utf-8")) if s["subCategory"] == "Shoes"
+    )
+    photo = (MYNTRA / "images" / f"{shoe['id']}.jpg").read_bytes()
+    found = client.post("/search", files={"image": ("shoe.jpg", photo, "image/jpeg")}, data={"catalogue": "fashion"})
+    assert found.json()["results"][0]["id"] == shoe["id"]
+    in_grocery = client.post("/search", files={"image": ("shoe.jpg", photo, "image/jpeg")}, data={"limit": "3"})
+    assert {r["retailer"] for r in in_grocery.json()["results"]} == {"hemkop"}  # the default catalogue
+    red = client.post(
+        "/search/json",
+        json={
+            "catalogue": "fashion",
+            "text": "shirt",
+            "filters": {"where": [{"key": "attributes.colour", "match": "Red"}]},
+        },
+    ).json()["results"]
+    assert red and all(r["product"]["attributes"]["colour"] == "Red" for r in red)
