@@ -295,7 +295,7 @@ def find_matches(
         retailer,
         product_id,
         filters=filters,
-        options=SearchOptions(limit=depth, fusion=chosen),
+        options=SearchOptions(limit=depth, fusion=chosen, ranks=False),
         image_url=image_url,
     )
     if calibration is None:

@@ -259,10 +259,12 @@ class SearchEngine:
         single = [
             models.QueryRequest(query=q, using=n, filter=query_filter, limit=depth, with_payload=False)
             for n, q in rankings
+            if options.ranks
         ]
         first, *each = self.store.client.query_batch_points(catalogue, requests=[fused, *single])
+        asked = names if options.ranks else []
         ranks = {
-            name: {str(p.id): i for i, p in enumerate(r.points, start=1)} for name, r in zip(names, each, strict=True)
+            name: {str(p.id): i for i, p in enumerate(r.points, start=1)} for name, r in zip(asked, each, strict=True)
         }
         return first.points, ranks
 

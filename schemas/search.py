@@ -110,6 +110,11 @@ class SearchOptions(BaseModel):
     lexical_weight: float = Field(default=1.0, ge=0, le=100, description="weight of the lexical ranking (weighted)")
     limit: int = Field(default=10, ge=1, le=100)
     offset: int = Field(default=0, ge=0, le=1_000)
+    ranks: bool = Field(
+        default=True,
+        description="give each result's rank in every ranking before fusion (one more store query per ranking; "
+        "false answers a fused query in about half the time on the embedded store)",
+    )
     score_threshold: float | None = Field(
         default=None, description="drop results whose returned score is below this (cosine, or the fused score)"
     )

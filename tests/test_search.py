@@ -90,6 +90,15 @@ def test_photo_and_text_are_fused_with_per_modality_scores(engine: SearchEngine)
         assert result.ranks.lexical is None or result.ranks.lexical >= 1
     assert sum(r.ranks.image is None for r in fused.results) <= 1  # one can come from the text rankings only
     assert [r.ranks.image for r in alone.results[:3]] == [1, 2, 3] and alone.results[0].ranks.text is None
+    with Image.open(photo) as image:
+        quick = engine.search(
+            "grocery",
+            image=image.convert("RGB"),
+            text="Arla standard milk",
+            options=SearchOptions(limit=5, ranks=False),
+        )
+    assert [r.id for r in quick.results] == [r.id for r in fused.results]
+    assert all(r.ranks.image is r.ranks.text is r.ranks.lexical is None for r in quick.results)
 
 
 def test_retailer_filters_find_the_same_product_in_another_shop(

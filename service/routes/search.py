@@ -97,6 +97,7 @@ async def search(
     lexical_weight: Annotated[float, Form(ge=0, le=100)] = 1.0,
     limit: Annotated[int, Form(ge=1, le=100)] = 10,
     offset: Annotated[int, Form(ge=0, le=1_000)] = 0,
+    ranks: Annotated[bool, Form(description="each result's rank in every ranking before fusion")] = True,
     score_threshold: Annotated[float | None, Form(description="drop results scoring below this")] = None,
 ) -> SearchResponse:
     """Find products by photo, text or both (fused in Qdrant), within the given filters."""
@@ -122,6 +123,7 @@ async def search(
             lexical_weight=lexical_weight,
             limit=limit,
             offset=offset,
+            ranks=ranks,
             score_threshold=score_threshold,
         )
     except ValidationError as exc:
