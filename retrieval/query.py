@@ -130,12 +130,14 @@ class SearchEngine:
 
     def encode_query(self, image: Image.Image | None, text: str | None) -> QueryVectors:
         """Query vectors: the photo through the image encoder, the text through the text encoder and into
-        lexical terms."""
-        return QueryVectors(
-            image=embed_images(self.image_encoder, [image])[0] if image is not None else None,
-            text=self.text_encoder.embed_texts([text])[0] if text else None,
-            lexical=query_vector(text) if text else None,
-        )
+        lexical terms. With an image encoder that also embeds texts (CLIP) and no photo, the text searches
+        the photos too (cross-modal)."""
+        text_vector = self.text_encoder.embed_texts([text])[0] if text else None
+        image_vector = embed_images(self.image_encoder, [image])[0] if image is not None else None
+        if image_vector is None and text and isinstance(self.image_encoder, TextEncoder):
+            same_model = self.image_encoder is self.text_encoder
+            image_vector = text_vector if same_model else self.image_encoder.embed_texts([text])[0]
+        return QueryVectors(image=image_vector, text=text_vector, lexical=query_vector(text) if text else None)
 
     def search(
         self,

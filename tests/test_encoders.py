@@ -11,10 +11,16 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
+from ingest.pipeline import Ingestor
 from retrieval.encoders import EncoderError, ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
 from retrieval.encoders.base import embed_images
 from retrieval.encoders.factory import parse_spec
 from retrieval.encoders.timm_backbone import TimmImageEncoder
+from retrieval.query import SearchEngine
+from retrieval.settings import DEFAULT_TEXT_MODEL, Settings
+from retrieval.store import ProductStore, open_client
+from schemas.search import SearchOptions
+from tests.conftest import sample_rows, write_catalogue
 
 IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 
@@ -114,3 +120,25 @@ def test_spec_parsing() -> None:
 def test_bad_specs_fail_with_a_message_that_says_what_to_do(spec: str, loader: object, message: str) -> None:
     with pytest.raises(EncoderError, match=message):
         loader(spec)  # type: ignore[operator]
+
+
+def test_a_clip_catalogue_answers_a_text_with_its_photos_too(tmp_path: Path) -> None:
+    """Cross-modal mechanics with the tiny random CLIP: a text alone becomes an image-space ranking."""
+    config = tmp_path / "pm-tiny-clip.json"
+    config.write_text(json.dumps(TINY_CLIP))
+    clip = load_image_encoder(f"open_clip:{config}/random")
+    settings = Settings(qdrant_path=tmp_path / "store")
+    store = ProductStore(open_client(settings))
+    try:
+        Ingestor(settings, store, clip, load_text_encoder(DEFAULT_TEXT_MODEL)).run(
+            write_catalogue(tmp_path / "feed", sample_rows(6)), "clip", progress=False
+        )
+        engine = SearchEngine(store, clip, load_text_encoder(DEFAULT_TEXT_MODEL))
+        found = engine.search("clip", text="golden delicious apple", options=SearchOptions(limit=6))
+        assert found.modes == ["image", "text", "lexical"]
+        cross = clip.embed_texts(["golden delicious apple"])[0]  # type: ignore[attr-defined]
+        for result in found.results:
+            photo = embed_images(clip, [Image.open(next(iter(result.product.image_urls))).convert("RGB")])[0]
+            assert result.scores.image == pytest.approx(float(photo @ cross), abs=1e-4)
+    finally:
+        store.close()
