@@ -55,13 +55,18 @@ def parse_fusion(spec: str) -> tuple[str, SearchOptions]:
     if name == "weighted":
         values = [float(w) for w in weights.split(":") if w] + [1.0, 1.0, 1.0]
         options = SearchOptions(
-            fusion="weighted", image_weight=values[0], text_weight=values[1], lexical_weight=values[2], limit=TOP_K
+            fusion="weighted",
+            image_weight=values[0],
+            text_weight=values[1],
+            lexical_weight=values[2],
+            limit=TOP_K,
+            ranks=False,
         )
         label = f"{options.image_weight:g}:{options.text_weight:g}:{options.lexical_weight:g}"
         return f"weighted {label}", options
     if name not in ("rrf", "dbsf") or weights:
         raise ValueError(f"fusion {spec!r}: use rrf, dbsf or weighted:IMAGE:TEXT[:LEXICAL] weights")
-    return name, SearchOptions(fusion=name, limit=TOP_K)
+    return name, SearchOptions(fusion=name, limit=TOP_K, ranks=False)
 
 
 def outcome(response: SearchResponse, query: EvalQuery, mode: str) -> Outcome:
@@ -110,7 +115,7 @@ def run_set(
 ) -> dict[RowKey, Tally]:
     """Every query of the set in every mode it supports (fused once per fusion), with and without its
     category filter."""
-    plain = SearchOptions(limit=TOP_K)
+    plain = SearchOptions(limit=TOP_K, ranks=False)
     fused = [parse_fusion(spec) for spec in fusions]
     tallies: dict[RowKey, Tally] = defaultdict(Tally)
     for query in evalset.queries[:max_queries]:

@@ -177,7 +177,11 @@ class SearchRequest(BaseModel):
                 {
                     "catalogue": "grocery",
                     "text": "oat milk",
-                    "filters": {"category": "Packages", "exclude_retailer": ["my-shop"]},
+                    "filters": {
+                        "category": "Packages",
+                        "exclude_retailer": ["my-shop"],
+                        "where": [{"key": "attributes.volume", "match": "1l"}],
+                    },
                     "options": {"fusion": "weighted", "image_weight": 1.0, "text_weight": 0.5, "limit": 5},
                 },
                 {"catalogue": "grocery", "product": {"retailer": "hemkop", "id": "44"}, "options": {"limit": 5}},
