@@ -6,7 +6,12 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 CATALOGUE ?= grocery
 
-.PHONY: install run serve test lint clean
+# The browser test drives Debian's Chromium; installed here when missing (sudo only when not root).
+BROWSER_PACKAGES := chromium chromium-driver
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(BROWSER_PACKAGES)
+
+.PHONY: install run serve test lint browser clean
 
 install: $(VENV)/.installed
 
@@ -27,7 +32,14 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 
-test: lint
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		command -v apt-get >/dev/null || { echo "install chromium and chromedriver (/usr/bin) for the browser test" >&2; exit 1; }; \
+		echo "installing $(BROWSER_PACKAGES) for the browser test"; \
+		$(APT_INSTALL) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq >/dev/null && $(APT_INSTALL) >/dev/null; }; \
+	fi
+
+test: lint browser
 	$(PY) -m pytest
 
 clean:

@@ -1,151 +1,461 @@
-// The search page: one form posting multipart data to /search, results drawn as a grid.
+// The search page. The form posts multipart data to /search; results are drawn as a grid with pages;
+// "Same product elsewhere" opens a dialog filled from GET /catalogues/{c}/products/{r}/{id}/matches.
+// Plain script served as is: no build step, nothing loaded from elsewhere.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-let photo = null; // the File to send, from the picker, a drop or a paste
 
-function setStatus(message, isError = false) {
-  $("status").textContent = message;
-  $("status").className = isError ? "error" : "";
+const MODALITIES = [["image", "photo"], ["text", "text"], ["lexical", "words"]];
+const MODE_NAMES = { image: "photo", text: "text", lexical: "words" };
+const FUSION_NAMES = { rrf: "RRF", dbsf: "DBSF", weighted: "weighted RRF" };
+const DECISIONS = { match: "match", uncertain: "uncertain", no_match: "no match", uncalibrated: "uncalibrated" };
+const MAX_OFFSET = 1000; // the API's bound
+const MATCHES_SHOWN = 8;
+
+const state = {
+  photo: null, // the File to send, from the picker, a drop or a paste
+  previewUrl: null,
+  catalogues: {}, // name -> GET /catalogues entry (counts and facets)
+  query: null, // the fields of the search the results belong to, for paging
+  offset: 0,
+  searchTurn: 0, // answers to superseded requests are dropped
+  matchesTurn: 0,
+  opener: null, // the button that opened the dialog gets the focus back
+};
+
+// ---------------------------------------------------------------- small helpers
+
+function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(props)) {
+    if (value === null || value === undefined || value === false) continue;
+    if (key === "class") node.className = value;
+    else if (key === "text") node.textContent = value;
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else node.setAttribute(key, value === true ? "" : String(value));
+  }
+  node.append(...children.filter((c) => c !== null && c !== undefined && c !== ""));
+  return node;
 }
 
-function setPhoto(file) {
-  photo = file;
+function say(message) {
+  $("status").textContent = message;
+}
+
+function showError(message) {
+  $("error").textContent = message || "";
+  $("error").hidden = !message;
+}
+
+function kilobytes(bytes) {
+  return bytes >= 1e6 ? `${(bytes / 1e6).toFixed(1)} MB` : `${Math.max(1, Math.round(bytes / 1e3))} kB`;
+}
+
+function formatPrice(product) {
+  if (product.price === null || product.price === undefined) return "no price";
+  if (product.currency) {
+    try {
+      return new Intl.NumberFormat(undefined, { style: "currency", currency: product.currency }).format(product.price);
+    } catch (e) {
+      return `${product.price} ${product.currency}`; // not an ISO 4217 code
+    }
+  }
+  return String(product.price);
+}
+
+// What went wrong, in words a person can act on, for every error the API answers with.
+async function problem(response) {
+  let detail = "";
+  try {
+    const body = await response.json();
+    if (typeof body.detail === "string") detail = body.detail;
+    else if (Array.isArray(body.detail)) {
+      detail = body.detail.map((d) => `${(d.loc || []).slice(1).join(".") || "request"}: ${d.msg}`).join("; ");
+    }
+  } catch (e) {
+    /* not JSON: a proxy's error page, say */
+  }
+  const status = response.status;
+  const because = detail ? ` (${detail})` : "";
+  if (status === 413) return `This photo is too large to send${because}. Choose a smaller file: a JPEG of a few MB is plenty.`;
+  if (status === 422) {
+    if (/give an image, a text/.test(detail)) return "Nothing to search for: add a photo or some words, then search again.";
+    if (/image|photo/i.test(detail)) return `This file cannot be used as a photo${because}. Choose a JPEG, PNG or WebP picture.`;
+    return `The search was refused: ${detail || "a field is out of bounds"}. Check the form and search again.`;
+  }
+  if (status === 404) return `Not found${because}. Reload the page to see the catalogues the service has now.`;
+  if (status === 409) return `The store cannot serve this request right now${because}. Try again later, or ask whoever runs the service.`;
+  if (status === 503) return `The product store is busy or unavailable${because}. Wait a moment and try again.`;
+  if (status >= 500) return `The service failed (HTTP ${status})${because}. Try again; if it keeps failing, look at the service log.`;
+  return `The request was refused (HTTP ${status})${because}.`;
+}
+
+const NO_ANSWER = "The service did not answer. Is it still running? Reload the page once it is back.";
+
+// ---------------------------------------------------------------- the photo
+
+function setPhoto(file, how) {
+  state.photo = file;
   const preview = $("preview");
+  if (state.previewUrl) URL.revokeObjectURL(state.previewUrl);
+  state.previewUrl = file ? URL.createObjectURL(file) : null;
   if (file) {
-    preview.src = URL.createObjectURL(file);
-    preview.alt = "photo to search with: " + file.name;
+    preview.src = state.previewUrl;
+    preview.alt = `photo to search with: ${file.name || "pasted image"}`;
+    $("drop-hint").textContent = `${file.name || "pasted image"} (${kilobytes(file.size)}): Enter to change`;
+    say(`Photo ${how}. Press Search (or Enter) to search with it.`);
+  } else {
+    preview.removeAttribute("src");
+    $("drop-hint").textContent = "Drop or paste a photo here, or press Enter to choose a file";
   }
   preview.hidden = !file;
+  $("drop").classList.toggle("has-photo", !!file);
   $("clear-image").hidden = !file;
 }
 
+function pickPhoto() {
+  $("image").click();
+}
+
+// ---------------------------------------------------------------- catalogues and their facets
+
 async function loadCatalogues() {
-  const response = await fetch("/catalogues");
-  if (!response.ok) { setStatus("Cannot list catalogues: " + await errorText(response), true); return; }
-  const body = await response.json();
-  const select = $("catalogue");
-  select.innerHTML = "";
-  for (const c of body.catalogues) {
-    const option = new Option(`${c.name} (${c.products})`, c.name);
-    option.selected = c.name === body.default;
-    select.add(option);
-  }
-  window.catalogues = Object.fromEntries(body.catalogues.map((c) => [c.name, c]));
-  fillCategories();
-  if (!body.catalogues.length) setStatus("No catalogue yet: load one with python -m ingest.", true);
-}
-
-function fillCategories() {
-  const select = $("category");
-  select.innerHTML = "";
-  select.add(new Option("any", ""));
-  const info = (window.catalogues || {})[$("catalogue").value];
-  if (!info) return;
-  for (const [path, count] of Object.entries(info.categories).sort()) {
-    const depth = path.split(" > ").length - 1;
-    select.add(new Option(`${"\u00a0\u00a0".repeat(depth)}${path.split(" > ").pop()} (${count})`, path));
-  }
-}
-
-async function errorText(response) {
+  let response;
   try {
-    const body = await response.json();
-    if (typeof body.detail === "string") return body.detail;
-    if (Array.isArray(body.detail)) return body.detail.map((d) => `${(d.loc || []).slice(1).join(".")}: ${d.msg}`).join("; ");
-  } catch (e) { /* not JSON */ }
-  return `HTTP ${response.status}`;
-}
-
-function bar(label, value) {
-  if (value === null || value === undefined) return "";
-  const pct = Math.max(0, Math.min(100, value * 100));
-  return `<div class="bar" title="${label} cosine ${value.toFixed(3)}">${label}<span class="track"><span class="fill" style="width:${pct}%"></span></span>${value.toFixed(2)}</div>`;
-}
-
-function escapeHtml(s) {
-  return String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
-}
-
-function render(results) {
-  const list = $("results");
-  list.innerHTML = "";
-  for (const r of results) {
-    const p = r.product;
-    const price = p.price != null ? `${p.price} ${p.currency || ""}` : "";
-    const item = document.createElement("li");
-    item.className = "card";
-    item.innerHTML = `
-      ${p.image_urls.length ? `<img src="${escapeHtml(p.image_urls[0])}" alt="${escapeHtml(p.title || p.id)}" loading="lazy">` : ""}
-      <h2>${escapeHtml(p.title || p.id)}</h2>
-      <div class="meta">${escapeHtml(r.retailer)} · ${escapeHtml(p.id)} ${price ? "· " + escapeHtml(price) : ""}</div>
-      <div class="meta">${escapeHtml(p.category_path || "")}</div>
-      <div class="meta">score ${r.score.toFixed(4)}</div>
-      ${bar("image", r.scores.image)}${bar("text", r.scores.text)}${bar("words", r.scores.lexical)}
-      ${r.decision ? `<div class="meta">decision: ${escapeHtml(r.decision)}${r.confidence != null ? ` (p = ${r.confidence.toFixed(2)})` : ""}</div>` : ""}`;
-    const button = document.createElement("button");
-    button.type = "button";
-    button.textContent = "Same product elsewhere";
-    button.addEventListener("click", () => showMatches(p));
-    item.append(button);
-    list.append(item);
-  }
-}
-
-function showTitle(text) {
-  $("results-title").textContent = text;
-  $("results-title").hidden = !text;
-}
-
-async function showMatches(product) {
-  const catalogue = $("catalogue").value;
-  const url = `/catalogues/${encodeURIComponent(catalogue)}/products/${encodeURIComponent(product.retailer)}/${encodeURIComponent(product.id)}/matches?limit=${encodeURIComponent($("limit").value)}`;
-  setStatus("Looking in the other shops…");
-  const response = await fetch(url);
-  if (!response.ok) { setStatus(await errorText(response), true); return; }
-  const body = await response.json();
-  showTitle(`Same product as “${body.product.title || body.product.id}” (${body.product.retailer}) in other shops`);
-  render(body.matches);
-  setStatus(body.matches.length ? `${body.matches.length} candidates${body.calibrated ? "" : " (no match threshold calibrated yet)"}` : "No candidates in other shops.");
-}
-
-async function search(event) {
-  event.preventDefault();
-  const form = new FormData();
-  if (photo) form.append("image", photo);
-  for (const id of ["text", "catalogue", "category", "limit", "fusion", "image_weight", "text_weight"]) form.append(id, $(id).value);
-  setStatus("Searching…");
-  $("submit").disabled = true;
-  try {
-    const response = await fetch("/search", { method: "POST", body: form });
-    if (!response.ok) { setStatus(await errorText(response), true); return; }
-    const body = await response.json();
-    showTitle("");
-    render(body.results);
-    setStatus(`${body.results.length} results from ${body.catalogue} by ${body.modes.join(" + ")}${body.fusion ? " (" + body.fusion + ")" : ""} in ${body.took_ms} ms`);
+    response = await fetch("/catalogues");
   } catch (e) {
-    setStatus("The service did not answer: " + e, true);
-  } finally {
-    $("submit").disabled = false;
+    showError(NO_ANSWER);
+    return;
+  }
+  if (!response.ok) {
+    showError(`Cannot list the catalogues. ${await problem(response)}`);
+    return;
+  }
+  const body = await response.json();
+  state.catalogues = Object.fromEntries(body.catalogues.map((c) => [c.name, c]));
+  const select = $("catalogue");
+  select.replaceChildren();
+  for (const c of body.catalogues) {
+    select.add(new Option(`${c.name} (${c.products} products)`, c.name, false, c.name === body.default));
+  }
+  fillFacets();
+  if (!body.catalogues.length) showError("There is no catalogue yet: load one with python -m ingest, then reload this page.");
+  else say(`Catalogue ${select.value} is ready: add a photo and/or words, then search.`);
+}
+
+function fillFacets() {
+  const info = state.catalogues[$("catalogue").value];
+  const category = $("category");
+  category.replaceChildren(new Option("any", ""));
+  // Full paths, sorted: a parent comes right before its children, and the closed list still says which one.
+  for (const [path, count] of Object.entries(info ? info.categories : {}).sort(([a], [b]) => a.localeCompare(b))) {
+    category.add(new Option(`${path} (${count})`, path));
+  }
+  const box = $("retailers");
+  box.querySelectorAll(".retailer").forEach((node) => node.remove());
+  const retailers = Object.entries(info ? info.retailers : {}).sort(([a], [b]) => a.localeCompare(b));
+  $("retailers-empty").hidden = retailers.length > 0;
+  for (const [name, count] of retailers) {
+    const choice = el("select", { "data-retailer": name, "aria-label": `retailer ${name}` },
+      new Option("any", ""), new Option("only", "only"), new Option("exclude", "exclude"));
+    box.append(el("label", { class: "retailer" }, el("span", { text: `${name} (${count})` }), choice));
   }
 }
+
+function syncWeights() {
+  const weighted = $("fusion").value === "weighted";
+  for (const id of ["image_weight", "text_weight", "lexical_weight"]) $(id).disabled = !weighted;
+}
+
+// ---------------------------------------------------------------- searching and paging
+
+function readForm() {
+  const fields = [];
+  const add = (name, value) => fields.push([name, value]);
+  add("catalogue", $("catalogue").value);
+  add("text", $("text").value);
+  add("category", $("category").value);
+  for (const select of document.querySelectorAll("#retailers select")) {
+    if (select.value === "only") add("retailer", select.dataset.retailer);
+    if (select.value === "exclude") add("exclude_retailer", select.dataset.retailer);
+  }
+  add("fusion", $("fusion").value);
+  if ($("fusion").value === "weighted") {
+    for (const id of ["image_weight", "text_weight", "lexical_weight"]) add(id, $(id).value || "0");
+  }
+  add("lexical", $("lexical").checked ? "true" : "false");
+  const limit = Math.min(100, Math.max(1, Number.parseInt($("limit").value, 10) || 12));
+  add("limit", String(limit));
+  return { fields, photo: state.photo, limit, catalogue: $("catalogue").value };
+}
+
+async function runSearch(query, offset) {
+  const turn = ++state.searchTurn;
+  const form = new FormData();
+  for (const [name, value] of query.fields) form.append(name, value);
+  if (query.photo) form.append("image", query.photo, query.photo.name || "pasted.png");
+  form.append("offset", String(offset));
+  showError("");
+  say(offset ? "Loading the next results…" : "Searching…");
+  $("submit").disabled = true;
+  $("results").setAttribute("aria-busy", "true");
+  try {
+    let response;
+    try {
+      response = await fetch("/search", { method: "POST", body: form });
+    } catch (e) {
+      if (turn === state.searchTurn) clearResults(NO_ANSWER);
+      return;
+    }
+    const message = response.ok ? null : await problem(response);
+    if (turn !== state.searchTurn) return;
+    if (message) {
+      clearResults(message);
+      return;
+    }
+    const body = await response.json();
+    state.query = query;
+    state.offset = offset;
+    renderResults(body);
+  } finally {
+    if (turn === state.searchTurn) {
+      $("submit").disabled = false;
+      $("results").removeAttribute("aria-busy");
+    }
+  }
+}
+
+function clearResults(message) {
+  $("results").replaceChildren();
+  $("pager").hidden = true;
+  say("");
+  showError(message);
+}
+
+function scoreLabel(body) {
+  if (body.modes.length > 1) return `fused by ${FUSION_NAMES[body.fusion] || body.fusion}`;
+  return body.modes[0] === "lexical" ? "words share" : `${MODE_NAMES[body.modes[0]] || body.modes[0]} cosine`;
+}
+
+function renderResults(body) {
+  const list = $("results");
+  const label = scoreLabel(body);
+  list.replaceChildren(...body.results.map((r, i) => card(r, state.offset + i + 1, label)));
+  const count = body.results.length;
+  const by = body.modes.map((m) => MODE_NAMES[m] || m).join(" + ");
+  const fused = body.modes.length > 1 && body.fusion ? ` fused by ${FUSION_NAMES[body.fusion] || body.fusion}` : "";
+  if (count) say(`${count} results from ${body.catalogue} by ${by}${fused}.`);
+  else say(state.offset ? "No more results." : "No product matches this search and these filters.");
+  $("status").title = `answered in ${Math.round(body.took_ms)} ms`; // a tooltip: the page itself stays the same run to run
+  const limit = state.query.limit;
+  const pager = $("pager");
+  pager.hidden = state.offset === 0 && count < limit;
+  $("prev").disabled = state.offset === 0;
+  $("next").disabled = count < limit || state.offset + limit > MAX_OFFSET;
+  const page = Math.floor(state.offset / limit) + 1;
+  $("page-info").textContent = count
+    ? `Page ${page}: results ${state.offset + 1}–${state.offset + count}`
+    : `Page ${page}: no results`;
+}
+
+function photoOf(product, className) {
+  if (!product.image_urls.length) return el("div", { class: `${className} no-photo`, text: "no photo" });
+  return el("img", { class: className, src: product.image_urls[0], alt: product.title || product.id, loading: "lazy" });
+}
+
+function bars(scores) {
+  const box = el("div", { class: "bars" });
+  for (const [key, label] of MODALITIES) {
+    const value = scores[key];
+    if (value === null || value === undefined) continue;
+    const width = Math.round(Math.max(0, Math.min(1, value)) * 100);
+    box.append(
+      el("div", { class: "bar", title: `${label} similarity ${value.toFixed(3)}` },
+        el("span", { class: "bar-label", text: label }),
+        el("span", {
+          class: "track", role: "meter", "aria-label": `${label} similarity`,
+          "aria-valuemin": "0", "aria-valuemax": "1", "aria-valuenow": value.toFixed(3),
+        }, el("span", { class: "fill", style: `width: ${width}%` })),
+        el("span", { class: "bar-value", text: value.toFixed(2) })),
+    );
+  }
+  return box;
+}
+
+function card(result, rank, label) {
+  const p = result.product;
+  const button = el("button", { type: "button", class: "secondary", text: "Same product elsewhere" });
+  button.addEventListener("click", () => openMatches(p, button));
+  return el("li", { class: "card" },
+    el("span", { class: "rank", text: `#${rank}` }),
+    photoOf(p, "card-photo"),
+    el("h3", { class: "title", text: p.title || p.id }),
+    el("p", { class: "meta" },
+      el("span", { class: "retailer-name", text: result.retailer }), " · ",
+      el("span", { class: "price", text: formatPrice(p) })),
+    el("p", { class: "meta category", text: p.category_path || "no category" }),
+    el("p", { class: "score" }, "score ", el("strong", { text: result.score.toFixed(3) }), el("small", { text: ` ${label}` })),
+    bars(result.scores),
+    button,
+  );
+}
+
+// ---------------------------------------------------------------- same product elsewhere
+
+function matchesSay(message) {
+  $("matches-status").textContent = message;
+}
+
+function matchesError(message) {
+  $("matches-error").textContent = message || "";
+  $("matches-error").hidden = !message;
+}
+
+async function openMatches(product, opener) {
+  const turn = ++state.matchesTurn;
+  const dialog = $("matches");
+  state.opener = opener;
+  $("matches-source").replaceChildren(
+    photoOf(product, "source-photo"),
+    el("div", {},
+      el("strong", { text: product.title || product.id }),
+      el("div", { class: "meta", text: `${product.retailer} · id ${product.id} · ${formatPrice(product)}` })),
+  );
+  $("matches-list").replaceChildren();
+  matchesError("");
+  matchesSay("Looking for it in the other shops…");
+  if (!dialog.open) dialog.showModal();
+  const catalogue = state.query ? state.query.catalogue : $("catalogue").value;
+  const url = `/catalogues/${encodeURIComponent(catalogue)}/products/${encodeURIComponent(product.retailer)}`
+    + `/${encodeURIComponent(product.id)}/matches?limit=${MATCHES_SHOWN}`;
+  let response;
+  try {
+    response = await fetch(url);
+  } catch (e) {
+    if (turn === state.matchesTurn) { matchesSay(""); matchesError(NO_ANSWER); }
+    return;
+  }
+  const message = response.ok ? null : await problem(response);
+  if (turn !== state.matchesTurn) return;
+  if (message) {
+    matchesSay("");
+    matchesError(message);
+    return;
+  }
+  const body = await response.json();
+  $("matches-list").replaceChildren(...body.matches.map(matchItem));
+  const n = body.matches.length;
+  const calibrated = body.calibrated ? "" : " Decisions need a calibration first (python -m ingest calibrate).";
+  matchesSay(n ? `${n} candidates in other shops, best first.${calibrated}` : "No candidate in any other shop of this catalogue.");
+}
+
+function percent(p) {
+  if (p === null || p === undefined) return "n/a"; // no calibration yet
+  if (p < 0.01) return "< 1 %";
+  if (p > 0.99) return "> 99 %";
+  return `${Math.round(p * 100)} %`;
+}
+
+function matchItem(m) {
+  const p = m.product;
+  const confidence = `confidence ${percent(m.confidence)}`;
+  return el("li", { class: "match" },
+    photoOf(p, "match-photo"),
+    el("div", { class: "match-body" },
+      el("div", { class: "match-head" },
+        el("strong", { class: "title", text: p.title || p.id }),
+        el("span", { class: `decision decision-${m.decision}`, text: DECISIONS[m.decision] || m.decision })),
+      el("div", { class: "meta" },
+        el("span", { class: "retailer-name", text: m.retailer }), " · ",
+        el("span", { class: "price", text: formatPrice(p) }), " · ",
+        el("span", { class: "category", text: p.category_path || "no category" })),
+      el("div", { class: "meta" }, el("span", { class: "confidence", text: confidence }), ` · score ${m.score.toFixed(3)}`),
+      bars(m.scores)),
+  );
+}
+
+// ---------------------------------------------------------------- wiring
 
 function init() {
-  $("search-form").addEventListener("submit", search);
-  $("image").addEventListener("change", (e) => setPhoto(e.target.files[0] || null));
-  $("clear-image").addEventListener("click", () => { $("image").value = ""; setPhoto(null); });
-  $("catalogue").addEventListener("change", fillCategories);
+  const form = $("search-form");
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    runSearch(readForm(), 0);
+  });
+  // Enter searches from any field (selects and checkboxes included), not only from text boxes.
+  form.addEventListener("keydown", (event) => {
+    const t = event.target;
+    if (event.key !== "Enter" || event.defaultPrevented || event.isComposing) return;
+    if ((t.tagName === "SELECT") || (t.tagName === "INPUT" && t.type === "checkbox")) {
+      event.preventDefault();
+      form.requestSubmit();
+    }
+  });
+  $("prev").addEventListener("click", () => {
+    if (state.query) runSearch(state.query, Math.max(0, state.offset - state.query.limit));
+  });
+  $("next").addEventListener("click", () => {
+    if (state.query) runSearch(state.query, state.offset + state.query.limit);
+  });
+
   const drop = $("drop");
-  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("click", pickPhoto);
+  drop.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" || event.key === " ") {
+      event.preventDefault();
+      pickPhoto();
+    } else if (event.key === "Delete" || event.key === "Backspace") {
+      if (state.photo) { event.preventDefault(); setPhoto(null); }
+    }
+  });
+  drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-  drop.addEventListener("drop", (e) => {
-    e.preventDefault(); drop.classList.remove("over");
-    if (e.dataTransfer.files.length) setPhoto(e.dataTransfer.files[0]);
+  drop.addEventListener("drop", (event) => {
+    event.preventDefault();
+    drop.classList.remove("over");
+    const file = event.dataTransfer && event.dataTransfer.files[0];
+    if (file) setPhoto(file, "dropped");
   });
-  document.addEventListener("paste", (e) => {
-    const file = [...(e.clipboardData?.files || [])].find((f) => f.type.startsWith("image/"));
-    if (file) setPhoto(file);
+  // A file dropped next to the zone must not make the browser leave the page to show it.
+  document.addEventListener("dragover", (event) => event.preventDefault());
+  document.addEventListener("drop", (event) => event.preventDefault());
+  document.addEventListener("paste", (event) => {
+    const file = [...((event.clipboardData && event.clipboardData.files) || [])].find((f) => f.type.startsWith("image/"));
+    if (file) {
+      event.preventDefault();
+      setPhoto(file, "pasted");
+    }
   });
+  $("image").addEventListener("change", (event) => {
+    const file = event.target.files[0];
+    if (file) setPhoto(file, "chosen");
+    event.target.value = ""; // choosing the same file again still fires "change"
+  });
+  $("preview").addEventListener("error", () => {
+    if (!state.photo) return;
+    $("preview").hidden = true;
+    $("drop-hint").textContent = `${state.photo.name || "this file"}: no preview (the service will check it)`;
+  });
+  $("clear-image").addEventListener("click", () => {
+    setPhoto(null);
+    say("Photo removed.");
+    drop.focus();
+  });
+
+  $("catalogue").addEventListener("change", fillFacets);
+  $("fusion").addEventListener("change", syncWeights);
+  syncWeights();
+
+  const dialog = $("matches");
+  $("close-matches").addEventListener("click", () => dialog.close());
+  dialog.addEventListener("click", (event) => {
+    if (event.target === dialog) dialog.close(); // a click on the backdrop
+  });
+  dialog.addEventListener("close", () => {
+    state.matchesTurn++;
+    if (state.opener && state.opener.isConnected) state.opener.focus();
+  });
+
   loadCatalogues();
 }
 
