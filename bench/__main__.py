@@ -30,7 +30,7 @@ def quality(args: argparse.Namespace) -> int:
 
     settings = Settings()
     ensure_sets(args.sets_dir, args.shared, args.sets)
-    image_encoder = load_image_encoder(args.image_model or settings.image_model)
+    image_encoder = load_image_encoder(args.image_model or settings.image_model, settings.image_precision)
     text_encoder = load_text_encoder(args.text_model or settings.text_model)
     print(f"encoders: {image_encoder.name} ({image_encoder.dim}-d), {text_encoder.name} ({text_encoder.dim}-d)")
     runs = {}
@@ -82,7 +82,10 @@ def calibrate(args: argparse.Namespace) -> int:
     settings = Settings()
     names = [name for pair in args.pairs for name in pair.split(":")]
     ensure_sets(args.sets_dir, args.shared, names)
-    image_encoder, text_encoder = load_image_encoder(settings.image_model), load_text_encoder(settings.text_model)
+    image_encoder, text_encoder = (
+        load_image_encoder(settings.image_model, settings.image_precision),
+        load_text_encoder(settings.text_model),
+    )
     lines = [HEADER]
     for pair in args.pairs:
         fit_name, eval_name = pair.split(":")
@@ -98,6 +101,25 @@ def calibrate(args: argparse.Namespace) -> int:
     print("\n".join(lines))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "calibration.md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+def speed(args: argparse.Namespace) -> int:
+    from bench.speed import run_ingest
+    from retrieval.encoders import load_text_encoder
+    from retrieval.settings import Settings
+
+    settings = Settings()
+    table = run_ingest(
+        args.shared,
+        images=args.images,
+        products=args.products,
+        text_encoder=load_text_encoder(settings.text_model),
+        settings=settings,
+    )
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "speed-ingest.md").write_text(table + "\n")
     return 0
 
 
@@ -143,7 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--target-precision", type=float, default=0.95)
     c.add_argument("--out", type=Path, default=Path("bench/out"))
 
+    sp = sub.add_parser("speed", help="ingest throughput vs the model alone and a naive loop; re-ingest speed")
+    sp.add_argument("what", choices=["ingest"])
+    sp.add_argument("--images", type=int, default=512, help="photos for the throughput rows")
+    sp.add_argument("--products", type=int, default=10_000, help="products of the re-ingest catalogue")
+    sp.add_argument("--out", type=Path, default=Path("bench/out"))
+
     args = parser.parse_args(argv)
+    if args.command == "speed":
+        return speed(args)
     if args.command == "calibrate":
         return calibrate(args)
     if args.command == "prepare":

@@ -26,13 +26,28 @@ SHOWN_REJECTIONS = 20
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m ingest",
-        description="Load a product catalogue (CSV or JSON Lines) into a Qdrant collection.",
+        description="Load a product catalogue (CSV or JSON Lines, a folder of images by category, or a zip of "
+        "either) into a Qdrant collection.",
         epilog="Store: QDRANT_URL (+ QDRANT_API_KEY) for a server, else the embedded store at QDRANT_PATH "
         "(default ./data/qdrant). Models: IMAGE_MODEL, TEXT_MODEL.",
     )
-    parser.add_argument("path", type=Path, help="catalogue file (.csv, .jsonl)")
+    parser.add_argument("path", type=Path, help="catalogue file (.csv, .jsonl), folder (root/<category>/<image>), .zip")
     parser.add_argument("--catalogue", help="collection name (default: DEFAULT_CATALOGUE, 'products')")
     parser.add_argument("--rejects", type=Path, help="write every rejected row and image here (JSON Lines)")
+    parser.add_argument(
+        "--retailer", help="retailer of a folder's products (default: the folder's name); fills rows that name none"
+    )
+    parser.add_argument(
+        "--product-folders",
+        action="store_true",
+        help="in a folder layout, a folder of images with no sub-folder is one product with several photos",
+    )
+    parser.add_argument(
+        "--prune",
+        action="store_true",
+        help="delete the stored products of the feed's retailers that the feed no longer lists "
+        "(rows rejected this time are kept)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     return parser.parse_args(argv)
 
@@ -42,7 +57,9 @@ def print_summary(report: IngestReport) -> None:
     print(
         f"catalogue {report.catalogue}: read {report.read} rows from {report.source}\n"
         f"  new {report.new}, updated {report.updated}, unchanged {report.unchanged}, "
-        f"rejected rows {rejected}, skipped images {skipped}, images embedded {report.images_embedded}\n"
+        f"rejected rows {rejected}, skipped images {skipped}, images embedded {report.images_embedded}"
+        + (f", pruned {report.pruned}" if report.pruned else "")
+        + "\n"
         f"  {report.seconds:.1f} s, {report.products_per_second:.1f} products/s"
     )
     for kind, items in (("rejected", report.rejected_rows), ("skipped image", report.skipped_images)):
@@ -90,10 +107,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         log.info("loading encoders %s and %s", settings.image_model, settings.text_model)
         ingestor = Ingestor(
-            settings, store, load_image_encoder(settings.image_model), load_text_encoder(settings.text_model)
+            settings,
+            store,
+            load_image_encoder(settings.image_model, settings.image_precision),
+            load_text_encoder(settings.text_model),
         )
         log.info("ingesting %s into %s (%s)", args.path, catalogue, settings.describe_store())
-        report = ingestor.run(args.path, catalogue, progress=False if args.no_progress else None)
+        report = ingestor.run(
+            args.path,
+            catalogue,
+            progress=False if args.no_progress else None,
+            retailer=args.retailer,
+            product_folders=args.product_folders,
+            prune=args.prune,
+        )
     except (CatalogueError, EncoderError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -54,7 +54,11 @@ def main(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        engine = SearchEngine(store, load_image_encoder(settings.image_model), load_text_encoder(settings.text_model))
+        engine = SearchEngine(
+            store,
+            load_image_encoder(settings.image_model, settings.image_precision),
+            load_text_encoder(settings.text_model),
+        )
         data = labelled_candidates(engine, args.catalogue, pairs, depth=args.depth, fusion=args.fusion)
         calibration = fit(
             data,

@@ -62,7 +62,11 @@ def main(argv: list[str]) -> int:
         return 2
     started, matched, decided, empty = time.perf_counter(), 0, 0, 0
     try:
-        engine = SearchEngine(store, load_image_encoder(settings.image_model), load_text_encoder(settings.text_model))
+        engine = SearchEngine(
+            store,
+            load_image_encoder(settings.image_model, settings.image_precision),
+            load_text_encoder(settings.text_model),
+        )
         store.check_encoders(args.catalogue, engine.fingerprint)
         ids = list(store.product_ids(args.catalogue, args.retailer))
         if not ids:

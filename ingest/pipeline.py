@@ -1,25 +1,32 @@
-"""The ingest runner: records -> read image bytes -> skip unchanged -> decode -> embed (batched) -> upsert."""
+"""The ingest runner: records -> read image bytes -> skip unchanged -> reuse or decode -> embed -> upsert.
+
+Chunks flow through two stages that overlap: while the main thread embeds and stores chunk N, a
+preparing thread reads, hashes, checks against the store and decodes chunk N+1 (its own decode threads
+in a pool), so the encoder is not left waiting on files or JPEG decoding."""
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import sys
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-import httpx
 import numpy as np
 import torch
 from qdrant_client import models
 from tqdm import tqdm
 
-from ingest.readers import validated_records
-from ingest.sources import URL_TIMEOUT_S, SourceError, read_ref, resolve_ref
+from ingest.inputs import open_input
+from ingest.readers import validate_rows
+from ingest.sources import SourceError, UrlFetcher, read_ref, resolve_ref
 from retrieval.encoders.base import ImageEncoder, TextEncoder
 from retrieval.images import ImageDecodeError, decode_image
 from retrieval.lexical import document_vector
@@ -30,7 +37,8 @@ from schemas.catalogue import CatalogueRecord
 from schemas.report import IngestReport, Rejection
 
 T = TypeVar("T")
-CHUNK_SIZE = 256  # records read, checked against the store and upserted together
+log = logging.getLogger("ingest")
+CACHED_PHOTOS = 20_000  # photo vectors kept by hash during a run (~100 MB at 1280-d)
 
 
 def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
@@ -40,22 +48,69 @@ def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
 
 
 @dataclass
+class Photo:
+    """One image of a product: where it came from, the hash of its bytes, then its tensor or vector."""
+
+    ref: str
+    digest: str
+    blob: bytes | None = None
+    tensor: torch.Tensor | None = None
+    vector: np.ndarray | None = None
+
+
+@dataclass
 class Product:
     """A validated record on its way to the store."""
 
     record: CatalogueRecord
     point_id: str
-    refs: list[str] = field(default_factory=list)
-    blobs: list[bytes | None] = field(default_factory=list)
+    photos: list[Photo] = field(default_factory=list)
     errors: list[Rejection] = field(default_factory=list)
     digest: str = ""
-    tensors: list[torch.Tensor] = field(default_factory=list)
-    used_refs: list[str] = field(default_factory=list)
+    stored: bool = False  # the point exists (with another content hash when it is in a chunk's work)
 
     def image_error(self, ref: str, reason: str) -> None:
         self.errors.append(
             Rejection(line=self.record.line, id=self.record.id, field="image", reason=f"{ref}: {reason}")
         )
+
+    @property
+    def usable(self) -> list[Photo]:
+        return [p for p in self.photos if p.vector is not None or p.tensor is not None]
+
+
+@dataclass
+class Prepared:
+    """A chunk after the preparing stage: what changed, with photos reused or decoded."""
+
+    read: int
+    rejected: list[Rejection]
+    unchanged: int
+    work: list[Product]
+
+
+class PhotoCache:
+    """Photo vectors by the hash of the image bytes, for one run: a photo shared by several listings is
+    embedded once. Least recently used entries go first."""
+
+    def __init__(self, size: int = CACHED_PHOTOS) -> None:
+        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def get(self, digest: str) -> np.ndarray | None:
+        with self._lock:
+            vector = self._vectors.get(digest)
+            if vector is not None:
+                self._vectors.move_to_end(digest)
+            return vector
+
+    def put(self, digest: str, vector: np.ndarray) -> None:
+        with self._lock:
+            self._vectors[digest] = vector
+            self._vectors.move_to_end(digest)
+            while len(self._vectors) > self._size:
+                self._vectors.popitem(last=False)
 
 
 class Ingestor:
@@ -69,54 +124,123 @@ class Ingestor:
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.fingerprint = EncoderFingerprint.of(image_encoder, text_encoder)
+        self._store_lock = threading.Lock()  # the embedded store is not safe for reads during writes
 
-    def run(self, path: Path, catalogue: str, *, progress: bool | None = None) -> IngestReport:
-        """Ingest one catalogue file; rows that break the contract are reported, the rest lands."""
+    def run(
+        self,
+        path: Path,
+        catalogue: str,
+        *,
+        progress: bool | None = None,
+        retailer: str | None = None,
+        product_folders: bool = False,
+        prune: bool = False,
+    ) -> IngestReport:
+        """Ingest a catalogue file, folder or zip (ingest/inputs.py); bad rows are reported, the rest lands.
+        `prune`: then delete the products of the feed's retailers that the feed no longer lists."""
         started = time.perf_counter()
-        path = path.resolve()
-        report = IngestReport(catalogue=catalogue, source=str(path))
-        records = validated_records(path)
+        source = open_input(
+            path,
+            catalogue=catalogue,
+            sources_root=self.settings.sources_root,
+            retailer=retailer,
+            product_folders=product_folders,
+            max_archive_bytes=self.settings.max_archive_bytes,
+            max_archive_entries=self.settings.max_archive_entries,
+        )
+        report = IngestReport(catalogue=catalogue, source=source.source)
+        records = validate_rows(source.rows)
         first = next(records, None)  # surfaces a file-level CatalogueError before touching the store
-        self.store.ensure_catalogue(catalogue, self.fingerprint)
+        existed = not self.store.ensure_catalogue(catalogue, self.fingerprint) and self.store.count(catalogue) > 0
         show = sys.stderr.isatty() if progress is None else progress
         bar = tqdm(desc=f"ingest {catalogue}", unit="product", disable=not show, file=sys.stderr)
         stream = itertools.chain([first], records) if first is not None else iter(())
+        cache = PhotoCache()
+        seen: dict[str, set[str]] = {}  # retailer -> ids in the feed (for --prune)
+        rejected_ids: set[str] = set()
         with (
             ThreadPoolExecutor(self.settings.decode_workers, thread_name_prefix="decode") as pool,
-            httpx.Client(timeout=URL_TIMEOUT_S, follow_redirects=True) as http,
+            ThreadPoolExecutor(  # reading waits on disks and URLs, not on the CPU: as many as URLs in flight
+                max(self.settings.decode_workers, self.settings.url_concurrency), thread_name_prefix="read"
+            ) as readers,
+            ThreadPoolExecutor(1, thread_name_prefix="prepare") as preparer,
+            UrlFetcher.from_settings(self.settings) as http,
         ):
-            for chunk in chunked(stream, CHUNK_SIZE):
-                report.read += len(chunk)
-                report.rejected_rows += [r for r in chunk if isinstance(r, Rejection)]
-                products = [Product(r, point_id(r.retailer, r.id)) for r in chunk if isinstance(r, CatalogueRecord)]
-                self._ingest_chunk(products, catalogue, path.parent, pool, http, report)
-                bar.update(len(chunk))
+            pending: Future[Prepared] | None = None
+            number = 0
+            for number, chunk in enumerate(chunked(stream, self.settings.ingest_chunk), start=1):
+                for item in chunk:
+                    if isinstance(item, CatalogueRecord):
+                        seen.setdefault(item.retailer, set()).add(item.id)
+                    elif item.id:
+                        rejected_ids.add(item.id)
+                upcoming = preparer.submit(
+                    self._prepare, chunk, catalogue, source.base_dir, (readers, pool), http, cache, reuse_stored=existed
+                )
+                if pending is not None:
+                    self._finish(pending.result(), catalogue, cache, report, number - 1, bar)
+                pending = upcoming
+            if pending is not None:
+                self._finish(pending.result(), catalogue, cache, report, number, bar)
         bar.close()
+        if prune:
+            report.pruned = self._prune(catalogue, seen, rejected_ids)
         report.seconds = round(time.perf_counter() - started, 3)
         return report
 
-    def _ingest_chunk(
+    def _prepare(
         self,
-        products: list[Product],
+        chunk: list[CatalogueRecord | Rejection],
         catalogue: str,
         base_dir: Path,
-        pool: ThreadPoolExecutor,
-        http: httpx.Client,
-        report: IngestReport,
-    ) -> None:
-        list(pool.map(lambda p: self._read_images(p, base_dir, http), products))
-        stored = self.store.content_hashes(catalogue, [p.point_id for p in products])
-        todo = []
+        pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor],
+        http: UrlFetcher,
+        cache: PhotoCache,
+        *,
+        reuse_stored: bool,
+    ) -> Prepared:
+        """Read and hash the images, leave out unchanged products, reuse known photo vectors (this run's,
+        or stored ones with the same bytes), and decode + preprocess the rest."""
+        readers, decoders = pools
+        products = [Product(r, point_id(r.retailer, r.id)) for r in chunk if isinstance(r, CatalogueRecord)]
+        list(readers.map(lambda p: self._read_images(p, base_dir, http), products))
+        with self._store_lock:
+            stored = self.store.stored_hashes(catalogue, [p.point_id for p in products])
+        work = []
         for product in products:
-            if stored.get(product.point_id) == product.digest:
-                report.unchanged += 1
-            else:
-                todo.append(product)
-        list(pool.map(self._decode, todo))
+            if product.point_id in stored and stored[product.point_id][0] == product.digest:
+                continue
+            product.stored = product.point_id in stored
+            work.append(product)
+        photos = [photo for product in work for photo in product.photos if photo.blob is not None]
+        for photo in photos:
+            photo.vector = cache.get(photo.digest)
+        missing = {photo.digest for photo in photos if photo.vector is None}
+        if missing and reuse_stored:
+            with self._store_lock:
+                known = self.store.image_vectors_by_hash(catalogue, sorted(missing))
+            for photo in photos:
+                if photo.vector is None and photo.digest in known:
+                    photo.vector = np.asarray(known[photo.digest], dtype=np.float32)
+        list(decoders.map(self._decode, work))
+        return Prepared(
+            read=len(chunk),
+            rejected=[r for r in chunk if isinstance(r, Rejection)],
+            unchanged=len(products) - len(work),
+            work=work,
+        )
+
+    def _finish(
+        self, prepared: Prepared, catalogue: str, cache: PhotoCache, report: IngestReport, number: int, bar: tqdm
+    ) -> None:
+        """Embed what the preparing stage left to embed, store the chunk, count it."""
+        report.read += prepared.read
+        report.rejected_rows += prepared.rejected
+        report.unchanged += prepared.unchanged
         ready = []
-        for product in todo:
+        for product in prepared.work:
             report.skipped_images += product.errors
-            if not product.tensors and not product.record.title:
+            if not product.usable and not product.record.title:
                 reasons = "; ".join(e.reason for e in product.errors[:3])
                 report.rejected_rows.append(
                     Rejection(
@@ -128,15 +252,25 @@ class Ingestor:
                 )
             else:
                 ready.append(product)
-        report.images_embedded += sum(len(p.tensors) for p in ready)
-        self.store.upsert(catalogue, self._embed(ready))
+        points = self._embed(ready, cache, report)
+        with self._store_lock:
+            self.store.upsert(catalogue, points)
         for product in ready:
-            if product.point_id in stored:
+            if product.stored:
                 report.updated += 1
             else:
                 report.new += 1
+        log.info(
+            "stored chunk %d of %s: %d written, %d unchanged (%d rows read so far)",
+            number,
+            catalogue,
+            len(ready),
+            prepared.unchanged,
+            report.read,
+        )
+        bar.update(prepared.read)
 
-    def _read_images(self, product: Product, base_dir: Path, http: httpx.Client) -> None:
+    def _read_images(self, product: Product, base_dir: Path, http: UrlFetcher) -> None:
         digests: list[str | None] = []
         for ref in product.record.images:
             try:
@@ -144,50 +278,72 @@ class Ingestor:
                 blob = read_ref(resolved, client=http)
             except SourceError as exc:
                 product.image_error(ref, str(exc))
-                product.refs.append(ref)
-                product.blobs.append(None)
                 digests.append(None)
                 continue
-            product.refs.append(resolved)
-            product.blobs.append(blob)
-            digests.append(hashlib.sha256(blob).hexdigest())
+            digest = hashlib.sha256(blob).hexdigest()
+            product.photos.append(Photo(resolved, digest, blob))
+            digests.append(digest)
         product.digest = content_hash(product.record, digests)
 
     def _decode(self, product: Product) -> None:
-        for ref, blob in zip(product.refs, product.blobs, strict=True):
-            if blob is None:
+        for photo in product.photos:
+            blob, photo.blob = photo.blob, None  # the bytes are not needed after this
+            if blob is None or photo.vector is not None:
                 continue
             try:
                 image = decode_image(blob, max_pixels=self.settings.max_image_pixels)
             except ImageDecodeError as exc:
-                product.image_error(ref, str(exc))
+                product.image_error(photo.ref, str(exc))
                 continue
-            product.tensors.append(self.image_encoder.preprocess(image))
-            product.used_refs.append(ref)
-        product.blobs = []  # the bytes are not needed any more
+            photo.tensor = self.image_encoder.preprocess(image)
 
-    def _embed(self, products: list[Product]) -> list[models.PointStruct]:
+    def _embed(self, products: list[Product], cache: PhotoCache, report: IngestReport) -> list[models.PointStruct]:
         batch = self.settings.batch_size
-        flat = [t for p in products for t in p.tensors]
-        image_rows = [
-            self.image_encoder.embed_tensors(torch.stack(flat[i : i + batch])) for i in range(0, len(flat), batch)
-        ]
-        image_vectors = np.concatenate(image_rows) if image_rows else np.empty((0, self.image_encoder.dim))
+        to_embed: list[Photo] = []
+        for photo in (photo for product in products for photo in product.usable):
+            if photo.vector is None and (known := cache.get(photo.digest)) is not None:
+                photo.vector, photo.tensor = known, None  # embedded earlier in this run, after this chunk was read
+            elif photo.vector is None:
+                to_embed.append(photo)
+        for start in range(0, len(to_embed), batch):
+            group = to_embed[start : start + batch]
+            rows = self.image_encoder.embed_tensors(torch.stack([p.tensor for p in group if p.tensor is not None]))
+            for photo, row in zip(group, rows, strict=True):
+                photo.vector, photo.tensor = row, None
+                cache.put(photo.digest, row)
+        report.images_embedded += len(to_embed)
         texts = [product_text(p.record) for p in products]
         text_vectors = self.text_encoder.embed_texts([t for t in texts if t])
-        points, image_at, text_at = [], 0, 0
+        points, text_at = [], 0
         for product, text in zip(products, texts, strict=True):
             vector: dict[str, models.Vector] = {}
-            n = len(product.tensors)
-            if n:
-                vector[IMAGE_VECTOR] = image_vectors[image_at : image_at + n].tolist()
-                image_at += n
+            photos = product.usable
+            if photos:
+                vector[IMAGE_VECTOR] = [np.asarray(p.vector).tolist() for p in photos]
             if text:
                 vector[TEXT_VECTOR] = text_vectors[text_at].tolist()
                 text_at += 1
             if lexical := document_vector(product.record):
                 vector[LEXICAL_VECTOR] = lexical
-            payload = build_payload(product.record, images=product.used_refs, digest=product.digest)
+            payload = build_payload(
+                product.record,
+                images=[p.ref for p in photos],
+                image_hashes=[p.digest for p in photos],
+                digest=product.digest,
+            )
             points.append(models.PointStruct(id=product.point_id, vector=vector, payload=payload.model_dump()))
-            product.tensors = []
         return points
+
+    def _prune(self, catalogue: str, seen: dict[str, set[str]], rejected_ids: set[str]) -> int:
+        """Delete the products of the feed's retailers that the feed no longer lists. A row rejected this
+        time keeps its stored product (a broken row is not a removal)."""
+        gone = []
+        with self._store_lock:
+            for retailer, ids in seen.items():
+                for product_id in self.store.product_ids(catalogue, retailer):
+                    if product_id not in ids and product_id not in rejected_ids:
+                        gone.append(point_id(retailer, product_id))
+            self.store.delete(catalogue, gone)
+        if gone:
+            log.info("pruned %d products of %s that the feed no longer lists", len(gone), catalogue)
+        return len(gone)

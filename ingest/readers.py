@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,8 @@ from schemas.report import Rejection
 
 CSV_SUFFIXES = {".csv"}
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
-MAX_FIELD_CHARS = 1_000_000
+MAX_FIELD_CHARS = 4_000_000  # the CSV reader's limit on one field; the contract's own limits are far lower
+SHOWN_ID_CHARS = 256
 
 
 class CatalogueError(ValueError):
@@ -59,7 +60,13 @@ def read_csv(path: Path) -> Iterator[RawRow | Rejection]:
         except StopIteration:
             return
         except csv.Error as exc:
-            yield Rejection(line=line, reason=f"unreadable CSV row: {exc}")
+            reason = f"unreadable CSV row: {exc}"
+            if "field larger than field limit" in str(exc):
+                reason = (
+                    f"unreadable CSV row: a field is longer than {MAX_FIELD_CHARS:,} characters, the reader's limit "
+                    "(or a quote is not closed)"
+                )
+            yield Rejection(line=line, reason=reason)
             line = reader.line_num + 1
             continue
         if None in row:
@@ -99,7 +106,7 @@ def read_rows(path: Path) -> Iterator[RawRow | Rejection]:
         return read_csv(path)
     if suffix in JSONL_SUFFIXES:
         return read_jsonl(path)
-    raise CatalogueError(f"{path}: unknown catalogue format {suffix!r}; use .csv, .jsonl or .ndjson")
+    raise CatalogueError(f"{path}: unknown catalogue format {suffix!r}; use .csv, .jsonl, .ndjson, a folder or .zip")
 
 
 def _rejection(row: RawRow, error: ValidationError) -> Rejection:
@@ -107,16 +114,22 @@ def _rejection(row: RawRow, error: ValidationError) -> Rejection:
     field = ".".join(str(p) for p in first["loc"]) or None
     message = first["msg"].removeprefix("Value error, ")
     raw_id = row.data.get("id")
+    ident = str(raw_id) if raw_id not in (None, "") else None
+    if ident is not None and len(ident) > SHOWN_ID_CHARS:  # an absurd id is named, not copied whole
+        ident = ident[:SHOWN_ID_CHARS] + "..."
     more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
-    return Rejection(
-        line=row.line, id=str(raw_id) if raw_id not in (None, "") else None, field=field, reason=message + more
-    )
+    return Rejection(line=row.line, id=ident, field=field, reason=message + more)
 
 
 def validated_records(path: Path) -> Iterator[CatalogueRecord | Rejection]:
-    """Validated records in file order; duplicates of an earlier (retailer, id) are rejected."""
+    """Validated records of a catalogue file in file order; duplicates of an earlier (retailer, id) are rejected."""
+    yield from validate_rows(read_rows(path))
+
+
+def validate_rows(rows: Iterable[RawRow | Rejection]) -> Iterator[CatalogueRecord | Rejection]:
+    """Validated records in the rows' order; duplicates of an earlier (retailer, id) are rejected."""
     seen: dict[tuple[str, str], int] = {}
-    for item in read_rows(path):
+    for item in rows:
         if isinstance(item, Rejection):
             yield item
             continue

@@ -1,19 +1,56 @@
-"""Image references to bytes: paths relative to the catalogue file, absolute paths, http(s) URLs."""
+"""Image references to bytes: paths relative to the catalogue file, absolute paths, http(s) URLs.
+
+URLs go through `UrlFetcher`: a bounded number of fetches at a time, a timeout, a few retries with
+exponential back-off on connection errors, 5xx and 429, a size cap, a content-type check, and redirects
+followed one hop at a time. Every connection (the first one and each redirect's) is opened by a network
+backend that resolves the host name itself, refuses it when any of its addresses is not a global one
+(private, loopback, link-local, reserved, multicast, unspecified) unless private URLs are allowed, and
+then connects to exactly the addresses it checked, so a second DNS answer cannot slip past the check.
+"""
 
 from __future__ import annotations
 
+import ipaddress
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from types import TracebackType
+from typing import Any
 
+import httpcore
 import httpx
 
 from retrieval.images import is_url
+from retrieval.settings import Settings
 
 MAX_IMAGE_BYTES = 50 * 1024 * 1024
 URL_TIMEOUT_S = 15.0
+MAX_REDIRECTS = 5
+MAX_BACKOFF_S = 8.0
+IMAGE_CONTENT_TYPES = ("image/", "application/octet-stream", "binary/octet-stream")
+REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
+USER_AGENT = "product-match-ingest/0.1 (+catalogue image fetch)"
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Resolver = Callable[[str, int], Sequence[str]]
 
 
 class SourceError(ValueError):
     """An image reference that cannot be read; the message goes into the reject report."""
+
+
+class BlockedAddress(SourceError):
+    """A URL whose host resolves to an address that is not allowed (private networks, by default)."""
+
+
+class _Retryable(Exception):
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
 
 
 def resolve_ref(ref: str, base_dir: Path) -> str:
@@ -26,10 +63,13 @@ def resolve_ref(ref: str, base_dir: Path) -> str:
     return str(path if path.is_absolute() else (base_dir / path).resolve())
 
 
-def read_ref(ref: str, *, client: httpx.Client | None = None, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+def read_ref(ref: str, *, client: UrlFetcher | None = None, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
     """The bytes behind a resolved ref, bounded in size (and in time for URLs)."""
     if is_url(ref):
-        return _fetch(ref, client=client, max_bytes=max_bytes)
+        if client is not None:
+            return client.fetch(ref, max_bytes=max_bytes)
+        with UrlFetcher(max_bytes=max_bytes) as own:
+            return own.fetch(ref)
     path = Path(ref)
     try:
         size = path.stat().st_size
@@ -44,25 +84,229 @@ def read_ref(ref: str, *, client: httpx.Client | None = None, max_bytes: int = M
         raise SourceError(f"cannot read {ref}: {exc.strerror or exc}") from None
 
 
-def _fetch(url: str, *, client: httpx.Client | None, max_bytes: int) -> bytes:
-    own = client is None
-    http = client or httpx.Client(timeout=URL_TIMEOUT_S, follow_redirects=True)
+def address_problem(address: IPAddress) -> str | None:
+    """Why an address may not be fetched from without ALLOW_PRIVATE_URLS, or None for a global address."""
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour or (address.teredo[1] if address.teredo else None)
+        if embedded is not None:
+            inner = address_problem(embedded)
+            return f"{inner} (inside {address})" if inner else None
+    for check, name in (
+        (address.is_unspecified, "an unspecified"),
+        (address.is_loopback, "a loopback"),
+        (address.is_link_local, "a link-local"),
+        (address.is_multicast, "a multicast"),
+        (address.is_private, "a private"),
+        (address.is_reserved, "a reserved"),
+        (not address.is_global, "a non-global"),
+    ):
+        if check:
+            return f"{name} address"
+    return None
+
+
+def system_resolver(host: str, port: int) -> list[str]:
+    """Every address the system resolver gives for host (IP literals come back as themselves)."""
     try:
-        with http.stream("GET", url) as response:
-            if response.status_code != 200:
-                raise SourceError(f"HTTP {response.status_code} for {url}")
-            kind = response.headers.get("content-type", "")
-            if kind and not kind.startswith(("image/", "application/octet-stream")):
-                raise SourceError(f"{url} is {kind}, not an image")
-            chunks, total = [], 0
-            for chunk in response.iter_bytes():
-                total += len(chunk)
-                if total > max_bytes:
-                    raise SourceError(f"{url} is over the limit of {max_bytes} bytes")
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except httpx.HTTPError as exc:
-        raise SourceError(f"cannot fetch {url}: {exc.__class__.__name__}: {exc}") from None
-    finally:
-        if own:
-            http.close()
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        if exc.errno == socket.EAI_AGAIN:  # a temporary failure: worth a retry
+            raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from None
+        raise SourceError(f"cannot resolve host {host}: {exc.strerror or exc}") from None
+    except UnicodeError:
+        raise SourceError(f"bad host name {host!r}") from None
+    addresses: list[str] = []
+    for info in infos:
+        address = str(info[4][0]).split("%", 1)[0]  # drop an IPv6 zone id
+        if address not in addresses:
+            addresses.append(address)
+    return addresses
+
+
+class _GuardedBackend(httpcore.SyncBackend):
+    """Resolves, checks every address, then connects to exactly those addresses."""
+
+    def __init__(self, *, allow_private: bool, allow_hosts: frozenset[str], resolver: Resolver) -> None:
+        self.allow_private = allow_private
+        self.allow_hosts = allow_hosts
+        self.resolver = resolver
+
+    def checked_addresses(self, host: str, port: int) -> Sequence[str]:
+        addresses = self.resolver(host, port)
+        if not addresses:
+            raise httpcore.ConnectError(f"{host} has no address")
+        if self.allow_private or host.lower() in self.allow_hosts:
+            return addresses
+        for text in addresses:
+            problem = address_problem(ipaddress.ip_address(text))
+            if problem:
+                shown = f"{host} is" if host == text else f"{host} resolves to {text},"
+                raise BlockedAddress(
+                    f"refused: {shown} {problem}; set ALLOW_PRIVATE_URLS=true to fetch images from private networks"
+                )
+        return addresses
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        error: httpcore.ConnectError | httpcore.ConnectTimeout | None = None
+        for address in self.checked_addresses(host, port):
+            try:
+                return super().connect_tcp(address, port, timeout, local_address, socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                error = exc
+        assert error is not None
+        raise error
+
+
+class _GuardedTransport(httpx.HTTPTransport):
+    """httpx's transport with the connection pool opening its sockets through `_GuardedBackend`."""
+
+    def __init__(self, backend: _GuardedBackend, limits: httpx.Limits) -> None:
+        super().__init__(limits=limits, trust_env=False)
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=httpx.create_ssl_context(trust_env=False),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=backend,
+        )
+
+
+def _retry_after(value: str | None) -> float | None:
+    if value and value.strip().isdigit():
+        return float(value.strip())
+    return None
+
+
+class UrlFetcher:
+    """Fetches image URLs for one ingest run; thread-safe, at most `concurrency` requests in flight."""
+
+    def __init__(
+        self,
+        *,
+        allow_private: bool = False,
+        allow_hosts: Iterable[str] = (),
+        retries: int = 3,
+        timeout_s: float = URL_TIMEOUT_S,
+        concurrency: int = 8,
+        max_bytes: int = MAX_IMAGE_BYTES,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = MAX_BACKOFF_S,
+        resolver: Resolver = system_resolver,
+    ) -> None:
+        self.retries = retries
+        self.timeout_s = timeout_s
+        self.max_bytes = max_bytes
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.concurrency = concurrency
+        self._backend = _GuardedBackend(
+            allow_private=allow_private, allow_hosts=frozenset(h.lower() for h in allow_hosts), resolver=resolver
+        )
+        self._slots = threading.BoundedSemaphore(concurrency)
+        self._lock = threading.Lock()
+        self._client: httpx.Client | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> UrlFetcher:
+        options: dict[str, Any] = {
+            "allow_private": settings.allow_private_urls,
+            "allow_hosts": [h.strip() for h in settings.url_allow_hosts.split(",") if h.strip()],
+            "retries": settings.url_retries,
+            "timeout_s": settings.url_timeout_s,
+            "concurrency": settings.url_concurrency,
+        }
+        return cls(**{**options, **overrides})
+
+    def __enter__(self) -> UrlFetcher:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+    def _http(self) -> httpx.Client:
+        with self._lock:
+            if self._client is None:
+                limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+                self._client = httpx.Client(
+                    transport=_GuardedTransport(self._backend, limits),
+                    timeout=self.timeout_s,
+                    follow_redirects=False,
+                    trust_env=False,
+                    headers={"User-Agent": USER_AGENT, "Accept": "image/*", "Accept-Encoding": "identity"},
+                )
+            return self._client
+
+    def fetch(self, url: str, *, max_bytes: int | None = None) -> bytes:
+        """The body of an image URL, or SourceError with the reason (after the retries, where they apply)."""
+        limit = self.max_bytes if max_bytes is None else max_bytes
+        attempts = self.retries + 1
+        for attempt in range(attempts):
+            try:
+                with self._slots:
+                    return self._fetch_once(url, limit)
+            except _Retryable as exc:
+                if attempt + 1 == attempts:
+                    tries = f"{attempts} attempts" if attempts > 1 else "1 attempt"
+                    raise SourceError(f"{exc.reason} (gave up after {tries})") from None
+                delay = min(self.max_backoff_s, self.backoff_s * 2**attempt)
+                if exc.retry_after is not None:
+                    delay = max(delay, min(exc.retry_after, self.max_backoff_s))
+                time.sleep(delay * random.uniform(1.0, 1.1))  # a little jitter: parallel retries spread out
+        raise AssertionError("unreachable")
+
+    def _fetch_once(self, url: str, limit: int) -> bytes:
+        current = url
+        for _ in range(MAX_REDIRECTS + 1):
+            if not is_url(current):
+                raise SourceError(f"redirected to {current!r}: only http(s) URLs are fetched")
+            try:
+                with self._http().stream("GET", current) as response:
+                    if response.status_code in REDIRECT_CODES and "location" in response.headers:
+                        current = str(response.url.join(response.headers["location"]))
+                        continue
+                    return self._body(response, current, limit)
+            except BlockedAddress as exc:
+                if current == url:
+                    raise
+                raise BlockedAddress(f"redirected from {url} to {current}: {exc}") from None
+            except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+                raise SourceError(f"bad URL {current}: {exc}") from None
+            except httpx.TransportError as exc:  # connection refused / reset, timeouts, a cut-off response
+                raise _Retryable(f"cannot fetch {current}: {exc.__class__.__name__}: {exc}") from None
+        raise SourceError(f"more than {MAX_REDIRECTS} redirects from {url}")
+
+    @staticmethod
+    def _body(response: httpx.Response, url: str, limit: int) -> bytes:
+        status = response.status_code
+        if status == 429 or status >= 500:
+            raise _Retryable(f"HTTP {status} for {url}", _retry_after(response.headers.get("retry-after")))
+        if status != 200:
+            raise SourceError(f"HTTP {status} for {url}")
+        kind = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if kind and not kind.startswith(IMAGE_CONTENT_TYPES):
+            raise SourceError(f"{url} is {kind}, not an image")
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise SourceError(f"{url} is {declared} bytes, over the limit of {limit}")
+        chunks, total = [], 0
+        for chunk in response.iter_bytes():
+            total += len(chunk)
+            if total > limit:
+                raise SourceError(f"{url} is over the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)

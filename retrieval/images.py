@@ -8,6 +8,9 @@ from urllib.parse import urlparse
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+# Files read as photos in a folder layout at ingest (the service serves stored local photos with these suffixes).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+
 
 class ImageDecodeError(ValueError):
     """Bytes that are not a usable image; the message is safe to show to the user."""
@@ -29,17 +32,17 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
             width, height = opened.size
             if width * height > max_pixels:
                 raise ImageDecodeError(f"image too large: {width}x{height} pixels, over the limit of {max_pixels}")
-            opened.load()
+            opened.load()  # the first frame of an animated GIF / WebP / APNG
             image: Image.Image = ImageOps.exif_transpose(opened) or opened
+            return to_rgb(image)
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:
         raise ImageDecodeError("not a recognised image format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"image too large: {exc}") from None
-    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
-        raise ImageDecodeError(f"cannot decode image: {exc}") from None
-    return to_rgb(image)
+    except Exception as exc:  # truncated or corrupt data; plugins raise OSError, SyntaxError, struct.error...
+        raise ImageDecodeError(f"cannot decode image: {exc.__class__.__name__}: {exc}") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -35,7 +35,9 @@ def content_hash(record: CatalogueRecord, image_digests: Sequence[str | None]) -
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def build_payload(record: CatalogueRecord, *, images: list[str], digest: str) -> ProductPayload:
+def build_payload(
+    record: CatalogueRecord, *, images: list[str], image_hashes: list[str], digest: str
+) -> ProductPayload:
     return ProductPayload(
         product_id=record.id,
         retailer=record.retailer,
@@ -51,6 +53,7 @@ def build_payload(record: CatalogueRecord, *, images: list[str], digest: str) ->
         currency=record.currency,
         url=record.url,
         images=images,
+        image_hashes=image_hashes,
         attributes=record.attributes,
         content_hash=digest,
         ingested_at=datetime.now(UTC).isoformat(timespec="seconds"),

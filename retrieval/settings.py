@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,12 +22,28 @@ class Settings(BaseSettings):
     qdrant_path: Path | None = Field(default=None, description="folder of the embedded store (default: ./data/qdrant)")
     image_model: str = Field(default=DEFAULT_IMAGE_MODEL, description="image encoder spec")
     text_model: str = Field(default=DEFAULT_TEXT_MODEL, description="text encoder spec")
+    image_precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="timm backbones: bf16 where the CPU computes it natively (auto), or fp32"
+    )
     default_catalogue: str = Field(default="products", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     batch_size: int = Field(default=32, ge=1, le=1024, description="images / texts per encoder batch")
     decode_workers: int = Field(default=2, ge=1, le=64, description="threads that read and decode images")
+    ingest_chunk: int = Field(default=256, ge=1, le=10_000, description="products read, checked and stored together")
     max_image_pixels: int = Field(default=40_000_000, ge=1, description="larger images are refused (bombs)")
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     max_job_products: int = Field(default=1_000, ge=1, le=100_000, description="products one HTTP match job takes")
+    allow_private_urls: bool = Field(
+        default=False, description="fetch image URLs whose host resolves to a private / loopback / link-local address"
+    )
+    url_allow_hosts: str = Field(default="", description="comma-separated host names exempt from that check")
+    url_retries: int = Field(default=3, ge=0, le=10, description="retries of an image URL (connection, 5xx, 429)")
+    url_timeout_s: float = Field(default=15.0, gt=0, le=300, description="timeout of each image URL request")
+    url_concurrency: int = Field(default=8, ge=1, le=64, description="image URL requests in flight at once")
+    sources_path: Path | None = Field(
+        default=None, description="where zip inputs are extracted (default: a 'sources' folder beside the store)"
+    )
+    max_archive_bytes: int = Field(default=8 * 1024**3, ge=1, description="uncompressed size cap of a zip input")
+    max_archive_entries: int = Field(default=200_000, ge=1, description="entry count cap of a zip input")
 
     @model_validator(mode="after")
     def _one_store(self) -> Settings:
@@ -42,6 +59,10 @@ class Settings(BaseSettings):
     @property
     def store_path(self) -> Path:
         return (self.qdrant_path or Path("data") / "qdrant").resolve()
+
+    @property
+    def sources_root(self) -> Path:
+        return (self.sources_path or self.store_path.parent / "sources").resolve()
 
     def describe_store(self) -> str:
         return f"Qdrant server {self.qdrant_url}" if self.qdrant_url else f"embedded Qdrant at {self.store_path}"

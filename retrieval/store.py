@@ -30,6 +30,7 @@ PAYLOAD_INDEXES: dict[str, models.PayloadSchemaType] = {
     "category_prefixes": models.PayloadSchemaType.KEYWORD,
     "currency": models.PayloadSchemaType.KEYWORD,
     "price": models.PayloadSchemaType.FLOAT,
+    "image_hashes": models.PayloadSchemaType.KEYWORD,
 }
 
 
@@ -194,12 +195,53 @@ class ProductStore:
     def count(self, catalogue: str) -> int:
         return self.client.count(catalogue, exact=True).count
 
-    def content_hashes(self, catalogue: str, ids: Sequence[str]) -> dict[str, str]:
-        """Stored content hash per point id, for the ids that exist."""
+    def stored_hashes(self, catalogue: str, ids: Sequence[str]) -> dict[str, tuple[str, list[str]]]:
+        """(content hash, image hashes) per point id, for the ids that exist: what incremental ingest compares."""
         if not ids:
             return {}
-        points = self.client.retrieve(catalogue, ids=list(ids), with_payload=["content_hash"], with_vectors=False)
-        return {str(p.id): str((p.payload or {}).get("content_hash", "")) for p in points}
+        points = self.client.retrieve(
+            catalogue, ids=list(ids), with_payload=["content_hash", "image_hashes"], with_vectors=False
+        )
+        out = {}
+        for point in points:
+            payload = point.payload or {}
+            out[str(point.id)] = (str(payload.get("content_hash", "")), list(payload.get("image_hashes") or []))
+        return out
+
+    def image_vectors_by_hash(self, catalogue: str, digests: Sequence[str]) -> dict[str, list[float]]:
+        """Stored photo vectors whose image bytes have these sha256 hashes, from any product that has them
+        (a photo's vector depends only on its bytes and the encoder, which the catalogue fixes)."""
+        if not digests:
+            return {}
+        wanted = set(digests)
+        having = models.Filter(
+            must=[models.FieldCondition(key="image_hashes", match=models.MatchAny(any=list(wanted)))]
+        )
+        out: dict[str, list[float]] = {}
+        offset = None
+        while wanted - out.keys():
+            points, offset = self.client.scroll(
+                catalogue,
+                scroll_filter=having,
+                limit=256,
+                offset=offset,
+                with_payload=["image_hashes"],
+                with_vectors=[IMAGE_VECTOR],
+            )
+            for point in points:
+                hashes = (point.payload or {}).get("image_hashes") or []
+                rows = point.vector.get(IMAGE_VECTOR) if isinstance(point.vector, dict) else None
+                if isinstance(rows, list) and len(rows) == len(hashes):
+                    for digest, row in zip(hashes, rows, strict=True):
+                        if digest in wanted and isinstance(row, list):
+                            out[str(digest)] = [float(v) for v in row]
+            if offset is None:
+                break
+        return out
+
+    def delete(self, catalogue: str, ids: Sequence[str]) -> None:
+        if ids:
+            self.client.delete(catalogue, points_selector=models.PointIdsList(points=list(ids)), wait=True)
 
     def upsert(self, catalogue: str, points: Iterable[models.PointStruct]) -> None:
         batch = list(points)

@@ -12,11 +12,19 @@ CATEGORY_SEPARATOR = ">"
 IMAGE_SEPARATOR = "|"
 MAX_IMAGES = 32
 MAX_ATTRIBUTE_LENGTH = 2_000
+MAX_CATEGORY_LEVEL_LENGTH = 256
+MAX_IMAGE_REF_LENGTH = 4_096
 
 # Columns with a meaning of their own; every other column becomes an attribute.
 KNOWN_COLUMNS = frozenset(
     {"id", "retailer", "title", "description", "brand", "category", "price", "currency", "url", "image", "gtin", "mpn"}
 )
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """A value quoted in an error message, cut short: a 2 MB field must not become a 2 MB reason."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(str(value)):,} characters)"
 
 
 def parse_category(value: str | list[str] | None) -> list[str]:
@@ -28,7 +36,9 @@ def parse_category(value: str | list[str] | None) -> list[str]:
     if levels == [""]:
         return []
     if any(not level for level in levels):
-        raise ValueError(f"empty level in category path {value!r}; write it as 'A > B > C'")
+        raise ValueError(f"empty level in category path {_shown(value)}; write it as 'A > B > C'")
+    if any(len(level) > MAX_CATEGORY_LEVEL_LENGTH for level in levels):
+        raise ValueError(f"a category level is longer than {MAX_CATEGORY_LEVEL_LENGTH} characters")
     return levels
 
 
@@ -88,7 +98,7 @@ class CatalogueRecord(BaseModel):
             try:
                 value = float(value)
             except ValueError:
-                raise ValueError(f"price must be a number, got {value!r}") from None
+                raise ValueError(f"price must be a number, got {_shown(value)}") from None
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError("price must be a finite number")
         return value
@@ -100,7 +110,7 @@ class CatalogueRecord(BaseModel):
             return None
         digits = re.sub(r"[\s-]", "", str(value))
         if not re.fullmatch(r"\d{8}|\d{12,14}", digits):
-            raise ValueError(f"gtin must be 8, 12, 13 or 14 digits, got {value!r}")
+            raise ValueError(f"gtin must be 8, 12, 13 or 14 digits, got {_shown(value)}")
         return digits.zfill(14)  # GTIN-14 form: the same product compares equal whatever length it was given in
 
     @field_validator("currency")
@@ -112,9 +122,11 @@ class CatalogueRecord(BaseModel):
     @classmethod
     def _images(cls, value: Any) -> Any:
         if isinstance(value, str):
-            return [value]
+            value = [value]
         if isinstance(value, list) and not all(isinstance(v, str) and v.strip() for v in value):
             raise ValueError("every image must be a non-empty path or URL")
+        if isinstance(value, list) and any(len(v) > MAX_IMAGE_REF_LENGTH for v in value):
+            raise ValueError(f"an image path or URL is longer than {MAX_IMAGE_REF_LENGTH} characters")
         return value
 
     @field_validator("attributes", mode="before")
@@ -126,7 +138,7 @@ class CatalogueRecord(BaseModel):
         for key, raw in value.items():
             text = raw if isinstance(raw, str) else str(raw)
             if len(text) > MAX_ATTRIBUTE_LENGTH:
-                raise ValueError(f"attribute {key!r} is longer than {MAX_ATTRIBUTE_LENGTH} characters")
+                raise ValueError(f"attribute {_shown(key)} is longer than {MAX_ATTRIBUTE_LENGTH} characters")
             out[str(key)] = text.strip()
         return out
 

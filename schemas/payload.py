@@ -24,6 +24,9 @@ class ProductPayload(BaseModel):
     images: list[str] = Field(
         default_factory=list, description="the photos embedded into the image vector: absolute paths or URLs"
     )
+    image_hashes: list[str] = Field(
+        default_factory=list, description="sha256 of each embedded photo's bytes (reuse of its vector)"
+    )
     attributes: dict[str, str] = Field(default_factory=dict)
     content_hash: str = Field(description="sha256 of the record's fields and image bytes (incremental ingest)")
     ingested_at: str = Field(description="ISO 8601 UTC time of the last write")

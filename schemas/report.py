@@ -24,6 +24,7 @@ class IngestReport(BaseModel):
     rejected_rows: list[Rejection] = Field(default_factory=list)
     skipped_images: list[Rejection] = Field(default_factory=list)
     images_embedded: int = 0
+    pruned: int = Field(default=0, description="products deleted because the feed no longer lists them")
     seconds: float = 0.0
 
     @property

@@ -17,10 +17,10 @@ from retrieval.encoders.base import embed_images
 from retrieval.encoders.factory import parse_spec
 from retrieval.encoders.timm_backbone import TimmImageEncoder
 from retrieval.query import SearchEngine
-from retrieval.settings import DEFAULT_TEXT_MODEL, Settings
+from retrieval.settings import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, Settings
 from retrieval.store import ProductStore, open_client
 from schemas.search import SearchOptions
-from tests.conftest import sample_rows, write_catalogue
+from tests.conftest import GROCERY, sample_rows, write_catalogue
 
 IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 
@@ -142,3 +142,16 @@ def test_a_clip_catalogue_answers_a_text_with_its_photos_too(tmp_path: Path) -> 
             assert result.scores.image == pytest.approx(float(photo @ cross), abs=1e-4)
     finally:
         store.close()
+
+
+def test_bf16_keeps_every_embedding_within_cosine_0999_of_fp32() -> None:
+    """The reduced-precision path is only used because it changes no embedding by more than this."""
+    photos = sorted((GROCERY / "val").rglob("*.jpg"))[::10][:24]
+    images = [Image.open(p).convert("RGB") for p in photos]
+    fp32 = embed_images(load_image_encoder(DEFAULT_IMAGE_MODEL, "fp32"), images)
+    bf16_encoder = load_image_encoder(DEFAULT_IMAGE_MODEL, "bf16")
+    assert bf16_encoder.name == load_image_encoder(DEFAULT_IMAGE_MODEL, "fp32").name  # same vectors' space
+    cosines = np.sum(fp32 * embed_images(bf16_encoder, images), axis=1)
+    assert cosines.min() >= 0.999, cosines.min()
+    with pytest.raises(EncoderError, match="auto, fp32 or bf16"):
+        TimmImageEncoder("tf_efficientnet_lite0", "random", "fp16")

@@ -11,7 +11,7 @@ from retrieval.encoders.base import EncoderError, ImageEncoder, TextEncoder
 IMAGE_KINDS = ("timm", "open_clip")
 TEXT_KINDS = ("sentence-transformers", "open_clip")
 
-_cache: dict[str, Any] = {}
+_cache: dict[tuple[str, str], Any] = {}
 _cache_lock = threading.Lock()
 
 
@@ -28,12 +28,12 @@ def parse_spec(spec: str) -> tuple[str, str, str | None]:
     return kind, model, weights or None
 
 
-def _build(spec: str) -> Any:
+def _build(spec: str, precision: str) -> Any:
     kind, model, weights = parse_spec(spec)
     if kind == "timm":
         from retrieval.encoders.timm_backbone import TimmImageEncoder
 
-        return TimmImageEncoder(model, weights)
+        return TimmImageEncoder(model, weights, precision)
     if kind == "open_clip":
         from retrieval.encoders.clip import OpenClipEncoder
 
@@ -43,19 +43,22 @@ def _build(spec: str) -> Any:
     return SentenceTextEncoder(model if weights is None else f"{model}/{weights}")
 
 
-def _cached(spec: str, kinds: tuple[str, ...]) -> Any:
+def _cached(spec: str, kinds: tuple[str, ...], precision: str = "fp32") -> Any:
     kind = parse_spec(spec)[0]
     if kind not in kinds:
         raise EncoderError(f"encoder kind {kind!r} in {spec!r} cannot do this; use one of: {', '.join(kinds)}")
-    # One instance per spec per process: an open_clip spec used for both roles loads once.
+    if kind != "timm":
+        precision = "fp32"  # only the timm backbones have a reduced-precision path
+    # One instance per spec (and precision) per process: an open_clip spec used for both roles loads once.
     with _cache_lock:
-        if spec not in _cache:
-            _cache[spec] = _build(spec)
-        return _cache[spec]
+        if (spec, precision) not in _cache:
+            _cache[(spec, precision)] = _build(spec, precision)
+        return _cache[(spec, precision)]
 
 
-def load_image_encoder(spec: str) -> ImageEncoder:
-    encoder: ImageEncoder = _cached(spec, IMAGE_KINDS)
+def load_image_encoder(spec: str, precision: str = "auto") -> ImageEncoder:
+    """`precision`: auto (bf16 where the CPU has it, for timm backbones), fp32 or bf16."""
+    encoder: ImageEncoder = _cached(spec, IMAGE_KINDS, precision)
     return encoder
 
 

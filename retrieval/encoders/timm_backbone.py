@@ -71,10 +71,24 @@ def remap_lukemelas_state(state: dict[str, torch.Tensor], stage_depths: list[int
     return out
 
 
-class TimmImageEncoder:
-    """A timm classifier used as a feature extractor: pooled pre-logits features, L2-normalised."""
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated, slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="ignore")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
-    def __init__(self, model_name: str, weights: str | None) -> None:
+
+class TimmImageEncoder:
+    """A timm classifier used as a feature extractor: pooled pre-logits features, L2-normalised.
+
+    `precision="bf16"` runs the network in bfloat16 except its stem and first block, which stay in float32:
+    measured on grocery photos, that keeps every embedding's cosine to the float32 one >= 0.999 (all-bf16
+    fell to 0.9987) at 4-5x the float32 speed on a CPU with AVX512-BF16. `"auto"` picks bf16 on such a CPU,
+    float32 elsewhere."""
+
+    def __init__(self, model_name: str, weights: str | None, precision: str = "fp32") -> None:
         """`weights`: a checkpoint path, 'random' (mechanics only), or None for the packaged default."""
         try:
             self.model = timm.create_model(model_name, pretrained=False)
@@ -94,6 +108,9 @@ class TimmImageEncoder:
             self._load(path)
             weights_id = path.name
         self.model.eval().to(memory_format=torch.channels_last)
+        if precision not in ("auto", "fp32", "bf16"):
+            raise EncoderError(f"image precision {precision!r}: use auto, fp32 or bf16")
+        self.precision = ("bf16" if cpu_has_bf16() else "fp32") if precision == "auto" else precision
         self.name = f"timm:{model_name}/{weights_id}"
         self.dim = int(self.model.num_features)
         config = resolve_model_data_config(self.model)
@@ -129,7 +146,27 @@ class TimmImageEncoder:
 
     @torch.inference_mode()
     def embed_tensors(self, batch: torch.Tensor) -> np.ndarray:
+        batch = batch.contiguous(memory_format=torch.channels_last)
         with self._lock:  # one forward at a time: torch already uses every core for one batch
-            features = self.model.forward_features(batch.contiguous(memory_format=torch.channels_last))
-            pooled = self.model.forward_head(features, pre_logits=True)
+            if self.precision == "bf16":
+                features = self._forward_bf16(batch)
+            else:
+                features = self.model.forward_features(batch)
+            pooled = self.model.forward_head(features.float(), pre_logits=True)
         return l2_normalise(pooled)
+
+    def _forward_bf16(self, batch: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        stages = getattr(model, "blocks", None)
+        if not (hasattr(model, "conv_stem") and isinstance(stages, torch.nn.Sequential) and len(stages) > 1):
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # another layout: all of it in bf16
+                out: torch.Tensor = model.forward_features(batch)
+            return out
+        x: torch.Tensor = stages[0](
+            model.bn1(model.conv_stem(batch))
+        )  # EfficientNet / MobileNet layout: stem + block 0 fp32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for stage in stages[1:]:
+                x = stage(x)
+            x = model.bn2(model.conv_head(x))
+        return x
