@@ -12,6 +12,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 
 
+# Large JPEGs are decoded at a reduced scale (DCT scaling, nearly free) as long as both sides stay at least
+# this long: twice the 224-448 px the backbones see, so the resize that follows loses nothing measurable.
+DRAFT_MIN_SIDE = 896
+
+
 class ImageDecodeError(ValueError):
     """Bytes that are not a usable image; the message is safe to show to the user."""
 
@@ -32,6 +37,8 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
             width, height = opened.size
             if width * height > max_pixels:
                 raise ImageDecodeError(f"image too large: {width}x{height} pixels, over the limit of {max_pixels}")
+            if opened.format == "JPEG" and min(width, height) >= 2 * DRAFT_MIN_SIDE:
+                opened.draft("RGB", (DRAFT_MIN_SIDE, DRAFT_MIN_SIDE))
             opened.load()  # the first frame of an animated GIF / WebP / APNG
             image: Image.Image = ImageOps.exif_transpose(opened) or opened
             return to_rgb(image)

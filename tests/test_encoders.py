@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from retrieval.encoders import EncoderError, ImageEncoder, TextEncoder, load_ima
 from retrieval.encoders.base import embed_images
 from retrieval.encoders.factory import parse_spec
 from retrieval.encoders.timm_backbone import TimmImageEncoder
+from retrieval.images import decode_image
 from retrieval.query import SearchEngine
 from retrieval.settings import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, Settings
 from retrieval.store import ProductStore, open_client
@@ -155,3 +157,15 @@ def test_bf16_keeps_every_embedding_within_cosine_0999_of_fp32() -> None:
     assert cosines.min() >= 0.999, cosines.min()
     with pytest.raises(EncoderError, match="auto, fp32 or bf16"):
         TimmImageEncoder("tf_efficientnet_lite0", "random", "fp16")
+
+
+def test_large_jpegs_decode_at_a_reduced_scale_without_changing_the_embedding(image_encoder: ImageEncoder) -> None:
+    photo = Image.fromarray(skdata.astronaut()).resize((4032, 3024), Image.Resampling.BICUBIC)  # a phone photo
+    buffer = io.BytesIO()
+    photo.save(buffer, "JPEG", quality=92)
+    drafted = decode_image(buffer.getvalue(), max_pixels=50_000_000)
+    assert drafted.size == (2016, 1512)  # halved by the JPEG decoder, still far above what the model sees
+    with Image.open(io.BytesIO(buffer.getvalue())) as opened:
+        full = opened.convert("RGB")
+    vectors = embed_images(image_encoder, [drafted, full])
+    assert float(vectors[0] @ vectors[1]) > 0.9995
