@@ -14,6 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from retrieval.images import ImageDecodeError
 from retrieval.settings import Settings
 from retrieval.store import CatalogueNotFound, EncoderMismatch, ProductNotFound, StoreError
+from service.batching import Overloaded, batched_encoders
 from service.routes import catalogues, health, jobs, search
 from service.state import AppState, build_state
 
@@ -26,12 +27,17 @@ def create_app(settings: Settings | None = None, *, state: AppState | None = Non
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.app_state = state or build_state(settings or Settings())
+        app_state = state or build_state(settings or Settings())
+        app.state.app_state = app_state
+        # Per run of the app (its event loop): the batchers' queues and tasks live on that loop.
+        app.state.encoders = batched_encoders(app_state) if app_state.settings.micro_batching else None
         try:
             yield
         finally:
+            if app.state.encoders is not None:
+                await app.state.encoders.close()
             if state is None:
-                app.state.app_state.close()
+                app_state.close()
 
     app = FastAPI(
         title="product-match",
@@ -67,6 +73,12 @@ def create_app(settings: Settings | None = None, *, state: AppState | None = Non
     @app.exception_handler(ImageDecodeError)
     def _bad_image(request: Request, exc: ImageDecodeError) -> JSONResponse:
         return error(422, f"the uploaded image cannot be used: {exc}")
+
+    @app.exception_handler(Overloaded)
+    def _overloaded(request: Request, exc: Overloaded) -> JSONResponse:
+        response = error(503, f"busy: {exc}; retry in {exc.retry_after_s} s")
+        response.headers["Retry-After"] = str(exc.retry_after_s)
+        return response
 
     @app.exception_handler(StoreError)
     def _store(request: Request, exc: StoreError) -> JSONResponse:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import time
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, HTTPException, UploadFile
+from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
 from PIL import Image
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -23,6 +24,7 @@ from schemas.search import (
     SearchRequest,
     SearchResponse,
 )
+from service.batching import BatchedEncoders
 from service.deps import StateDep
 from service.routes.catalogues import photo_url_for
 from service.state import AppState
@@ -34,6 +36,7 @@ ERRORS: dict[int | str, dict[str, object]] = {
     409: {"model": ErrorResponse, "description": "the catalogue was built with other encoders"},
     413: {"model": ErrorResponse, "description": "image too large"},
     422: {"description": "no query, a bad image, or a field out of bounds"},
+    503: {"model": ErrorResponse, "description": "the encoders are busy (see Retry-After) or the store cannot answer"},
 }
 
 
@@ -57,6 +60,7 @@ def _catalogue(state: AppState, name: str | None) -> str:
 
 
 async def _run(
+    request: Request,
     state: AppState,
     catalogue: str,
     data: bytes | None,
@@ -64,14 +68,32 @@ async def _run(
     filters: SearchFilters,
     options: SearchOptions,
 ) -> SearchResponse:
+    started = time.perf_counter()
     picture: Image.Image | None = None
     if data is not None:
         picture = await run_in_threadpool(decode_image, data, max_pixels=state.settings.max_image_pixels)
-    return await run_in_threadpool(
-        lambda: state.engine.search(
-            catalogue, image=picture, text=text, filters=filters, options=options, image_url=photo_url_for(catalogue)
+    encoders: BatchedEncoders | None = request.app.state.encoders
+    engine = state.engine
+    if encoders is None:  # MICRO_BATCHING=false: each request runs the models on its own
+        return await run_in_threadpool(
+            lambda: engine.search(
+                catalogue,
+                image=picture,
+                text=text,
+                filters=filters,
+                options=options,
+                image_url=photo_url_for(catalogue),
+            )
+        )
+    await run_in_threadpool(state.store.check_encoders, catalogue, engine.fingerprint)
+    vectors = await encoders.encode(picture, text)
+    response = await run_in_threadpool(
+        lambda: engine.search_vectors(
+            catalogue, vectors, filters=filters, options=options, image_url=photo_url_for(catalogue)
         )
     )
+    response.took_ms = round((time.perf_counter() - started) * 1000, 2)
+    return response
 
 
 def _words(values: list[str] | None) -> list[str]:
@@ -80,6 +102,7 @@ def _words(values: list[str] | None) -> list[str]:
 
 @router.post("/search", response_model=SearchResponse, responses=ERRORS)
 async def search(
+    request: Request,
     state: StateDep,
     image: Annotated[UploadFile | None, File(description="a product photo (JPEG, PNG, WebP...)")] = None,
     text: Annotated[str | None, Form(max_length=MAX_TEXT_LENGTH, description="words describing the product")] = None,
@@ -128,11 +151,11 @@ async def search(
         )
     except ValidationError as exc:
         raise HTTPException(422, "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
-    return await _run(state, name, data, query_text, filters, options)
+    return await _run(request, state, name, data, query_text, filters, options)
 
 
 @router.post("/search/json", response_model=SearchResponse, responses=ERRORS)
-async def search_json(state: StateDep, request: SearchRequest) -> SearchResponse:
+async def search_json(http: Request, state: StateDep, request: SearchRequest) -> SearchResponse:
     """The same search with a JSON body: a base64 photo, a text, or a stored product as the query."""
     name = _catalogue(state, request.catalogue)
     if request.product is not None:
@@ -157,4 +180,4 @@ async def search_json(state: StateDep, request: SearchRequest) -> SearchResponse
         if len(data) > state.settings.max_upload_bytes:
             raise HTTPException(413, f"the image is larger than {state.settings.max_upload_bytes} bytes")
     text = (request.text or "").strip() or None
-    return await _run(state, name, data, text, request.filters, request.options)
+    return await _run(http, state, name, data, text, request.filters, request.options)

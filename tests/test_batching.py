@@ -1,0 +1,105 @@
+"""Micro-batching: concurrent queries share model calls and get their own rows; a full queue, a timeout
+and a failing model each reach the waiting requests as clear errors."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from retrieval.query import QueryVectors, SearchEngine
+from service.batching import BatchedEncoders, MicroBatcher, Overloaded
+from tests.conftest import SAMPLE
+
+PHOTOS = sorted((SAMPLE.parent / "queries").glob("*.jpg"))
+TEXTS = ["oat milk", "apple juice", "Arla standard milk", "golden delicious", "red bell pepper", "yoghurt"]
+
+
+def test_concurrent_queries_share_batches_and_get_their_own_vectors(engine: SearchEngine) -> None:
+    batches: list[int] = []
+    photos = [Image.open(p).convert("RGB") for p in PHOTOS]
+    queries = [(photos[i % len(photos)], TEXTS[i % len(TEXTS)]) for i in range(8)]
+
+    async def run() -> list[QueryVectors]:
+        encoders = BatchedEncoders(
+            engine.image_encoder,
+            engine.text_encoder,
+            window_s=0.2,
+            max_batch=32,
+            max_queue=64,
+            timeout_s=60,
+            observe=lambda modality: lambda size, waited: batches.append(size),
+        )
+        try:
+            return list(await asyncio.gather(*(encoders.encode(image, text) for image, text in queries)))
+        finally:
+            await encoders.close()
+
+    together = asyncio.run(run())
+    assert max(batches) > 1 and sum(batches) == 16  # 8 photos and 8 texts, in fewer than 16 model calls
+    for (image, text), vectors in zip(queries, together, strict=True):
+        alone = engine.encode_query(image, text)
+        assert alone.image is not None and vectors.image is not None
+        assert alone.text is not None and vectors.text is not None
+        assert float(alone.image @ vectors.image) > 0.999 and float(alone.text @ vectors.text) > 0.9999
+        assert vectors.lexical == alone.lexical
+
+
+def slow_batcher(release: threading.Event, *, max_queue: int, timeout_s: float = 30) -> MicroBatcher[int]:
+    def embed(items: Sequence[int]) -> np.ndarray:
+        release.wait(10)
+        return np.asarray([[float(i)] for i in items])
+
+    return MicroBatcher("test", embed, window_s=0.0, max_batch=1, max_queue=max_queue, timeout_s=timeout_s)
+
+
+def test_a_full_queue_refuses_at_once_and_the_rest_still_answer() -> None:
+    release = threading.Event()
+
+    async def run() -> tuple[list[np.ndarray], float]:
+        batcher = slow_batcher(release, max_queue=1)
+        first = asyncio.create_task(batcher.embed(1))  # taken by the worker, which blocks in the model
+        await asyncio.sleep(0.1)
+        second = asyncio.create_task(batcher.embed(2))  # waits in the queue (size 1)
+        await asyncio.sleep(0.05)
+        started = time.perf_counter()
+        with pytest.raises(Overloaded, match="1 requests waiting"):
+            await batcher.embed(3)
+        refused_in = time.perf_counter() - started
+        release.set()
+        rows = list(await asyncio.gather(first, second))
+        await batcher.close()
+        return rows, refused_in
+
+    rows, refused_in = asyncio.run(run())
+    assert [float(r[0]) for r in rows] == [1.0, 2.0]
+    assert refused_in < 0.5
+
+
+def test_a_request_past_its_timeout_gives_up_and_a_model_error_reaches_every_waiter() -> None:
+    release = threading.Event()
+
+    async def timeout() -> None:
+        batcher = slow_batcher(release, max_queue=4, timeout_s=0.2)
+        with pytest.raises(Overloaded, match="within 0.2 s"):
+            await batcher.embed(1)
+        release.set()
+        await batcher.close()
+
+    asyncio.run(timeout())
+
+    def broken(items: Sequence[int]) -> np.ndarray:
+        raise RuntimeError("model exploded")
+
+    async def failing() -> list[BaseException | np.ndarray]:
+        batcher: MicroBatcher[int] = MicroBatcher("broken", broken, window_s=0.1, max_batch=8, max_queue=8, timeout_s=5)
+        results = await asyncio.gather(batcher.embed(1), batcher.embed(2), return_exceptions=True)
+        await batcher.close()
+        return list(results)
+
+    assert [str(r) for r in asyncio.run(failing())] == ["model exploded", "model exploded"]
