@@ -105,6 +105,15 @@ def calibrate(args: argparse.Namespace) -> int:
 
 
 def speed(args: argparse.Namespace) -> int:
+    if args.what == "serve":
+        from bench.serve_load import run_serve
+
+        table = run_serve(seconds=args.seconds, soak_s=args.soak_s)
+        print(table)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "speed-serve.md").write_text(table + "\n")
+        return 0
+
     from bench.speed import run_ingest
     from retrieval.encoders import load_text_encoder
     from retrieval.settings import Settings
@@ -166,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--out", type=Path, default=Path("bench/out"))
 
     sp = sub.add_parser("speed", help="ingest throughput vs the model alone and a naive loop; re-ingest speed")
-    sp.add_argument("what", choices=["ingest"])
+    sp.add_argument("what", choices=["ingest", "serve"])
+    sp.add_argument("--seconds", type=float, default=20, help="serve: seconds of load per row")
+    sp.add_argument("--soak-s", type=float, default=0, help="serve: then a steady-load soak of this many seconds")
     sp.add_argument("--images", type=int, default=512, help="photos for the throughput rows")
     sp.add_argument("--products", type=int, default=10_000, help="products of the re-ingest catalogue")
     sp.add_argument("--out", type=Path, default=Path("bench/out"))
