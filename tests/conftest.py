@@ -114,3 +114,18 @@ def two_shops(engine: SearchEngine, sample_settings: Settings, tmp_path_factory:
     report = ingestor.run(path, "two-shops", progress=False)
     assert report.new == 60
     return "two-shops"
+
+
+@pytest.fixture
+def cli_shops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The CLI's environment pointed at a fresh store holding catalogue `shops`: 12 sample products in
+    `hemkop` and their twins (ids `o-<id>`) in `other-shop`. Returns the test's folder."""
+    monkeypatch.setenv("QDRANT_PATH", str(tmp_path / "store"))
+    for key in ("QDRANT_URL", "IMAGE_MODEL", "TEXT_MODEL"):
+        monkeypatch.delenv(key, raising=False)
+    from ingest.__main__ import main as ingest_main
+
+    rows = sample_rows(12)
+    twins = [{**r, "retailer": "other-shop", "id": f"o-{r['id']}"} for r in rows]
+    assert ingest_main([str(write_catalogue(tmp_path / "feed", rows + twins)), "--catalogue", "shops"]) == 0
+    return tmp_path

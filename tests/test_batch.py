@@ -17,19 +17,6 @@ from retrieval.query import SearchEngine
 from retrieval.settings import Settings
 from service.app import create_app
 from service.state import AppState
-from tests.conftest import sample_rows, write_catalogue
-
-
-@pytest.fixture
-def shops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A store with 12 sample products in shop `hemkop` and their twins (other ids) in `other-shop`."""
-    monkeypatch.setenv("QDRANT_PATH", str(tmp_path / "store"))
-    for key in ("QDRANT_URL", "IMAGE_MODEL", "TEXT_MODEL"):
-        monkeypatch.delenv(key, raising=False)
-    rows = sample_rows(12)
-    twins = [{**r, "retailer": "other-shop", "id": f"o-{r['id']}"} for r in rows]
-    assert ingest_main([str(write_catalogue(tmp_path / "feed", rows + twins)), "--catalogue", "shops"]) == 0
-    return tmp_path
 
 
 def read(path: Path) -> list[dict[str, str]]:
@@ -37,8 +24,8 @@ def read(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_match_a_retailer_then_resume_after_a_cut(shops: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = shops / "matches.csv"
+def test_match_a_retailer_then_resume_after_a_cut(cli_shops: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = cli_shops / "matches.csv"
     args = ["match", "--catalogue", "shops", "--retailer", "hemkop", "--out", str(out), "--limit", "2"]
     assert ingest_main([*args, "--no-progress"]) == 0
     assert "matched 12 products of hemkop" in capsys.readouterr().out
@@ -64,8 +51,8 @@ def test_match_a_retailer_then_resume_after_a_cut(shops: Path, capsys: pytest.Ca
     assert len(read(out)) == 24
 
 
-def test_match_refuses_what_it_cannot_do(shops: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = shops / "m.csv"
+def test_match_refuses_what_it_cannot_do(cli_shops: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = cli_shops / "m.csv"
     base = ["match", "--catalogue", "shops", "--out", str(out), "--no-progress"]
     assert ingest_main([*base, "--retailer", "nobody"]) == 2
     assert "no products of retailer 'nobody'" in capsys.readouterr().err

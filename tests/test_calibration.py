@@ -29,7 +29,7 @@ from schemas.payload import Product
 from schemas.search import LabelledPair, ProductRef
 from service.app import create_app
 from service.state import AppState
-from tests.conftest import sample_rows, write_catalogue
+from tests.conftest import sample_rows
 
 
 def pairs(n: int) -> list[LabelledPair]:
@@ -117,14 +117,8 @@ def test_matches_endpoint_uses_the_stored_calibration(
     assert engine.store.fingerprint(two_shops).image_dim == 1280  # the rest of the metadata is intact
 
 
-def test_calibrate_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv("QDRANT_PATH", str(tmp_path / "store"))
-    for key in ("QDRANT_URL", "IMAGE_MODEL", "TEXT_MODEL"):
-        monkeypatch.delenv(key, raising=False)
-    rows = sample_rows(12)
-    twins = [{**r, "retailer": "other-shop", "id": f"o-{r['id']}"} for r in rows]
-    assert ingest_main([str(write_catalogue(tmp_path / "feed", rows + twins)), "--catalogue", "shops"]) == 0
-    labelled = tmp_path / "pairs.jsonl"
+def test_calibrate_cli(cli_shops: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    labelled = cli_shops / "pairs.jsonl"
     labelled.write_text("\n".join(p.model_dump_json() for p in pairs(12)) + "\n")
     capsys.readouterr()
     assert ingest_main(["calibrate", str(labelled), "--catalogue", "shops"]) == 0
