@@ -12,10 +12,10 @@ A folder holds:
     metadata.json   the collection metadata a Qdrant collection would carry (edge shards have none)
     shard/          the EdgeShard (segments/, wal/, edge_config.json)
 
-The lock matters: `EdgeShard.load` opens every segment's payload storage and indexes read-write (and
-truncates some of their files) *before* it tries the WAL lock, so a second load on an open folder can damage
-the open shard's payload journal even though it then fails. The folder lock refuses the second opener
-before any of that happens.
+The lock matters: `EdgeShard.load` (0.9.0) opens every segment's payload storage and indexes read-write,
+and truncates some of their files, *before* it tries its own lock on `wal/`; so a second load on an open
+folder touches the open shard's files even though it then fails, and has been seen to damage its payload
+journal. The folder lock refuses the second opener before the engine is called.
 """
 
 from __future__ import annotations
@@ -93,10 +93,6 @@ class FolderLock:
     def __init__(self, folder: Path) -> None:
         self.path = folder / LOCK_FILE
         self._fd: int | None = None
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
 
     def acquire(self) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -287,7 +283,8 @@ class EdgeStore:
         return int(_call(self.shard.count, edge.CountRequest(exact=True, filter=to_edge_filter(count_filter))))
 
     def facet(self, key: str, *, limit: int = 1_000, facet_filter: models.Filter | None = None) -> dict[str, int]:
-        """Exact counts of a payload field's values (the field needs a payload index)."""
+        """Exact counts of a payload field's values. Edge refuses a field without a payload index (as a server
+        does; local mode facets any field)."""
         request = edge.FacetRequest(key=key, limit=limit, exact=True, filter=to_edge_filter(facet_filter))
         return {str(hit.value): hit.count for hit in _call(self.shard.facet, request).hits}
 
@@ -320,6 +317,8 @@ class EdgeStore:
         DBSF; a single ranking is a plain nearest query. `exact=True` bypasses HNSW where a segment has one."""
         if not rankings:
             raise ValueError("give at least one ranking")
+        if weights is not None and fusion != "rrf":
+            raise ValueError("weights are for RRF fusion only")
         params = models.SearchParams(exact=True) if exact else None
         if len(rankings) == 1:
             (name, vector), *_ = rankings

@@ -59,6 +59,7 @@ def make_points(seed: int = 7, n: int = N) -> list[models.PointStruct]:
                     "category_prefixes": ["Food", aisle],
                     "category_path": aisle,
                     "price": float(i % 50),
+                    "attributes": {"colour": ["red", "green", "blue"][i % 3]},
                 },
             )
         )
@@ -154,6 +155,25 @@ def test_upsert_count_retrieve(edge_store: EdgeStore, points: list[models.PointS
 
     (partial,) = edge_store.retrieve([str(points[5].id)], with_payload=["retailer"], with_vectors=[TEXT_VECTOR])
     assert partial.payload == {"retailer": "shop-1"} and set(partial.vector or {}) == {TEXT_VECTOR}
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        [{"key": "brand", "except": ["brand-1", "brand-2"]}],
+        [{"key": "price", "range": {"gte": 10, "lt": 20}, "negate": True}],
+        [{"key": "attributes.colour", "match": "red"}, {"key": "brand", "any": ["brand-0", "brand-2"]}],
+        [{"key": "attributes.colour", "except": ["green"], "negate": True}],
+    ],
+    ids=["except", "negated-range", "unindexed-nested-key", "negated-except"],
+)
+def test_free_conditions_count_like_local_mode(
+    edge_store: EdgeStore, local: QdrantClient, where: list[dict[str, Any]]
+) -> None:
+    """`filters.where` of the JSON API, through build_filter: match, any, except, range, negate."""
+    query_filter = build_filter(SearchFilters.model_validate({"where": where}))
+    expected = local.count("c", count_filter=query_filter, exact=True).count
+    assert 0 < edge_store.count(query_filter) == expected < N
 
 
 @pytest.mark.parametrize("fusion", ["rrf", "dbsf", "weighted"])
