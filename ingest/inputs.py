@@ -62,8 +62,11 @@ def open_input(
     product_folders: bool = False,
     max_archive_bytes: int = MAX_ARCHIVE_BYTES,
     max_archive_entries: int = MAX_ARCHIVE_ENTRIES,
+    uploaded: bool = False,
 ) -> CatalogueInput:
-    """The rows behind PATH; file-level problems raise CatalogueError (exit 2), row-level ones are rows."""
+    """The rows behind PATH; file-level problems raise CatalogueError (exit 2), row-level ones are rows.
+    `uploaded`: PATH came from a client (the service's ingest endpoint), so a catalogue file may not name
+    photos on this machine: a lone file's rows may only use URLs, a zip's only its own photos (as always)."""
     path = path.resolve()
     if not path.exists():
         raise CatalogueError(f"{path} does not exist")
@@ -74,12 +77,15 @@ def open_input(
         root = _single_folder(extracted) or extracted
         found = _open_tree(root, retailer, root.name if root != extracted else path.stem, product_folders)
         if found.catalogue_file:
-            found.rows = _confined(found.rows, found.base_dir, extracted.resolve())
+            found.rows = _confined(found.rows, found.base_dir, extracted.resolve(), ZIP_OUTSIDE)
         found.source = f"{path} (extracted to {root})"
         return found
     if path.is_dir():
         return _open_tree(path, retailer, path.name, product_folders)
-    return CatalogueInput(_with_retailer(read_rows(path), retailer), path.parent, str(path), catalogue_file=True)
+    rows = _with_retailer(read_rows(path), retailer)
+    if uploaded:
+        rows = _confined(rows, path.parent, path, UPLOAD_LOCAL)  # nothing local resolves inside the file
+    return CatalogueInput(rows, path.parent, str(path), catalogue_file=True)
 
 
 def _open_tree(root: Path, retailer: str | None, folder_name: str, product_folders: bool) -> CatalogueInput:
@@ -185,8 +191,13 @@ def _row_refs(value: object) -> list[str]:
     return []
 
 
-def _confined(rows: Iterator[RawRow | Rejection], base_dir: Path, root: Path) -> Iterator[RawRow | Rejection]:
-    """A zipped catalogue may only name photos inside the zip (or URLs): a row pointing elsewhere is rejected."""
+ZIP_OUTSIDE = "points outside the zip; a zipped catalogue's photos must be in the zip"
+UPLOAD_LOCAL = "a local path; an uploaded catalogue file's photos must be URLs (or upload a zip with the photos)"
+
+
+def _confined(rows: Iterator[RawRow | Rejection], base_dir: Path, root: Path, why: str) -> Iterator[RawRow | Rejection]:
+    """A zipped (or uploaded) catalogue may only name photos inside `root` (or URLs): a row pointing elsewhere
+    is rejected, `why` saying so."""
     for row in rows:
         if isinstance(row, RawRow):
             for ref in _row_refs(row.data.get("image")):
@@ -199,7 +210,7 @@ def _confined(rows: Iterator[RawRow | Rejection], base_dir: Path, root: Path) ->
                         line=row.line,
                         id=str(raw_id)[:256] if raw_id not in (None, "") else None,
                         field="image",
-                        reason=f"{ref[:200]}: points outside the zip; a zipped catalogue's photos must be in the zip",
+                        reason=f"{ref[:200]}: {why}",
                     )
                     break
             else:

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +39,10 @@ from schemas.report import IngestReport, Rejection
 T = TypeVar("T")
 log = logging.getLogger("ingest")
 CACHED_PHOTOS = 20_000  # photo vectors kept by hash during a run (~100 MB at 1280-d)
+
+
+class IngestCancelled(RuntimeError):
+    """The run was asked to stop; the chunks stored so far stay (a re-run finds them unchanged)."""
 
 
 def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
@@ -135,9 +139,15 @@ class Ingestor:
         retailer: str | None = None,
         product_folders: bool = False,
         prune: bool = False,
+        uploaded: bool = False,
+        cancel: threading.Event | None = None,
+        on_chunk: Callable[[IngestReport], None] | None = None,
     ) -> IngestReport:
         """Ingest a catalogue file, folder or zip (ingest/inputs.py); bad rows are reported, the rest lands.
-        `prune`: then delete the products of the feed's retailers that the feed no longer lists."""
+        `prune`: then delete the products of the feed's retailers that the feed no longer lists.
+        `uploaded`: the file came from a client, so its rows may not name photos on this machine (inputs.py).
+        `cancel`: when set, the run stops after the chunk being stored (IngestCancelled; no pruning).
+        `on_chunk`: called with the report so far after each stored chunk."""
         started = time.perf_counter()
         source = open_input(
             path,
@@ -147,6 +157,7 @@ class Ingestor:
             product_folders=product_folders,
             max_archive_bytes=self.settings.max_archive_bytes,
             max_archive_entries=self.settings.max_archive_entries,
+            uploaded=uploaded,
         )
         report = IngestReport(catalogue=catalogue, source=source.source)
         records = validate_rows(source.rows)
@@ -179,14 +190,25 @@ class Ingestor:
                 )
                 if pending is not None:
                     self._finish(pending.result(), catalogue, cache, report, number - 1, bar)
+                    self._after_chunk(report, cancel, on_chunk)
                 pending = upcoming
             if pending is not None:
                 self._finish(pending.result(), catalogue, cache, report, number, bar)
+                self._after_chunk(report, cancel, on_chunk)
         bar.close()
         if prune:
             report.pruned = self._prune(catalogue, seen, rejected_ids)
         report.seconds = round(time.perf_counter() - started, 3)
         return report
+
+    @staticmethod
+    def _after_chunk(
+        report: IngestReport, cancel: threading.Event | None, on_chunk: Callable[[IngestReport], None] | None
+    ) -> None:
+        if on_chunk is not None:
+            on_chunk(report)
+        if cancel is not None and cancel.is_set():
+            raise IngestCancelled(f"stopped after {report.read} rows; run it again to finish (stored rows are kept)")
 
     def _prepare(
         self,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_IMAGE_MODEL = "timm:tf_efficientnet_lite0"
@@ -49,6 +49,24 @@ class Settings(BaseSettings):
     )
     max_archive_bytes: int = Field(default=8 * 1024**3, ge=1, description="uncompressed size cap of a zip input")
     max_archive_entries: int = Field(default=200_000, ge=1, description="entry count cap of a zip input")
+    # The HTTP service's hardening and operations (README, Operations).
+    api_key: SecretStr | None = Field(
+        default=None, description="when set, write and admin endpoints need it in the X-API-Key header"
+    )
+    cors_origins: str = Field(default="", description="comma-separated origins allowed by CORS ('*': any); none")
+    max_ingest_upload_bytes: int = Field(
+        default=512 * 1024**2, ge=1024, description="largest catalogue file or zip POST /catalogues/{c}/ingest takes"
+    )
+    shutdown_timeout_s: int = Field(
+        default=30, ge=0, le=3_600, description="on SIGTERM, seconds in-flight requests get to finish"
+    )
+    log_format: Literal["json", "text"] = Field(default="json", description="service logs: JSON lines, or plain text")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO")
+
+    @field_validator("api_key", mode="after")
+    @classmethod
+    def _no_empty_key(cls, value: SecretStr | None) -> SecretStr | None:
+        return value if value is not None and value.get_secret_value() else None  # API_KEY= means no key
 
     @model_validator(mode="after")
     def _one_store(self) -> Settings:
@@ -68,6 +86,10 @@ class Settings(BaseSettings):
     @property
     def sources_root(self) -> Path:
         return (self.sources_path or self.store_path.parent / "sources").resolve()
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
     def describe_store(self) -> str:
         return f"Qdrant server {self.qdrant_url}" if self.qdrant_url else f"embedded Qdrant at {self.store_path}"

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import threading
+import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
@@ -113,11 +117,59 @@ def open_client(settings: Settings) -> QdrantClient:
         raise
 
 
-class ProductStore:
-    """One collection per catalogue: named vectors `image` (multivector, one row per photo) and `text`."""
+# Called after every client call with (client method, seconds waiting for the store lock, seconds running).
+StoreObserver = Callable[[str, float, float], None]
 
-    def __init__(self, client: QdrantClient) -> None:
-        self.client = client
+
+def is_embedded(client: QdrantClient) -> bool:
+    """True for qdrant-client's local mode (a folder, or ':memory:'), False for a server."""
+    options = getattr(client, "init_options", None) or {}
+    return options.get("path") is not None or options.get("location") == ":memory:"
+
+
+class _GuardedClient:
+    """The Qdrant client seen through its store: every method call holds the store's lock (when the store
+    serialises access) and is reported to the store's observer. Other attributes pass through unchanged."""
+
+    def __init__(self, client: QdrantClient, store: ProductStore) -> None:
+        self._wrapped = client
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._wrapped, name)
+        if not callable(attribute):
+            return attribute
+        store = self._store
+
+        @functools.wraps(attribute)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            asked = time.perf_counter()
+            guard: AbstractContextManager[Any] = store.lock if store.serialised else nullcontext()
+            with guard:
+                began = time.perf_counter()
+                try:
+                    return attribute(*args, **kwargs)
+                finally:
+                    if store.observer is not None:
+                        store.observer(name, began - asked, time.perf_counter() - began)
+
+        return call
+
+
+class ProductStore:
+    """One collection per catalogue: named vectors `image` (multivector, one row per photo) and `text`.
+
+    qdrant-client's local mode is not safe for reads during writes (nor for concurrent writes), and in the
+    service an ingest job writes while requests search. So for an embedded store every client call, made
+    here or through `store.client` (the query code), holds `store.lock`, a re-entrant lock: hold it
+    yourself to make several calls one step. A server serialises nothing (`serialise=True` forces it)."""
+
+    def __init__(self, client: QdrantClient, *, serialise: bool | None = None) -> None:
+        self.lock = threading.RLock()
+        self.serialised = is_embedded(client) if serialise is None else serialise
+        self.observer: StoreObserver | None = None
+        # Typed as the client it stands for: it has every attribute of it, its methods guarded.
+        self.client = cast(QdrantClient, _GuardedClient(client, self))
 
     def close(self) -> None:
         self.client.close()
@@ -183,6 +235,8 @@ class ProductStore:
 
     def calibration(self, catalogue: str) -> Calibration | None:
         """The match model fitted for a catalogue, if any (kept in its collection metadata)."""
+        if not self.client.collection_exists(catalogue):
+            raise CatalogueNotFound(catalogue, self.catalogues())
         stored = (self.client.get_collection(catalogue).config.metadata or {}).get("calibration")
         return Calibration.model_validate(stored) if stored else None
 

@@ -2,26 +2,67 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from schemas.report import IngestReport, Rejection
 from schemas.search import Fusion
 
 JobStatus = Literal["queued", "running", "done", "failed"]
+JobKind = Literal["match", "ingest"]
+SHOWN_REJECTIONS = 100
+
+
+class IngestSummary(BaseModel):
+    """What an ingest job did (so far, while it runs): the counts of `python -m ingest`, and the first
+    rejected rows and skipped photos with their line numbers and reasons."""
+
+    file: str = Field(description="the uploaded file's name")
+    read: int = 0
+    new: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    rejected_rows: int = Field(default=0, description="rows not ingested (all of them; `rejections` lists some)")
+    skipped_images: int = Field(default=0, description="photos left out of products that were kept")
+    images_embedded: int = 0
+    pruned: int = 0
+    seconds: float = 0.0
+    rejections: list[Rejection] = Field(
+        default_factory=list, description=f"the first {SHOWN_REJECTIONS} rejected rows, with line and reason"
+    )
+    skipped: list[Rejection] = Field(default_factory=list, description=f"the first {SHOWN_REJECTIONS} skipped photos")
+
+    @classmethod
+    def of(cls, report: IngestReport, file: str) -> IngestSummary:
+        return cls(
+            file=file,
+            read=report.read,
+            new=report.new,
+            updated=report.updated,
+            unchanged=report.unchanged,
+            rejected_rows=len(report.rejected_rows),
+            skipped_images=len(report.skipped_images),
+            images_embedded=report.images_embedded,
+            pruned=report.pruned,
+            seconds=report.seconds,
+            rejections=report.rejected_rows[:SHOWN_REJECTIONS],
+            skipped=report.skipped_images[:SHOWN_REJECTIONS],
+        )
 
 
 class Job(BaseModel):
     id: str
-    kind: Literal["match"]
+    kind: JobKind
     catalogue: str
     status: JobStatus
-    done: int = Field(default=0, description="products processed so far")
-    total: int | None = Field(default=None, description="products to process, once known")
+    done: int = Field(default=0, description="products processed so far (an ingest: rows read)")
+    total: int | None = Field(default=None, description="products to process, once known (an ingest: unknown)")
     created_at: str
     started_at: str | None = None
     finished_at: str | None = None
     error: str | None = None
+    ingest: IngestSummary | None = Field(default=None, description="an ingest job's report, updated as it runs")
 
 
 class MatchJobRequest(BaseModel):
@@ -33,8 +74,10 @@ class MatchJobRequest(BaseModel):
     )
 
     retailer: str = Field(min_length=1, max_length=128)
-    against: list[str] = Field(default_factory=list, max_length=100, description="only these retailers")
-    product_ids: list[str] | None = Field(
+    against: list[Annotated[str, Field(max_length=128)]] = Field(
+        default_factory=list, max_length=100, description="only these retailers"
+    )
+    product_ids: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
         default=None, min_length=1, max_length=10_000, description="only these products of the retailer"
     )
     limit: int = Field(default=3, ge=1, le=20, description="candidates per product")

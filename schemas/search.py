@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -16,11 +16,14 @@ MAX_TEXT_LENGTH = 2_000
 # (`attributes.colour`: the catalogue's extra columns).
 CONDITION_FIELDS = ("title", "description", "brand", "gtin", "mpn", "category_path", "price", "currency", "url")
 CONDITION_KEY_PATTERN = rf"^(?:{'|'.join(CONDITION_FIELDS)}|attributes\.[A-Za-z0-9_ -]{{1,64}})$"
-Scalar = str | int | bool
+# Bounded values inside lists and conditions: a request cannot smuggle megabytes into a filter.
+Name = Annotated[str, Field(max_length=256)]
+Value = Annotated[str, Field(max_length=1_000)]
+Scalar = Value | int | bool
 
 
 class ValueRange(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     gt: float | None = None
     gte: float | None = None
@@ -50,10 +53,10 @@ class PayloadCondition(BaseModel):
         examples=["attributes.colour"],
     )
     match: Scalar | None = Field(default=None, description="the field equals this value")
-    any: list[str] | list[int] | None = Field(
+    any: list[Value] | list[int] | None = Field(
         default=None, min_length=1, max_length=100, description="one of these values (all strings or all integers)"
     )
-    except_: list[str] | list[int] | None = Field(
+    except_: list[Value] | list[int] | None = Field(
         default=None, alias="except", min_length=1, max_length=100, description="none of these values"
     )
     range: ValueRange | None = Field(default=None, description="numeric bounds")
@@ -70,14 +73,14 @@ class PayloadCondition(BaseModel):
 class SearchFilters(BaseModel):
     """Payload filters; all given conditions must hold."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     category: str | None = Field(
         default=None, max_length=1_000, description="'A > B': products in this category or any below it"
     )
-    retailer: list[str] = Field(default_factory=list, max_length=100, description="only these retailers")
-    exclude_retailer: list[str] = Field(default_factory=list, max_length=100, description="not these retailers")
-    brand: list[str] = Field(default_factory=list, max_length=100, description="only these brands (exact)")
+    retailer: list[Name] = Field(default_factory=list, max_length=100, description="only these retailers")
+    exclude_retailer: list[Name] = Field(default_factory=list, max_length=100, description="not these retailers")
+    brand: list[Name] = Field(default_factory=list, max_length=100, description="only these brands (exact)")
     price_min: float | None = Field(default=None, ge=0, description="price at least this")
     price_max: float | None = Field(default=None, ge=0, description="price at most this")
     where: list[PayloadCondition] = Field(
@@ -97,7 +100,7 @@ Fusion = Literal["rrf", "dbsf", "weighted"]
 class SearchOptions(BaseModel):
     """How results are fused, cut and paged."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     fusion: Fusion = Field(
         default="rrf",

@@ -1,19 +1,44 @@
-"""`python -m service [--host H] [--port P]`: serve the API and web page with uvicorn."""
+"""`python -m service [--host H] [--port P]`: serve the API and web page with uvicorn.
+
+Logs are JSON lines on stderr (LOG_FORMAT=text for plain lines), uvicorn's access log included. On SIGTERM
+(or Ctrl-C) uvicorn stops accepting connections, closes idle keep-alive ones, lets the requests in flight
+finish for up to SHUTDOWN_TIMEOUT_S seconds (then cancels them) and runs the app's shutdown; then the jobs
+and the store are closed and the process exits with status 0."""
 
 from __future__ import annotations
 
 import argparse
-import logging
+import signal
 import sys
+from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 from pydantic import ValidationError
 
 from retrieval.encoders import EncoderError
 from retrieval.settings import Settings
 from retrieval.store import StoreError
 from service.app import create_app
+from service.logs import configure_logging, logging_config
 from service.state import build_state
+
+
+def server_config(app: FastAPI, settings: Settings, host: str, port: int) -> uvicorn.Config:
+    """How uvicorn serves the app: our log format for its loggers too, a bounded graceful shutdown."""
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=logging_config(settings.log_format, settings.log_level),
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        server_header=False,  # no "server: uvicorn" on every answer
+    )
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM outside uvicorn's own handling: while loading, or re-raised by uvicorn once it has drained."""
+    raise SystemExit(0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,14 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         settings = Settings()
-        # Loaded before uvicorn starts so that a busy store or a bad model spec is one clear line, not a traceback.
-        state = build_state(settings)
     except ValidationError as exc:
         print(f"error: bad configuration: {exc}", file=sys.stderr)
         return 2
+    configure_logging(settings.log_format, settings.log_level)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        # Loaded before uvicorn starts so that a busy store or a bad model spec is one clear line, not a traceback.
+        state = build_state(settings)
     except (StoreError, EncoderError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -38,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     try:
-        uvicorn.run(create_app(settings, state=state), host=args.host, port=args.port, log_level="info")
+        uvicorn.Server(server_config(create_app(settings, state=state), settings, args.host, args.port)).run()
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn drained the requests, then re-raised SIGINT
+        pass
     finally:
         state.close()
     return 0

@@ -14,8 +14,10 @@ from fastapi.staticfiles import StaticFiles
 from retrieval.images import ImageDecodeError
 from retrieval.settings import Settings
 from retrieval.store import CatalogueNotFound, EncoderMismatch, ProductNotFound, StoreError
+from service import metrics, middleware
 from service.batching import Overloaded, batched_encoders
-from service.routes import catalogues, health, jobs, search
+from service.jobs import JobsClosed
+from service.routes import catalogues, health, ingest, jobs, search
 from service.state import AppState, build_state
 
 STATIC = Path(__file__).parent / "static"
@@ -27,8 +29,9 @@ def create_app(settings: Settings | None = None, *, state: AppState | None = Non
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app_state = state or build_state(settings or Settings())
+        app_state = state or build_state(config)
         app.state.app_state = app_state
+        app_state.store.observer = metrics.observe_store_call
         # Per run of the app (its event loop): the batchers' queues and tasks live on that loop.
         app.state.encoders = batched_encoders(app_state) if app_state.settings.micro_batching else None
         try:
@@ -39,16 +42,20 @@ def create_app(settings: Settings | None = None, *, state: AppState | None = Non
             if state is None:
                 app_state.close()
 
+    # What the middleware (body caps, CORS) is built from; a ready-made state's settings are the ones it serves.
+    config = state.settings if state is not None else (settings or Settings())
     app = FastAPI(
         title="product-match",
         summary="Find the same product in other shops by photo and/or text, over Qdrant named vectors.",
         version="0.1.0",
         lifespan=lifespan,
     )
+    middleware.install(app, config)
     app.include_router(health.router)
     app.include_router(search.router)
     app.include_router(catalogues.router)
     app.include_router(jobs.router)
+    app.include_router(ingest.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -79,6 +86,10 @@ def create_app(settings: Settings | None = None, *, state: AppState | None = Non
         response = error(503, f"busy: {exc}; retry in {exc.retry_after_s} s")
         response.headers["Retry-After"] = str(exc.retry_after_s)
         return response
+
+    @app.exception_handler(JobsClosed)
+    def _stopping(request: Request, exc: JobsClosed) -> JSONResponse:
+        return error(503, str(exc))
 
     @app.exception_handler(StoreError)
     def _store(request: Request, exc: StoreError) -> JSONResponse:

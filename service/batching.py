@@ -22,6 +22,7 @@ from PIL import Image
 from retrieval.encoders.base import ImageEncoder, TextEncoder
 from retrieval.lexical import query_vector
 from retrieval.query import QueryVectors
+from service.metrics import encoder_batch_observer
 from service.state import AppState
 
 Item = TypeVar("Item")
@@ -201,4 +202,5 @@ def batched_encoders(state: AppState) -> BatchedEncoders:
         max_batch=settings.batch_max,
         max_queue=settings.encoder_queue,
         timeout_s=settings.request_timeout_s,
+        observe=encoder_batch_observer,
     )

@@ -22,7 +22,8 @@ class AppState:
     jobs: Jobs = field(default_factory=Jobs)
 
     def close(self) -> None:
-        self.jobs.close()
+        """Stop the jobs (a running one gets SHUTDOWN_TIMEOUT_S to reach a stopping point), then the store."""
+        self.jobs.close(self.settings.shutdown_timeout_s)
         self.store.close()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -55,9 +56,14 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
             pytest.fail("the service did not answer /healthz within 180 s")
         yield base, store
     finally:
-        process.terminate()
+        process.terminate()  # SIGTERM: a graceful shutdown
         output, _ = process.communicate(timeout=30)
-    assert f"serving at http://localhost:{port}/" in output
+    assert f"serving at http://localhost:{port}/" in output and process.returncode == 0
+    # Logs are JSON lines; uvicorn's access log carries each request's id.
+    logged = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    access = {entry.get("request_id"): entry for entry in logged if entry["logger"] == "uvicorn.access"}
+    assert access["processes-search"]["status"] == 200 and access["processes-search"]["path"] == "/search"
+    assert any(entry["message"] == "Shutting down" for entry in logged)
 
 
 def test_service_answers_search_over_real_http(served: tuple[str, Path]) -> None:
@@ -67,9 +73,11 @@ def test_service_answers_search_over_real_http(served: tuple[str, Path]) -> None
         f"{base}/search",
         files={"image": (photo.name, photo.read_bytes(), "image/jpeg")},
         data={"limit": "5"},
+        headers={"X-Request-ID": "processes-search"},
         timeout=60,
     )
     assert response.status_code == 200, response.text
+    assert response.headers["x-request-id"] == "processes-search"
     assert response.json()["results"][0]["product"]["title"] == "Oatly Natural Oatghurt"
     bad = httpx.post(f"{base}/search", files={"image": ("x.jpg", b"GIF89a-not-really", "image/jpeg")}, timeout=60)
     assert bad.status_code == 422 and "cannot be used" in bad.json()["detail"]

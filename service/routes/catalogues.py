@@ -31,6 +31,8 @@ from service.state import AppState
 router = APIRouter(tags=["catalogues"])
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 Catalogue = Annotated[str, PathParam(pattern=CATALOGUE_PATTERN)]
+Retailer = Annotated[str, PathParam(min_length=1, max_length=128)]
+ProductId = Annotated[str, PathParam(min_length=1, max_length=256)]
 
 
 def photo_url_for(catalogue: str) -> ImageUrl:
@@ -71,7 +73,7 @@ NOT_FOUND: dict[int | str, dict[str, object]] = {404: {"model": ErrorResponse}}
 
 
 @router.get("/catalogues/{catalogue}/products/{retailer}/{product_id}", response_model=Product, responses=NOT_FOUND)
-async def get_product(state: StateDep, catalogue: Catalogue, retailer: str, product_id: str) -> Product:
+async def get_product(state: StateDep, catalogue: Catalogue, retailer: Retailer, product_id: ProductId) -> Product:
     """One stored product, as search results show it."""
     record = await run_in_threadpool(state.store.product, catalogue, retailer, product_id)
     return to_product(record.payload or {}, photo_url_for(catalogue))
@@ -85,8 +87,8 @@ async def get_product(state: StateDep, catalogue: Catalogue, retailer: str, prod
 async def product_matches(
     state: StateDep,
     catalogue: Catalogue,
-    retailer: str,
-    product_id: str,
+    retailer: Retailer,
+    product_id: ProductId,
     limit: Annotated[int, Query(ge=1, le=100)] = 10,
     fusion: Annotated[Fusion | None, Query(description="default: the calibration's fusion, else rrf")] = None,
     category: Annotated[str | None, Query(max_length=1_000)] = None,
@@ -121,7 +123,11 @@ async def product_matches(
     responses={404: {"model": ErrorResponse}, 307: {"description": "the photo is a remote URL"}},
 )
 async def product_image(
-    state: StateDep, catalogue: Catalogue, retailer: str, product_id: str, index: Annotated[int, PathParam(ge=0, le=64)]
+    state: StateDep,
+    catalogue: Catalogue,
+    retailer: Retailer,
+    product_id: ProductId,
+    index: Annotated[int, PathParam(ge=0, le=64)],
 ) -> Response:
     """A stored photo of a product. Only refs recorded at ingest are served, so no request names a file."""
     record = await run_in_threadpool(state.store.product, catalogue, retailer, product_id)

@@ -16,11 +16,13 @@ from schemas.jobs import Job, MatchJobRequest
 from schemas.search import CATALOGUE_PATTERN, ErrorResponse
 from service.deps import StateDep
 from service.jobs import JobHandle
+from service.security import API_KEY, WRITE_ERRORS
 from service.state import AppState
 
 router = APIRouter(tags=["jobs"])
 JobId = Annotated[str, PathParam(pattern=r"^[0-9a-f]{32}$")]
 NOT_FOUND: dict[int | str, dict[str, object]] = {404: {"model": ErrorResponse}}
+MAX_ROWS = 2_000_000  # a job's rows at most: MAX_JOB_PRODUCTS (up to 100,000) x 20 candidates
 
 
 def _job(state: AppState, job_id: str) -> Job:
@@ -34,7 +36,8 @@ def _job(state: AppState, job_id: str) -> Job:
     "/catalogues/{catalogue}/match-jobs",
     response_model=Job,
     status_code=202,
-    responses={**NOT_FOUND, 422: {"model": ErrorResponse}},
+    dependencies=[API_KEY],
+    responses={**NOT_FOUND, **WRITE_ERRORS, 422: {"model": ErrorResponse}},
 )
 async def submit_match_job(
     state: StateDep, catalogue: Annotated[str, PathParam(pattern=CATALOGUE_PATTERN)], request: MatchJobRequest
@@ -86,7 +89,7 @@ async def get_job(state: StateDep, job_id: JobId) -> Job:
 async def job_rows(
     state: StateDep,
     job_id: JobId,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_ROWS)] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1_000,
 ) -> list[dict[str, str]]:
     """The rows written so far (all of them once the job is done), paged."""
