@@ -240,7 +240,8 @@ class Ingestor:
         missing = {photo.digest for photo in photos if photo.vector is None}
         if missing and reuse_stored:
             with self._store_lock:
-                known = self.store.image_vectors_by_hash(catalogue, sorted(missing))
+                changed = [p.point_id for p in work if p.stored]
+                known = self.store.image_vectors_by_hash(catalogue, sorted(missing), first_from=changed)
             for photo in photos:
                 if photo.vector is None and photo.digest in known:
                     photo.vector = np.asarray(known[photo.digest], dtype=np.float32)

@@ -156,6 +156,17 @@ class _GuardedClient:
         return call
 
 
+def _collect(points: Sequence[models.Record], wanted: set[str], out: dict[str, list[float]]) -> None:
+    """Each wanted photo hash's vector from points read with `image_hashes` and the image vector."""
+    for point in points:
+        hashes = (point.payload or {}).get("image_hashes") or []
+        rows = point.vector.get(IMAGE_VECTOR) if isinstance(point.vector, dict) else None
+        if isinstance(rows, list) and len(rows) == len(hashes):
+            for digest, row in zip(hashes, rows, strict=True):
+                if digest in wanted and isinstance(row, list):
+                    out[str(digest)] = [float(v) for v in row]
+
+
 class ProductStore:
     """One collection per catalogue: named vectors `image` (multivector, one row per photo) and `text`.
 
@@ -262,16 +273,25 @@ class ProductStore:
             out[str(point.id)] = (str(payload.get("content_hash", "")), list(payload.get("image_hashes") or []))
         return out
 
-    def image_vectors_by_hash(self, catalogue: str, digests: Sequence[str]) -> dict[str, list[float]]:
+    def image_vectors_by_hash(
+        self, catalogue: str, digests: Sequence[str], *, first_from: Sequence[str] = ()
+    ) -> dict[str, list[float]]:
         """Stored photo vectors whose image bytes have these sha256 hashes, from any product that has them
-        (a photo's vector depends only on its bytes and the encoder, which the catalogue fixes)."""
-        if not digests:
-            return {}
+        (a photo's vector depends only on its bytes and the encoder, which the catalogue fixes). The points
+        `first_from` (the changed products themselves) are read by id first: a changed product usually
+        keeps its photos, and a look-up by id is cheap where a filtered scroll scans the collection."""
         wanted = set(digests)
-        having = models.Filter(
-            must=[models.FieldCondition(key="image_hashes", match=models.MatchAny(any=list(wanted)))]
-        )
         out: dict[str, list[float]] = {}
+        if not wanted:
+            return out
+        if first_from:
+            points = self.client.retrieve(
+                catalogue, ids=list(first_from), with_payload=["image_hashes"], with_vectors=[IMAGE_VECTOR]
+            )
+            _collect(points, wanted, out)
+        having = models.Filter(
+            must=[models.FieldCondition(key="image_hashes", match=models.MatchAny(any=sorted(wanted - out.keys())))]
+        )
         offset = None
         while wanted - out.keys():
             points, offset = self.client.scroll(
@@ -282,13 +302,7 @@ class ProductStore:
                 with_payload=["image_hashes"],
                 with_vectors=[IMAGE_VECTOR],
             )
-            for point in points:
-                hashes = (point.payload or {}).get("image_hashes") or []
-                rows = point.vector.get(IMAGE_VECTOR) if isinstance(point.vector, dict) else None
-                if isinstance(rows, list) and len(rows) == len(hashes):
-                    for digest, row in zip(hashes, rows, strict=True):
-                        if digest in wanted and isinstance(row, list):
-                            out[str(digest)] = [float(v) for v in row]
+            _collect(points, wanted, out)
             if offset is None:
                 break
         return out
