@@ -33,7 +33,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     max_job_products: int = Field(default=1_000, ge=1, le=100_000, description="products one HTTP match job takes")
     micro_batching: bool = Field(default=True, description="gather concurrent requests' photos / texts into one batch")
-    batch_window_ms: float = Field(default=5.0, ge=0, le=1_000, description="how long a batch waits to fill")
+    batch_window_ms: float = Field(
+        default=0.0, ge=0, le=1_000, description="extra wait for a query batch to fill (0: take what is queued)"
+    )
     batch_max: int = Field(default=32, ge=1, le=1_024, description="most photos (or texts) in one query batch")
     encoder_queue: int = Field(default=256, ge=1, le=100_000, description="requests waiting per encoder; more: 503")
     request_timeout_s: float = Field(default=30.0, gt=0, le=600, description="longest wait for an encoder")

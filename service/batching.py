@@ -1,8 +1,11 @@
-"""Micro-batching of the encoders: concurrent requests' photos (and texts) wait a few milliseconds to be
-embedded together in one model call, run off the event loop, and each request gets its own row back.
+"""Micro-batching of the encoders: concurrent requests' photos (and texts) are embedded together in one
+model call, run off the event loop, and each request gets its own row back.
 
 On a CPU a batch of 8 photos costs far less than 8 single forwards, so under load the service answers
-more requests per second at a bounded added latency (the window). The queue in front of each model is
+more requests per second. A batch takes whatever is queued when the model is free: a lone request runs at
+once (no added latency), and requests that arrive while a batch runs form the next one. An optional
+window (`BATCH_WINDOW_MS`) waits that long for more before running. All model calls share one worker
+thread: torch already uses every core for one forward, so two at once only contend. The queue in front of each model is
 bounded: when it is full the request is refused at once (503 with Retry-After) instead of waiting
 without end, and a request that waits longer than its timeout gives up."""
 
@@ -61,6 +64,7 @@ class MicroBatcher(Generic[Item]):
         max_queue: int,
         timeout_s: float,
         observe: BatchObserver | None = None,
+        worker: ThreadPoolExecutor | None = None,
     ) -> None:
         self.name = name
         self._embed = embed
@@ -69,7 +73,8 @@ class MicroBatcher(Generic[Item]):
         self._timeout_s = timeout_s
         self._observe = observe
         self._queue: asyncio.Queue[_Waiting[Item]] = asyncio.Queue(maxsize=max_queue)
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"encode-{name}")
+        self._own_worker = worker is None
+        self._worker = worker or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"encode-{name}")
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -84,7 +89,8 @@ class MicroBatcher(Generic[Item]):
             except asyncio.CancelledError:
                 pass
             self._task = None
-        self._worker.shutdown(wait=False, cancel_futures=True)
+        if self._own_worker:
+            self._worker.shutdown(wait=False, cancel_futures=True)
 
     async def embed(self, item: Item) -> np.ndarray:
         """This item's row, computed in a batch with whatever else arrived within the window."""
@@ -106,6 +112,9 @@ class MicroBatcher(Generic[Item]):
             batch = [await self._queue.get()]
             deadline = loop.time() + self._window_s
             while len(batch) < self._max_batch:
+                if not self._queue.empty():  # what arrived while the model was busy
+                    batch.append(self._queue.get_nowait())
+                    continue
                 timeout = deadline - loop.time()
                 if timeout <= 0:
                     break
@@ -147,6 +156,7 @@ class BatchedEncoders:
     ) -> None:
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
 
         def batcher(name: str, embed: Callable[[Sequence[Item]], np.ndarray]) -> MicroBatcher[Item]:
             return MicroBatcher(
@@ -157,6 +167,7 @@ class BatchedEncoders:
                 max_queue=max_queue,
                 timeout_s=timeout_s,
                 observe=observe(name) if observe else None,
+                worker=self._worker,
             )
 
         self.images: MicroBatcher[torch.Tensor] = batcher(
@@ -191,6 +202,7 @@ class BatchedEncoders:
         for batcher in (self.images, self.texts, self.cross_modal):
             if batcher is not None:
                 await batcher.close()
+        self._worker.shutdown(wait=False, cancel_futures=True)
 
 
 def batched_encoders(state: AppState) -> BatchedEncoders:
