@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import csv
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
 from ingest.pipeline import Ingestor
 from retrieval.encoders import ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
@@ -129,3 +132,14 @@ def cli_shops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     twins = [{**r, "retailer": "other-shop", "id": f"o-{r['id']}"} for r in rows]
     assert ingest_main([str(write_catalogue(tmp_path / "feed", rows + twins)), "--catalogue", "shops"]) == 0
     return tmp_path
+
+
+def wait_for_job(client: TestClient, job_id: str, *, seconds: float = 60) -> dict[str, Any]:
+    """Poll `GET /jobs/{id}` until the job is done or failed."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        job: dict[str, Any] = client.get(f"/jobs/{job_id}").json()
+        if job["status"] in ("done", "failed"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish in {seconds:g} s")

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import csv
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -17,6 +15,7 @@ from retrieval.query import SearchEngine
 from retrieval.settings import Settings
 from service.app import create_app
 from service.state import AppState
+from tests.conftest import wait_for_job
 
 
 def read(path: Path) -> list[dict[str, str]]:
@@ -70,19 +69,10 @@ def client(engine: SearchEngine, sample_settings: Settings) -> Iterator[TestClie
         yield test_client
 
 
-def wait_for(client: TestClient, job_id: str) -> dict[str, Any]:
-    for _ in range(600):
-        job: dict[str, Any] = client.get(f"/jobs/{job_id}").json()
-        if job["status"] in ("done", "failed"):
-            return job
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} did not finish in 60 s: {job}")
-
-
 def test_match_job_over_http(client: TestClient, two_shops: str) -> None:
     submitted = client.post(f"/catalogues/{two_shops}/match-jobs", json={"retailer": "hemkop", "limit": 2})
     assert submitted.status_code == 202, submitted.text
-    job = wait_for(client, submitted.json()["id"])
+    job = wait_for_job(client, submitted.json()["id"])
     assert (job["status"], job["done"], job["total"], job["error"]) == ("done", 30, 30, None)
     rows = client.get(f"/jobs/{job['id']}/rows", params={"limit": 10_000}).json()
     assert len(rows) == 60 and list(rows[0]) == list(COLUMNS)
@@ -93,7 +83,7 @@ def test_match_job_over_http(client: TestClient, two_shops: str) -> None:
     assert text.splitlines()[0] == ",".join(COLUMNS) and len(text.splitlines()) == 61
 
     listed = client.post(f"/catalogues/{two_shops}/match-jobs", json={"retailer": "other-shop", "product_ids": ["o-3"]})
-    job = wait_for(client, listed.json()["id"])
+    job = wait_for_job(client, listed.json()["id"])
     rows = client.get(f"/jobs/{job['id']}/rows").json()
     assert job["total"] == 1 and [r["right_id"] for r in rows][:1] == ["3"] and len(rows) == 3
 

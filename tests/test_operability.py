@@ -27,6 +27,7 @@ from service.deps import get_state
 from service.jobs import JobHandle, Jobs, JobsClosed
 from service.logs import JsonFormatter
 from service.state import AppState
+from tests.conftest import wait_for_job
 
 KEY = "op-key-0123456789"
 
@@ -52,15 +53,6 @@ def plain(engine: SearchEngine, sample_settings: Settings) -> Iterator[TestClien
         yield client
 
 
-def wait_for(client: TestClient, job_id: str) -> dict[str, Any]:
-    for _ in range(600):
-        job: dict[str, Any] = client.get(f"/jobs/{job_id}").json()
-        if job["status"] in ("done", "failed"):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not finish: {job}")
-
-
 def test_write_endpoints_need_the_key_and_reads_stay_open(keyed: TestClient, two_shops: str) -> None:
     path, body = f"/catalogues/{two_shops}/match-jobs", {"retailer": "hemkop", "product_ids": ["3"], "limit": 1}
     missing = keyed.post(path, json=body)
@@ -76,7 +68,7 @@ def test_write_endpoints_need_the_key_and_reads_stay_open(keyed: TestClient, two
 
     submitted = keyed.post(path, json=body, headers={"X-API-Key": KEY})
     assert submitted.status_code == 202, submitted.text
-    job = wait_for(keyed, submitted.json()["id"])  # reading a job needs no key
+    job = wait_for_job(keyed, submitted.json()["id"])  # reading a job needs no key
     assert job["status"] == "done" and keyed.get(f"/jobs/{job['id']}/rows").json()[0]["right_id"] == "o-3"
     assert keyed.post("/search", data={"text": "milk"}).status_code == 200
     assert keyed.post("/search/json", json={"text": "milk"}).status_code == 200
@@ -147,7 +139,7 @@ def test_request_ids_round_trip_and_reach_every_log_line(
         json={"retailer": "hemkop", "product_ids": ["4"], "limit": 1},
         headers={"X-Request-ID": "req-job-1"},
     )
-    job = wait_for(plain, submitted.json()["id"])
+    job = wait_for_job(plain, submitted.json()["id"])
     assert submitted.headers["x-request-id"] == "req-job-1" and job["status"] == "done"
     ours = [r for r in caplog.records if getattr(r, "request_id", None) == "req-job-1"]
     queued = [r for r in ours if "queued" in r.getMessage()]
