@@ -20,6 +20,10 @@ class Settings(BaseSettings):
     qdrant_url: str | None = Field(default=None, description="Qdrant server URL, e.g. http://localhost:6333")
     qdrant_api_key: str | None = Field(default=None, description="API key for the Qdrant server")
     qdrant_path: Path | None = Field(default=None, description="folder of the embedded store (default: ./data/qdrant)")
+    store_backend: Literal["local", "edge"] = Field(
+        default="local",
+        description="embedded store engine: qdrant-client local mode, or qdrant-edge-py (large catalogues)",
+    )
     image_model: str = Field(default=DEFAULT_IMAGE_MODEL, description="image encoder spec")
     text_model: str = Field(default=DEFAULT_TEXT_MODEL, description="text encoder spec")
     image_precision: Literal["auto", "fp32", "bf16"] = Field(

@@ -106,6 +106,10 @@ def open_client(settings: Settings) -> QdrantClient:
         return QdrantClient(url=settings.qdrant_url, api_key=settings.qdrant_api_key, timeout=30)
     path = settings.store_path
     path.mkdir(parents=True, exist_ok=True)
+    if settings.store_backend == "edge":
+        from retrieval.edge_client import EdgeClient  # edge.py imports this module
+
+        return cast(QdrantClient, EdgeClient(path))  # the part of the client's interface the project calls
     try:
         return QdrantClient(path=str(path))
     except RuntimeError as exc:
