@@ -46,8 +46,8 @@ def test_search_on_edge_answers_like_the_default_store(
         photo = opened.convert("RGB")
     options = SearchOptions(limit=5)
     for kwargs in ({"image": photo}, {"text": "oat milk"}, {"image": photo, "text": "Arla standard milk"}):
-        ours = edge.search("grocery", options=options, **kwargs)  # type: ignore[arg-type]
-        local = engine.search("grocery", options=options, **kwargs)  # type: ignore[arg-type]
+        ours = edge.search("grocery", options=options, **kwargs)
+        local = engine.search("grocery", options=options, **kwargs)
         assert [r.id for r in ours.results] == [r.id for r in local.results]
         assert [r.ranks for r in ours.results] == [r.ranks for r in local.results]
     packaged = edge.search("grocery", text="juice", filters=SearchFilters(category="Packages > Juice"))
