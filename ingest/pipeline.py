@@ -128,7 +128,6 @@ class Ingestor:
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.fingerprint = EncoderFingerprint.of(image_encoder, text_encoder)
-        self._store_lock = threading.Lock()  # the embedded store is not safe for reads during writes
 
     def run(
         self,
@@ -226,8 +225,7 @@ class Ingestor:
         readers, decoders = pools
         products = [Product(r, point_id(r.retailer, r.id)) for r in chunk if isinstance(r, CatalogueRecord)]
         list(readers.map(lambda p: self._read_images(p, base_dir, http), products))
-        with self._store_lock:
-            stored = self.store.stored_hashes(catalogue, [p.point_id for p in products])
+        stored = self.store.stored_hashes(catalogue, [p.point_id for p in products])
         work = []
         for product in products:
             if product.point_id in stored and stored[product.point_id][0] == product.digest:
@@ -239,9 +237,8 @@ class Ingestor:
             photo.vector = cache.get(photo.digest)
         missing = {photo.digest for photo in photos if photo.vector is None}
         if missing and reuse_stored:
-            with self._store_lock:
-                changed = [p.point_id for p in work if p.stored]
-                known = self.store.image_vectors_by_hash(catalogue, sorted(missing), first_from=changed)
+            changed = [p.point_id for p in work if p.stored]
+            known = self.store.image_vectors_by_hash(catalogue, sorted(missing), first_from=changed)
             for photo in photos:
                 if photo.vector is None and photo.digest in known:
                     photo.vector = np.asarray(known[photo.digest], dtype=np.float32)
@@ -276,8 +273,7 @@ class Ingestor:
             else:
                 ready.append(product)
         points = self._embed(ready, cache, report)
-        with self._store_lock:
-            self.store.upsert(catalogue, points)
+        self.store.upsert(catalogue, points)
         for product in ready:
             if product.stored:
                 report.updated += 1
@@ -361,12 +357,11 @@ class Ingestor:
         """Delete the products of the feed's retailers that the feed no longer lists. A row rejected this
         time keeps its stored product (a broken row is not a removal)."""
         gone = []
-        with self._store_lock:
-            for retailer, ids in seen.items():
-                for product_id in self.store.product_ids(catalogue, retailer):
-                    if product_id not in ids and product_id not in rejected_ids:
-                        gone.append(point_id(retailer, product_id))
-            self.store.delete(catalogue, gone)
+        for retailer, ids in seen.items():
+            for product_id in self.store.product_ids(catalogue, retailer):
+                if product_id not in ids and product_id not in rejected_ids:
+                    gone.append(point_id(retailer, product_id))
+        self.store.delete(catalogue, gone)
         if gone:
             log.info("pruned %d products of %s that the feed no longer lists", len(gone), catalogue)
         return len(gone)
