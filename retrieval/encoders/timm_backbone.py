@@ -85,8 +85,8 @@ class TimmImageEncoder:
 
     `precision="bf16"` runs the network in bfloat16 except its stem and first block, which stay in float32:
     measured on grocery photos, that keeps every embedding's cosine to the float32 one >= 0.999 (all-bf16
-    fell to 0.9987) at 4-5x the float32 speed on a CPU with AVX512-BF16. `"auto"` picks bf16 on such a CPU,
-    float32 elsewhere."""
+    fell to 0.9987) at 2.5x the float32 speed on a CPU with AVX512-BF16 (`python -m bench speed ingest`).
+    `"auto"` picks bf16 on such a CPU, float32 elsewhere."""
 
     def __init__(self, model_name: str, weights: str | None, precision: str = "fp32") -> None:
         """`weights`: a checkpoint path, 'random' (mechanics only), or None for the packaged default."""
