@@ -1,4 +1,5 @@
-"""`python -m bench prepare|quality|backbones`: evaluation sets, the quality table and plots, backbones."""
+"""`python -m bench prepare|quality|backbones|calibrate|adapt|speed`: evaluation sets, quality tables and plots,
+backbones, match calibration, adaptation heads, throughput."""
 
 from __future__ import annotations
 
@@ -132,6 +133,31 @@ def speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def adapt(args: argparse.Namespace) -> int:
+    from bench.adapt import run_adapt
+    from retrieval.encoders import load_image_encoder, load_text_encoder
+    from retrieval.settings import Settings
+
+    settings = Settings()
+    ensure_sets(args.sets_dir, args.shared, [args.train, args.set])
+    started = time.perf_counter()
+    result, quality_tables = run_adapt(
+        args.sets_dir,
+        load_image_encoder(args.image_model or settings.image_model, settings.image_precision),
+        load_text_encoder(settings.text_model),
+        train=args.train,
+        evaluate=args.set,
+        seeds=args.seeds,
+        settings=settings,
+    )
+    print(result)
+    print(quality_tables)
+    print(f"{time.perf_counter() - started:.0f} s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "adapt.md").write_text(result + "\n\n" + quality_tables + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
@@ -174,6 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--target-precision", type=float, default=0.95)
     c.add_argument("--out", type=Path, default=Path("bench/out"))
 
+    a = sub.add_parser("adapt", help="adaptation heads: fit on one set's photos, recall before / after on another")
+    a.add_argument("--train", default="grocery-train", help="the set whose queries are the labelled examples")
+    a.add_argument("--set", default="grocery-val", help="the set measured (its catalogue is adapted)")
+    a.add_argument("--seeds", type=int, default=5, help="seeds of the unsupervised rows")
+    a.add_argument("--image-model", help="image encoder spec (default IMAGE_MODEL)")
+    a.add_argument("--out", type=Path, default=Path("bench/out"))
+
     sp = sub.add_parser("speed", help="ingest throughput vs the model alone and a naive loop; re-ingest speed")
     sp.add_argument("what", choices=["ingest", "serve"])
     sp.add_argument("--seconds", type=float, default=20, help="serve: seconds of load per row")
@@ -187,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         return speed(args)
     if args.command == "calibrate":
         return calibrate(args)
+    if args.command == "adapt":
+        return adapt(args)
     if args.command == "prepare":
         if args.what == "sample":
             out = args.out or Path("sample/grocery")

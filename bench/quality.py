@@ -112,9 +112,11 @@ def run_set(
     *,
     max_queries: int | None = None,
     fusions: Sequence[str] = ("rrf",),
+    only: Sequence[str] | None = None,
+    filtered_rows: bool = True,
 ) -> dict[RowKey, Tally]:
     """Every query of the set in every mode it supports (fused once per fusion), with and without its
-    category filter."""
+    category filter (`only`: just these modes; `filtered_rows=False`: no category-filtered rows)."""
     plain = SearchOptions(limit=TOP_K, ranks=False)
     fused = [parse_fusion(spec) for spec in fusions]
     tallies: dict[RowKey, Tally] = defaultdict(Tally)
@@ -127,10 +129,11 @@ def run_set(
         encoded = engine.encode_query(image, query.text)
         encode_s = time.perf_counter() - started
         exclude = [query.exclude_retailer] if query.exclude_retailer else []
-        runs = [(mode, "", plain) for mode in modes_of(query) if mode not in FUSED_MODES]
-        runs += [(mode, label, options) for mode in modes_of(query) if mode in FUSED_MODES for label, options in fused]
+        modes = [mode for mode in modes_of(query) if only is None or mode in only]
+        runs = [(mode, "", plain) for mode in modes if mode not in FUSED_MODES]
+        runs += [(mode, label, options) for mode in modes if mode in FUSED_MODES for label, options in fused]
         for mode, fusion, options in runs:
-            for filtered in (False, True) if query.category else (False,):
+            for filtered in (False, True) if query.category and filtered_rows else (False,):
                 filters = SearchFilters(category=query.category if filtered else None, exclude_retailer=exclude)
                 started = time.perf_counter()
                 response = engine.search_vectors(

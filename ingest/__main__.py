@@ -85,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         from ingest.calibrate import main as calibrate
 
         return calibrate(argv[1:])
+    if argv[:1] == ["adapt"]:
+        from ingest.adapt import main as adapt
+
+        return adapt(argv[1:])
     if argv[:1] == ["match"]:
         from ingest.match import main as match
 

@@ -66,6 +66,7 @@ def main(argv: list[str]) -> int:
             depth=args.depth,
             fusion=args.fusion,
             source=str(args.pairs),
+            adapters=store.info(args.catalogue).adapters,
         )
         store.save_calibration(args.catalogue, calibration)
     except (EncoderError, StoreError, ValueError) as exc:

@@ -67,12 +67,12 @@ def main(argv: list[str]) -> int:
             load_image_encoder(settings.image_model, settings.image_precision),
             load_text_encoder(settings.text_model),
         )
-        store.check_encoders(args.catalogue, engine.fingerprint)
+        info = store.check_encoders(args.catalogue, engine.fingerprint)
         ids = list(store.product_ids(args.catalogue, args.retailer))
         if not ids:
             print(f"error: catalogue {args.catalogue!r} has no products of retailer {args.retailer!r}", file=sys.stderr)
             return 2
-        calibrated = usable(store.calibration(args.catalogue)) is not None
+        calibrated = usable(store.calibration(args.catalogue), info.adapters) is not None
         fresh = not done
         with args.out.open("w" if fresh else "a", encoding="utf-8", newline="") as out:
             if fresh:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from ingest.inputs import open_input
 from ingest.readers import validate_rows
 from ingest.sources import SourceError, UrlFetcher, read_ref, resolve_ref
+from retrieval.adapters import Adapters, Head, adapted_vectors
 from retrieval.encoders.base import ImageEncoder, TextEncoder
 from retrieval.images import ImageDecodeError, decode_image
 from retrieval.lexical import document_vector
@@ -162,6 +163,7 @@ class Ingestor:
         records = validate_rows(source.rows)
         first = next(records, None)  # surfaces a file-level CatalogueError before touching the store
         existed = not self.store.ensure_catalogue(catalogue, self.fingerprint) and self.store.count(catalogue) > 0
+        heads = Adapters(self.store).active_heads(catalogue)  # new points get the adapted twins too
         show = sys.stderr.isatty() if progress is None else progress
         bar = tqdm(desc=f"ingest {catalogue}", unit="product", disable=not show, file=sys.stderr)
         stream = itertools.chain([first], records) if first is not None else iter(())
@@ -188,11 +190,11 @@ class Ingestor:
                     self._prepare, chunk, catalogue, source.base_dir, (readers, pool), http, cache, reuse_stored=existed
                 )
                 if pending is not None:
-                    self._finish(pending.result(), catalogue, cache, report, number - 1, bar)
+                    self._finish(pending.result(), catalogue, cache, heads, report, number - 1, bar)
                     self._after_chunk(report, cancel, on_chunk)
                 pending = upcoming
             if pending is not None:
-                self._finish(pending.result(), catalogue, cache, report, number, bar)
+                self._finish(pending.result(), catalogue, cache, heads, report, number, bar)
                 self._after_chunk(report, cancel, on_chunk)
         bar.close()
         if prune:
@@ -251,7 +253,14 @@ class Ingestor:
         )
 
     def _finish(
-        self, prepared: Prepared, catalogue: str, cache: PhotoCache, report: IngestReport, number: int, bar: tqdm
+        self,
+        prepared: Prepared,
+        catalogue: str,
+        cache: PhotoCache,
+        heads: dict[str, Head],
+        report: IngestReport,
+        number: int,
+        bar: tqdm,
     ) -> None:
         """Embed what the preparing stage left to embed, store the chunk, count it."""
         report.read += prepared.read
@@ -272,7 +281,7 @@ class Ingestor:
                 )
             else:
                 ready.append(product)
-        points = self._embed(ready, cache, report)
+        points = self._embed(ready, cache, heads, report)
         self.store.upsert(catalogue, points)
         for product in ready:
             if product.stored:
@@ -316,7 +325,9 @@ class Ingestor:
                 continue
             photo.tensor = self.image_encoder.preprocess(image)
 
-    def _embed(self, products: list[Product], cache: PhotoCache, report: IngestReport) -> list[models.PointStruct]:
+    def _embed(
+        self, products: list[Product], cache: PhotoCache, heads: dict[str, Head], report: IngestReport
+    ) -> list[models.PointStruct]:
         batch = self.settings.batch_size
         to_embed: list[Photo] = []
         for photo in (photo for product in products for photo in product.usable):
@@ -342,6 +353,7 @@ class Ingestor:
             if text:
                 vector[TEXT_VECTOR] = text_vectors[text_at].tolist()
                 text_at += 1
+            vector.update(adapted_vectors(vector, heads))
             if lexical := document_vector(product.record):
                 vector[LEXICAL_VECTOR] = lexical
             payload = build_payload(

@@ -226,8 +226,10 @@ def fit(
     depth: int = DEFAULT_DEPTH,
     fusion: Fusion = DEFAULT_FUSION,
     source: str = "",
+    adapters: dict[str, int] | None = None,
 ) -> Calibration:
-    """Fit the model on all labelled candidates; choose the thresholds on out-of-fold probabilities."""
+    """Fit the model on all labelled candidates; choose the thresholds on out-of-fold probabilities.
+    `adapters`: the catalogue's active heads the candidates were found under."""
     x = np.asarray(data.rows, dtype=np.float64).reshape(-1, len(FEATURES))
     y = np.asarray(data.labels, dtype=np.float64)
     if len(x) < 10 or y.sum() < 3 or y.sum() > len(y) - 3:
@@ -256,6 +258,7 @@ def fit(
         fusion=fusion,
         fitted_at=datetime.now(UTC).isoformat(timespec="seconds"),
         source=source,
+        adapters=adapters or {},
     )
 
 
@@ -265,11 +268,12 @@ def decide(calibration: Calibration, p: float) -> Decision:
     return "uncertain" if p >= calibration.uncertain_threshold else "no_match"
 
 
-def usable(calibration: Calibration | None) -> Calibration | None:
-    """A stored calibration this version can apply (an older model's features differ: fit it again)."""
+def usable(calibration: Calibration | None, adapters: dict[str, int]) -> Calibration | None:
+    """A stored calibration this version can apply: an older model's features differ, and scores under
+    other adaptation heads than the ones it was fitted with (`adapters`, the active ones) are not its own."""
     if calibration is None or calibration.version != MODEL_VERSION or calibration.features != list(FEATURES):
         return None
-    return calibration
+    return calibration if calibration.adapters == adapters else None
 
 
 def find_matches(

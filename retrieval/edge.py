@@ -30,7 +30,15 @@ from typing import Any, Literal, ParamSpec, TypeVar, cast
 import qdrant_edge as edge
 from qdrant_client import models
 
-from retrieval.store import IMAGE_VECTOR, LEXICAL_VECTOR, PAYLOAD_INDEXES, TEXT_VECTOR, StoreBusy, StoreError
+from retrieval.store import (
+    ADAPTED_VECTORS,
+    IMAGE_VECTOR,
+    LEXICAL_VECTOR,
+    PAYLOAD_INDEXES,
+    TEXT_VECTOR,
+    StoreBusy,
+    StoreError,
+)
 
 LOCK_FILE = "edge.lock"
 METADATA_FILE = "metadata.json"
@@ -71,16 +79,20 @@ class EdgeUnsupported(StoreError):
 
 def edge_config(image_dim: int, text_dim: int) -> edge.EdgeConfig:
     """Our collection layout as an edge shard config: `image` multivector (MAX_SIM, cosine), `text` (cosine),
-    `lexical` sparse with the IDF modifier. Everything else keeps edge's defaults (vectors cached in RAM,
-    payload on disk, no HNSW until `optimize()`)."""
+    their adapted twins, `lexical` sparse with the IDF modifier. Everything else keeps edge's defaults
+    (vectors cached in RAM, payload on disk, no HNSW until `optimize()`)."""
+    photos = edge.EdgeVectorParams(
+        size=image_dim,
+        distance=edge.Distance.Cosine,
+        multivector_config=edge.MultiVectorConfig(edge.MultiVectorComparator.MaxSim),
+    )
+    text = edge.EdgeVectorParams(size=text_dim, distance=edge.Distance.Cosine)
     return edge.EdgeConfig(
         vectors={
-            IMAGE_VECTOR: edge.EdgeVectorParams(
-                size=image_dim,
-                distance=edge.Distance.Cosine,
-                multivector_config=edge.MultiVectorConfig(edge.MultiVectorComparator.MaxSim),
-            ),
-            TEXT_VECTOR: edge.EdgeVectorParams(size=text_dim, distance=edge.Distance.Cosine),
+            IMAGE_VECTOR: photos,
+            TEXT_VECTOR: text,
+            ADAPTED_VECTORS[IMAGE_VECTOR]: photos,
+            ADAPTED_VECTORS[TEXT_VECTOR]: text,
         },
         sparse_vectors={LEXICAL_VECTOR: edge.EdgeSparseVectorParams(modifier=edge.Modifier.Idf)},
     )

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from PIL import Image
 from qdrant_client import models
 
+from retrieval.adapters import Adapters
 from retrieval.encoders.base import ImageEncoder, TextEncoder, embed_images
 from retrieval.lexical import overlap, query_vector
-from retrieval.store import IMAGE_VECTOR, LEXICAL_VECTOR, TEXT_VECTOR, EncoderFingerprint, ProductStore
+from retrieval.store import (
+    ADAPTED_VECTORS,
+    IMAGE_VECTOR,
+    LEXICAL_VECTOR,
+    TEXT_VECTOR,
+    CatalogueInfo,
+    EncoderFingerprint,
+    ProductStore,
+)
 from schemas.catalogue import category_path, parse_category
 from schemas.payload import Product
 from schemas.search import (
@@ -97,23 +106,40 @@ def to_product(payload: dict[str, object], image_url: ImageUrl = ref_as_url) -> 
 Query = list[float] | list[list[float]] | models.SparseVector
 
 
+# Stored vector name -> the modality it ranks by (an adapted twin ranks for its modality).
+MODALITY_OF = {
+    IMAGE_VECTOR: IMAGE_VECTOR,
+    TEXT_VECTOR: TEXT_VECTOR,
+    LEXICAL_VECTOR: LEXICAL_VECTOR,
+    **{twin: modality for modality, twin in ADAPTED_VECTORS.items()},
+}
+
+
 @dataclass(frozen=True)
 class QueryVectors:
-    """What one query searches with; each present part is one ranking (one prefetch) in the fusion."""
+    """What one query searches with; each present part is one ranking (one prefetch) in the fusion. The
+    image and text parts search the raw stored vectors unless `*_using` names the adapted twin (the query
+    vector then already went through the catalogue's head)."""
 
     image: np.ndarray | None = None
     text: np.ndarray | None = None
     lexical: models.SparseVector | None = None
+    image_using: str = IMAGE_VECTOR
+    text_using: str = TEXT_VECTOR
 
     def rankings(self) -> list[tuple[str, Query]]:
+        """(stored vector name, query) per ranking."""
         out: list[tuple[str, Query]] = []
         if self.image is not None:
-            out.append((IMAGE_VECTOR, [self.image.tolist()]))  # a one-row multivector: MAX_SIM = best photo
+            out.append((self.image_using, [self.image.tolist()]))  # a one-row multivector: MAX_SIM = best photo
         if self.text is not None:
-            out.append((TEXT_VECTOR, self.text.tolist()))
+            out.append((self.text_using, self.text.tolist()))
         if self.lexical is not None and self.lexical.indices:
             out.append((LEXICAL_VECTOR, self.lexical))
         return out
+
+    def adapted(self) -> dict[str, bool]:
+        return {IMAGE_VECTOR: self.image_using != IMAGE_VECTOR, TEXT_VECTOR: self.text_using != TEXT_VECTOR}
 
 
 @dataclass
@@ -123,6 +149,10 @@ class SearchEngine:
     store: ProductStore
     image_encoder: ImageEncoder
     text_encoder: TextEncoder
+    adapters: Adapters = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.adapters = Adapters(self.store)
 
     @property
     def fingerprint(self) -> EncoderFingerprint:
@@ -151,9 +181,11 @@ class SearchEngine:
     ) -> SearchResponse:
         """Search by a decoded PIL image and/or text; several rankings are fused in Qdrant."""
         started = time.perf_counter()
-        self.store.check_encoders(catalogue, self.fingerprint)
+        info = self.store.check_encoders(catalogue, self.fingerprint)
         vectors = self.encode_query(image, text)
-        response = self.search_vectors(catalogue, vectors, filters=filters, options=options, image_url=image_url)
+        response = self.search_vectors(
+            catalogue, vectors, filters=filters, options=options, image_url=image_url, info=info
+        )
         response.took_ms = round((time.perf_counter() - started) * 1000, 2)
         return response
 
@@ -166,10 +198,14 @@ class SearchEngine:
         options: SearchOptions | None = None,
         image_url: ImageUrl = ref_as_url,
         exclude_points: Sequence[str] = (),
+        info: CatalogueInfo | None = None,
     ) -> SearchResponse:
-        """The store side of `search`, for vectors already encoded (benchmarks reuse one encoding)."""
+        """The store side of `search`, for vectors already encoded (benchmarks reuse one encoding). Raw
+        query vectors go through the catalogue's active heads here (`info`: the catalogue, read already)."""
         started = time.perf_counter()
         options = options or SearchOptions()
+        active = (info or self.store.info(catalogue)).adapters
+        vectors = self.adapt(catalogue, vectors, active)
         if not options.lexical:
             vectors = replace(vectors, lexical=None)
         rankings = vectors.rankings()
@@ -186,14 +222,15 @@ class SearchEngine:
                     retailer=product.retailer,
                     score=float(point.score),
                     scores=_modality_scores(point.vector, vectors),
-                    ranks=ModalityRanks(**{name: ranks[name].get(str(point.id)) for name in ranks}),
+                    ranks=ModalityRanks(**{MODALITY_OF[name]: ranks[name].get(str(point.id)) for name in ranks}),
                     product=product,
                 )
             )
         return SearchResponse(
             catalogue=catalogue,
-            modes=[name for name, _ in rankings],
+            modes=[MODALITY_OF[name] for name, _ in rankings],
             fusion=options.fusion if len(rankings) > 1 else None,
+            adapted={m: active[m] for m, used in vectors.adapted().items() if used and m in active},
             took_ms=round((time.perf_counter() - started) * 1000, 2),
             results=results,
         )
@@ -210,20 +247,50 @@ class SearchEngine:
     ) -> tuple[Product, SearchResponse]:
         """Search with a stored product's own vectors (first photo, text, lexical terms), leaving it out."""
         started = time.perf_counter()
-        self.store.check_encoders(catalogue, self.fingerprint)
+        info = self.store.check_encoders(catalogue, self.fingerprint)
         record = self.store.product(catalogue, retailer, product_id, with_vectors=True, known=True)
         stored = record.vector if isinstance(record.vector, dict) else {}
-        photos, text, lexical = stored.get(IMAGE_VECTOR), stored.get(TEXT_VECTOR), stored.get(LEXICAL_VECTOR)
+        parts: dict[str, tuple[np.ndarray | None, str]] = {}
+        for modality in (IMAGE_VECTOR, TEXT_VECTOR):
+            # Where the product holds its adapted twin under the active head, it is the query as it stands.
+            twin = ADAPTED_VECTORS[modality]
+            name = twin if modality in info.adapters and stored.get(twin) else modality
+            value = stored.get(name)
+            rows = np.asarray(value, dtype=np.float32) if isinstance(value, list) and value else None
+            parts[modality] = (rows[0] if rows is not None and rows.ndim == 2 else rows, name)
+        lexical = stored.get(LEXICAL_VECTOR)
         vectors = QueryVectors(
-            image=np.asarray(photos[0], dtype=np.float32) if isinstance(photos, list) and photos else None,
-            text=np.asarray(text, dtype=np.float32) if isinstance(text, list) and text else None,
+            image=parts[IMAGE_VECTOR][0],
+            text=parts[TEXT_VECTOR][0],
             lexical=lexical if isinstance(lexical, models.SparseVector) else None,
+            image_using=parts[IMAGE_VECTOR][1],
+            text_using=parts[TEXT_VECTOR][1],
         )
         response = self.search_vectors(
-            catalogue, vectors, filters=filters, options=options, image_url=image_url, exclude_points=[str(record.id)]
+            catalogue,
+            vectors,
+            filters=filters,
+            options=options,
+            image_url=image_url,
+            exclude_points=[str(record.id)],
+            info=info,
         )
         response.took_ms = round((time.perf_counter() - started) * 1000, 2)
         return to_product(record.payload or {}, image_url), response
+
+    def adapt(self, catalogue: str, vectors: QueryVectors, active: dict[str, int]) -> QueryVectors:
+        """Raw query vectors through the catalogue's active heads, aimed at the adapted twins."""
+        if not active:
+            return vectors
+        heads = self.adapters.active_heads(catalogue, active)
+        changes: dict[str, object] = {}
+        if vectors.image is not None and IMAGE_VECTOR in heads and vectors.image_using == IMAGE_VECTOR:
+            changes.update(
+                image=heads[IMAGE_VECTOR](vectors.image[None, :])[0], image_using=ADAPTED_VECTORS[IMAGE_VECTOR]
+            )
+        if vectors.text is not None and TEXT_VECTOR in heads and vectors.text_using == TEXT_VECTOR:
+            changes.update(text=heads[TEXT_VECTOR](vectors.text[None, :])[0], text_using=ADAPTED_VECTORS[TEXT_VECTOR])
+        return replace(vectors, **changes)  # type: ignore[arg-type]
 
     def _query(
         self,
@@ -281,7 +348,7 @@ def fusion_query(options: SearchOptions, rankings: Sequence[str]) -> models.Fusi
             TEXT_VECTOR: options.text_weight,
             LEXICAL_VECTOR: options.lexical_weight,
         }
-        return models.RrfQuery(rrf=models.Rrf(weights=[weight[name] for name in rankings]))
+        return models.RrfQuery(rrf=models.Rrf(weights=[weight[MODALITY_OF.get(name, name)] for name in rankings]))
     return models.FusionQuery(fusion=models.Fusion.RRF)
 
 
@@ -290,10 +357,10 @@ def _modality_scores(stored_vectors: object, query: QueryVectors) -> ModalitySco
     the share of query terms present for the lexical one."""
     stored = stored_vectors if isinstance(stored_vectors, dict) else {}
     scores = ModalityScores()
-    if query.image is not None and stored.get(IMAGE_VECTOR):
-        scores.image = float(np.max(np.asarray(stored[IMAGE_VECTOR], dtype=np.float32) @ query.image))
-    if query.text is not None and stored.get(TEXT_VECTOR):
-        scores.text = float(np.asarray(stored[TEXT_VECTOR], dtype=np.float32) @ query.text)
+    if query.image is not None and stored.get(query.image_using):
+        scores.image = float(np.max(np.asarray(stored[query.image_using], dtype=np.float32) @ query.image))
+    if query.text is not None and stored.get(query.text_using):
+        scores.text = float(np.asarray(stored[query.text_using], dtype=np.float32) @ query.text)
     document = stored.get(LEXICAL_VECTOR)
     if query.lexical is not None:
         scores.lexical = overlap(query.lexical, document.indices if isinstance(document, models.SparseVector) else [])

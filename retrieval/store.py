@@ -21,7 +21,11 @@ from schemas.search import Calibration
 IMAGE_VECTOR = "image"
 TEXT_VECTOR = "text"
 LEXICAL_VECTOR = "lexical"
-LAYOUT_VERSION = 2  # 2: + the `lexical` sparse vector
+# An adaptation head's output for the raw vector of the same modality (retrieval/adapters.py).
+ADAPTED_VECTORS = {IMAGE_VECTOR: "image_adapted", TEXT_VECTOR: "text_adapted"}
+LAYOUT_VERSION = 3  # 2: + the `lexical` sparse vector; 3: + the adapted vectors
+READABLE_LAYOUTS = (2, 3)  # layout 2 searches as before; only adaptation needs 3
+HIDDEN_PREFIX = "_"  # collections of the tool's own (adaptation heads); a catalogue name cannot start so
 
 # Every field a query can filter on gets an index (a server needs them; local mode ignores them).
 PAYLOAD_INDEXES: dict[str, models.PayloadSchemaType] = {
@@ -70,6 +74,15 @@ class EncoderMismatch(StoreError):
 
 
 @dataclass(frozen=True)
+class CatalogueInfo:
+    """What a catalogue's collection metadata says: its encoders, layout and active adaptation heads."""
+
+    fingerprint: EncoderFingerprint
+    layout: int
+    adapters: dict[str, int]  # modality (`image`, `text`) -> version of the head queries go through
+
+
+@dataclass(frozen=True)
 class EncoderFingerprint:
     """Which encoders (name = model + weights) produced a collection's vectors, and their widths."""
 
@@ -98,6 +111,23 @@ class EncoderFingerprint:
             return cls(meta["image_encoder"], int(meta["image_dim"]), meta["text_encoder"], int(meta["text_dim"]))
         except (KeyError, TypeError, ValueError):
             return None
+
+
+def layout_vectors(encoders: EncoderFingerprint) -> dict[str, models.VectorParams]:
+    """The dense named vectors of a catalogue: photos as one multivector per product (MAX_SIM: the best
+    photo counts), the product text, and each one's adapted twin (filled only while a head is active)."""
+    photos = models.VectorParams(
+        size=encoders.image_dim,
+        distance=models.Distance.COSINE,
+        multivector_config=models.MultiVectorConfig(comparator=models.MultiVectorComparator.MAX_SIM),
+    )
+    text = models.VectorParams(size=encoders.text_dim, distance=models.Distance.COSINE)
+    return {
+        IMAGE_VECTOR: photos,
+        TEXT_VECTOR: text,
+        ADAPTED_VECTORS[IMAGE_VECTOR]: photos,
+        ADAPTED_VECTORS[TEXT_VECTOR]: text,
+    }
 
 
 def open_client(settings: Settings) -> QdrantClient:
@@ -191,28 +221,36 @@ class ProductStore:
 
     def catalogues(self) -> list[str]:
         try:
-            return sorted(c.name for c in self.client.get_collections().collections)
+            names = (c.name for c in self.client.get_collections().collections)
+            return sorted(name for name in names if not name.startswith(HIDDEN_PREFIX))
         except (UnexpectedResponse, ResponseHandlingException) as exc:
             raise StoreError(f"cannot reach Qdrant: {exc}") from exc
 
-    def fingerprint(self, catalogue: str) -> EncoderFingerprint:
-        """The encoders a catalogue was built with; CatalogueNotFound if it does not exist."""
+    def info(self, catalogue: str) -> CatalogueInfo:
+        """A catalogue's encoders, layout and active heads; CatalogueNotFound if it does not exist."""
         if not self.client.collection_exists(catalogue):
             raise CatalogueNotFound(catalogue, self.catalogues())
-        info = self.client.get_collection(catalogue)
-        found = EncoderFingerprint.from_metadata(info.config.metadata)
+        metadata = self.client.get_collection(catalogue).config.metadata or {}
+        found = EncoderFingerprint.from_metadata(metadata)
         if found is None:
             raise StoreError(f"collection {catalogue!r} was not made by this tool (no encoder metadata)")
-        version = (info.config.metadata or {}).get("layout_version")
-        if version != LAYOUT_VERSION:
+        version = metadata.get("layout_version")
+        if version not in READABLE_LAYOUTS:
             raise StoreError(
                 f"catalogue {catalogue!r} has collection layout {version}, this version needs {LAYOUT_VERSION}: "
                 "ingest the catalogue again under a new name (or delete the collection first)"
             )
-        return found
+        adapters = metadata.get("adapters") or {}
+        active = {str(k): int(v) for k, v in adapters.items() if isinstance(v, int) and k in ADAPTED_VECTORS}
+        return CatalogueInfo(found, int(version), active)
 
-    def check_encoders(self, catalogue: str, expected: EncoderFingerprint) -> None:
-        found = self.fingerprint(catalogue)
+    def fingerprint(self, catalogue: str) -> EncoderFingerprint:
+        """The encoders a catalogue was built with; CatalogueNotFound if it does not exist."""
+        return self.info(catalogue).fingerprint
+
+    def check_encoders(self, catalogue: str, expected: EncoderFingerprint) -> CatalogueInfo:
+        info = self.info(catalogue)
+        found = info.fingerprint
         if found != expected:
             raise EncoderMismatch(
                 f"catalogue {catalogue!r} was built with image encoder {found.image} ({found.image_dim}-d) and "
@@ -220,6 +258,7 @@ class ProductStore:
                 f"({expected.image_dim}-d) and {expected.text} ({expected.text_dim}-d); set IMAGE_MODEL and "
                 "TEXT_MODEL to the catalogue's encoders, or ingest into a new catalogue"
             )
+        return info
 
     def ensure_catalogue(self, catalogue: str, encoders: EncoderFingerprint) -> bool:
         """Create the collection if missing (True), else check its encoders; payload indexes either way."""
@@ -229,14 +268,7 @@ class ProductStore:
         else:
             self.client.create_collection(
                 catalogue,
-                vectors_config={
-                    IMAGE_VECTOR: models.VectorParams(
-                        size=encoders.image_dim,
-                        distance=models.Distance.COSINE,
-                        multivector_config=models.MultiVectorConfig(comparator=models.MultiVectorComparator.MAX_SIM),
-                    ),
-                    TEXT_VECTOR: models.VectorParams(size=encoders.text_dim, distance=models.Distance.COSINE),
-                },
+                vectors_config=layout_vectors(encoders),
                 # Qdrant weighs each term by its inverse document frequency, kept up to date as data changes.
                 sparse_vectors_config={LEXICAL_VECTOR: models.SparseVectorParams(modifier=models.Modifier.IDF)},
                 metadata=encoders.as_metadata(),
@@ -260,6 +292,13 @@ class ProductStore:
         writes null rather than leaving the key out."""
         calibration_data = calibration.model_dump() if calibration else None
         self.client.update_collection(catalogue, metadata={"calibration": calibration_data})
+
+    def metadata(self, catalogue: str) -> dict[str, Any]:
+        return dict(self.client.get_collection(catalogue).config.metadata or {})
+
+    def update_metadata(self, catalogue: str, values: dict[str, Any]) -> None:
+        """Set top-level metadata keys (a server merges keys: a key to drop is written as null)."""
+        self.client.update_collection(catalogue, metadata=values)
 
     def count(self, catalogue: str) -> int:
         return self.client.count(catalogue, exact=True).count

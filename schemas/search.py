@@ -159,6 +159,10 @@ class SearchResponse(BaseModel):
     catalogue: str
     modes: list[str] = Field(description="which rankings were used: image, text, lexical")
     fusion: Fusion | None = Field(default=None, description="the fusion used when image and text were both given")
+    adapted: dict[str, int] = Field(
+        default_factory=dict,
+        description="modality -> version of the catalogue's adaptation head the query went through",
+    )
     took_ms: float
     results: list[SearchResult]
 
@@ -243,6 +247,9 @@ class Calibration(BaseModel):
     fusion: Fusion = Field(default="rrf", description="the fusion that finds the candidates")
     fitted_at: str
     source: str = ""
+    adapters: dict[str, int] = Field(
+        default_factory=dict, description="the adaptation heads active when fitted; under others, fit again"
+    )
 
 
 class MatchResult(SearchResult):
@@ -262,6 +269,9 @@ class CatalogueInfo(BaseModel):
     products: int
     image_encoder: str
     text_encoder: str
+    adapters: dict[str, int] = Field(
+        default_factory=dict, description="modality -> active adaptation head version (python -m ingest adapt)"
+    )
     categories: dict[str, int] = Field(default_factory=dict, description="category path -> product count")
     retailers: dict[str, int] = Field(default_factory=dict)
 

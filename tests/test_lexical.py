@@ -74,5 +74,5 @@ def test_a_collection_of_an_older_layout_is_refused_with_what_to_do(store: Produ
     store.client.create_collection(
         "old", vectors_config={"text": models.VectorParams(size=3, distance=models.Distance.COSINE)}, metadata=old
     )
-    with pytest.raises(StoreError, match="layout 1, this version needs 2: ingest the catalogue again"):
+    with pytest.raises(StoreError, match="layout 1, this version needs 3: ingest the catalogue again"):
         store.fingerprint("old")

@@ -50,12 +50,13 @@ def photo_url_for(catalogue: str) -> ImageUrl:
 
 def _describe(state: AppState, name: str) -> CatalogueInfo:
     store = state.store
-    fingerprint = store.fingerprint(name)
+    info = store.info(name)
     return CatalogueInfo(
         name=name,
         products=store.count(name),
-        image_encoder=fingerprint.image,
-        text_encoder=fingerprint.text,
+        image_encoder=info.fingerprint.image,
+        text_encoder=info.fingerprint.text,
+        adapters=info.adapters,
         categories=store.facet_counts(name, "category_prefixes"),
         retailers=store.facet_counts(name, "retailer"),
     )
@@ -99,7 +100,7 @@ async def product_matches(
     decision is 'uncalibrated'."""
 
     def run() -> tuple[Product, list[MatchResult], bool]:
-        calibration = usable(state.store.calibration(catalogue))
+        calibration = usable(state.store.calibration(catalogue), state.store.info(catalogue).adapters)
         product, matches = find_matches(
             state.engine,
             catalogue,

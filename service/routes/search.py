@@ -85,11 +85,11 @@ async def _run(
                 image_url=photo_url_for(catalogue),
             )
         )
-    await run_in_threadpool(state.store.check_encoders, catalogue, engine.fingerprint)
+    info = await run_in_threadpool(state.store.check_encoders, catalogue, engine.fingerprint)
     vectors = await encoders.encode(picture, text)
     response = await run_in_threadpool(
         lambda: engine.search_vectors(
-            catalogue, vectors, filters=filters, options=options, image_url=photo_url_for(catalogue)
+            catalogue, vectors, filters=filters, options=options, image_url=photo_url_for(catalogue), info=info
         )
     )
     response.took_ms = round((time.perf_counter() - started) * 1000, 2)

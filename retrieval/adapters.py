@@ -1,0 +1,269 @@
+"""Adaptation heads: a small learned map on top of a frozen encoder's vectors, stored with the catalogue.
+
+A head takes a modality's raw vectors (the `image` photos or the `text` vector) to the adapted space. While
+a head is active for a modality, every point holds the head's output in the adapted twin vector
+(`image_adapted`, `text_adapted`), written from the stored raw vectors (no photo is decoded again), new
+products get it at ingest, and queries go through the same head and search the twin. Heads are versioned
+in a hidden collection beside the catalogue (`_adapters.<catalogue>`); the collection metadata names the
+active version per modality and the ones active before it, so rolling back is one step.
+
+Activation first switches the modality off (queries use the raw vectors), rewrites every point, then
+switches the new version on: an interrupted activation leaves the catalogue searchable on raw vectors,
+never on a mix of two heads."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from qdrant_client import models
+
+from retrieval.store import (
+    ADAPTED_VECTORS,
+    HIDDEN_PREFIX,
+    ProductStore,
+    StoreError,
+    layout_vectors,
+)
+from schemas.adapters import AdapterRecord, HeadKind
+
+HEADS_NAMESPACE = uuid.UUID("6f1c2a52-5d7e-4c1b-9a51-0c6a3f1f7a10")
+PAGE = 256
+
+
+class AdapterError(StoreError):
+    """An adaptation cannot be done as asked; the message says why and what to do."""
+
+
+@dataclass
+class Head:
+    """`linear`: y = W x + b (W starts as the identity); `mlp`: y = x + W2 gelu(W1 x + b1) + b2 (starts as
+    the identity too). Outputs are unit vectors, like the encoders'."""
+
+    kind: HeadKind
+    arrays: dict[str, np.ndarray]
+    _tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def dim(self) -> int:
+        return int(self.arrays["weight" if self.kind == "linear" else "w2"].shape[0])
+
+    @classmethod
+    def from_module(cls, kind: HeadKind, module: torch.nn.Module) -> Head:
+        state = {name: value.detach().cpu().numpy().astype(np.float32) for name, value in module.state_dict().items()}
+        return cls(kind, state)
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        if not self._tensors:
+            self._tensors = {name: torch.from_numpy(value) for name, value in self.arrays.items()}
+        t = self._tensors
+        x = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+        with torch.inference_mode():
+            if self.kind == "linear":
+                y = x @ t["weight"].T + t["bias"]
+            else:
+                y = x + torch.nn.functional.gelu(x @ t["w1"].T + t["b1"]) @ t["w2"].T + t["b2"]
+            return torch.nn.functional.normalize(y, dim=-1).numpy()
+
+    def encode(self) -> str:
+        buffer = io.BytesIO()
+        np.savez(buffer, allow_pickle=False, **self.arrays)
+        return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+    @classmethod
+    def decode(cls, kind: HeadKind, blob: str) -> Head:
+        with np.load(io.BytesIO(base64.b64decode(blob))) as arrays:
+            return cls(kind, {name: arrays[name].astype(np.float32) for name in arrays.files})
+
+
+def head_collection(catalogue: str) -> str:
+    return f"{HIDDEN_PREFIX}adapters.{catalogue}"
+
+
+def _head_id(modality: str, version: int) -> str:
+    return str(uuid.uuid5(HEADS_NAMESPACE, f"{modality}/{version}"))
+
+
+# Called with (points rewritten so far, points in the catalogue).
+Progress = Callable[[int, int], None]
+
+
+class Adapters:
+    """The heads of the catalogues in one store: saved, listed, loaded (cached), activated, rolled back."""
+
+    def __init__(self, store: ProductStore) -> None:
+        self.store = store
+        self._heads: dict[tuple[str, str, int], Head] = {}
+        self._lock = threading.Lock()
+
+    # -- stored heads --------------------------------------------------------------------------------------
+
+    def records(self, catalogue: str) -> list[AdapterRecord]:
+        name = head_collection(catalogue)
+        self.store.info(catalogue)  # CatalogueNotFound for an unknown catalogue
+        if not self.store.client.collection_exists(name):
+            return []
+        found = []
+        offset = None
+        while True:
+            points, offset = self.store.client.scroll(
+                name, limit=PAGE, offset=offset, with_payload=list(AdapterRecord.model_fields)
+            )
+            found += [AdapterRecord.model_validate(p.payload) for p in points]
+            if offset is None:
+                break
+        return sorted(found, key=lambda r: (r.modality, r.version))
+
+    def save(self, record: AdapterRecord, head: Head) -> AdapterRecord:
+        """Store a head as the next version of its modality (the record's version is replaced)."""
+        info = self.require_slots(record.catalogue)
+        name = head_collection(record.catalogue)
+        if not self.store.client.collection_exists(name):
+            self.store.client.create_collection(
+                name, vectors_config=layout_vectors(info.fingerprint), metadata={"adapters_of": record.catalogue}
+            )
+        taken = [r.version for r in self.records(record.catalogue) if r.modality == record.modality]
+        saved = record.model_copy(update={"version": max(taken, default=0) + 1})
+        payload = {**saved.model_dump(mode="json"), "weights": head.encode()}
+        self.store.upsert(
+            name, [models.PointStruct(id=_head_id(saved.modality, saved.version), vector={}, payload=payload)]
+        )
+        return saved
+
+    def load(self, catalogue: str, modality: str, version: int) -> Head:
+        key = (catalogue, modality, version)
+        with self._lock:
+            if key in self._heads:
+                return self._heads[key]
+        name = head_collection(catalogue)
+        found = []
+        if self.store.client.collection_exists(name):
+            found = self.store.client.retrieve(name, ids=[_head_id(modality, version)], with_payload=True)
+        if not found or not found[0].payload:
+            raise AdapterError(f"catalogue {catalogue!r} has no {modality} head version {version}")
+        payload = found[0].payload
+        head = Head.decode(AdapterRecord.model_validate(payload).kind, str(payload["weights"]))
+        with self._lock:
+            self._heads[key] = head
+        return head
+
+    def active_heads(self, catalogue: str, active: dict[str, int] | None = None) -> dict[str, Head]:
+        """Raw vector name -> the head its queries and new points go through."""
+        versions = self.store.info(catalogue).adapters if active is None else active
+        return {modality: self.load(catalogue, modality, version) for modality, version in versions.items()}
+
+    def require_slots(self, catalogue: str) -> Any:
+        info = self.store.info(catalogue)
+        if info.layout < 3:
+            raise AdapterError(
+                f"catalogue {catalogue!r} was created before adapted vectors existed (layout {info.layout}): "
+                "ingest it again under a new name to adapt it"
+            )
+        return info
+
+    # -- activation ----------------------------------------------------------------------------------------
+
+    def activate(self, catalogue: str, modality: str, version: int | None, *, progress: Progress | None = None) -> int:
+        """Make `version` the modality's active head (None: none, queries use the raw vectors); the version
+        active before is remembered for `rollback`. Returns the points rewritten."""
+        active = self.store.info(catalogue).adapters
+        current = active.get(modality)
+        history = self._history(catalogue)
+        if current is not None and current != version:
+            history[modality] = [*history.get(modality, []), current]
+        return self._switch(catalogue, modality, version, history, progress)
+
+    def rollback(self, catalogue: str, modality: str, *, progress: Progress | None = None) -> int | None:
+        """Back to the head active before the current one (or to none); returns the version now active."""
+        history = self._history(catalogue)
+        earlier = history.get(modality, [])
+        if self.store.info(catalogue).adapters.get(modality) is None and not earlier:
+            raise AdapterError(f"catalogue {catalogue!r} has no active {modality} head to roll back")
+        version = earlier.pop() if earlier else None
+        history[modality] = earlier
+        self._switch(catalogue, modality, version, history, progress)
+        return version
+
+    def _history(self, catalogue: str) -> dict[str, list[int]]:
+        stored = self.store.metadata(catalogue).get("adapter_history") or {}
+        return {str(k): [int(v) for v in values] for k, values in stored.items()}
+
+    def _switch(
+        self,
+        catalogue: str,
+        modality: str,
+        version: int | None,
+        history: dict[str, list[int]],
+        progress: Progress | None,
+    ) -> int:
+        if modality not in ADAPTED_VECTORS:
+            raise AdapterError(f"no adapted vector for {modality!r}: use one of {', '.join(ADAPTED_VECTORS)}")
+        active = dict(self.store.info(catalogue).adapters)
+        head = self.load(catalogue, modality, version) if version is not None else None
+        active.pop(modality, None)
+        self._set(catalogue, active, history)  # off while the points are rewritten
+        rewritten = 0
+        if head is not None:
+            self.require_slots(catalogue)
+            rewritten = rewrite_adapted(self.store, catalogue, modality, head, progress=progress)
+            active[modality] = version  # type: ignore[assignment]  # version is not None with a head
+            self._set(catalogue, active, history)
+        return rewritten
+
+    def _set(self, catalogue: str, active: dict[str, int], history: dict[str, list[int]]) -> None:
+        self.store.update_metadata(
+            catalogue,
+            {
+                "adapters": {modality: active.get(modality) for modality in ADAPTED_VECTORS},
+                "adapter_history": history,
+            },
+        )
+
+
+def adapted_vectors(vector: dict[str, Any], heads: dict[str, Head]) -> dict[str, Any]:
+    """The adapted twins of a point's raw vectors, for the modalities that have an active head."""
+    out: dict[str, Any] = {}
+    for modality, head in heads.items():
+        raw = vector.get(modality)
+        if not raw:
+            continue
+        rows = np.asarray(raw, dtype=np.float32)
+        adapted = head(rows if rows.ndim == 2 else rows[None, :])
+        out[ADAPTED_VECTORS[modality]] = adapted.tolist() if rows.ndim == 2 else adapted[0].tolist()
+    return out
+
+
+def rewrite_adapted(
+    store: ProductStore, catalogue: str, modality: str, head: Head, *, progress: Progress | None = None
+) -> int:
+    """Write head(raw) into the adapted twin of every point of the catalogue, page by page."""
+    total = store.count(catalogue)
+    done = 0
+    for points in _pages(store, catalogue):
+        batch = []
+        for point in points:
+            vector = point.vector if isinstance(point.vector, dict) else {}
+            twin = adapted_vectors(vector, {modality: head})
+            if twin:
+                batch.append(models.PointStruct(id=point.id, vector={**vector, **twin}, payload=point.payload))
+        store.upsert(catalogue, batch)
+        done += len(points)
+        if progress:
+            progress(done, total)
+    return done
+
+
+def _pages(store: ProductStore, catalogue: str) -> Iterator[list[models.Record]]:
+    offset = None
+    while True:
+        points, offset = store.client.scroll(catalogue, limit=PAGE, offset=offset, with_payload=True, with_vectors=True)
+        yield points
+        if offset is None:
+            return

@@ -1,0 +1,64 @@
+"""Adaptation heads: the labelled examples they learn from and the record stored with each head."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from schemas.search import ProductRef
+
+Modality = Literal["image", "text"]
+HeadKind = Literal["linear", "mlp"]
+Method = Literal["supervised", "spread"]
+Loss = Literal["contrastive", "triplet"]
+
+
+class AdaptExample(BaseModel):
+    """One labelled line (JSON Lines): a photo and/or a text, or a stored product, and the ids of the stored
+    products that are the same product. The evaluation-set queries and the calibration pairs both fit."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    image: str | None = Field(default=None, max_length=4096, description="photo path, relative to the file")
+    text: str | None = Field(default=None, max_length=10_000)
+    product: ProductRef | None = Field(default=None, description="a stored product as the example")
+    expect: list[str] = Field(default_factory=list, max_length=1_000, description="ids of the same product")
+
+    @model_validator(mode="after")
+    def _needs_input(self) -> AdaptExample:
+        if not (self.image or self.text or self.product):
+            raise ValueError("an example needs an image, a text or a product")
+        return self
+
+
+class HoldOut(BaseModel):
+    """Recall@1 of the held-out examples under the condition: the head's own early-stopping measure."""
+
+    examples: int
+    before: float = Field(description="with the raw vectors (no head)")
+    after: float = Field(description="through the head")
+
+
+class AdapterRecord(BaseModel):
+    """A stored head, without its weights: what `python -m ingest adapt --list` shows."""
+
+    catalogue: str
+    modality: Modality
+    version: int = Field(ge=1)
+    method: Method
+    kind: HeadKind
+    condition: str = Field(description="what counts as the same: product, category, or a payload key")
+    loss: Loss | None = None
+    encoder: str = Field(description="the encoder whose vectors the head takes")
+    dim: int
+    created: datetime
+    examples: int = Field(description="labelled examples used (anchors)")
+    source: str = Field(default="", description="the labelled file, or the payload key")
+    epochs: int = 0
+    seconds: float = 0.0
+    holdout: HoldOut | None = None
+    spread: tuple[float, float] | None = Field(
+        default=None, description="spread only: mean pairwise cosine of the catalogue's vectors before, after"
+    )
