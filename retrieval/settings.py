@@ -41,6 +41,9 @@ class Settings(BaseSettings):
         default=0.0, ge=0, le=1_000, description="extra wait for a query batch to fill (0: take what is queued)"
     )
     batch_max: int = Field(default=32, ge=1, le=1_024, description="most photos (or texts) in one query batch")
+    torch_threads: int = Field(
+        default=0, ge=0, le=256, description="service, micro-batching on: torch threads (0: half the cores, min 1)"
+    )
     encoder_queue: int = Field(default=256, ge=1, le=100_000, description="requests waiting per encoder; more: 503")
     request_timeout_s: float = Field(default=30.0, gt=0, le=600, description="longest wait for an encoder")
     allow_private_urls: bool = Field(

@@ -4,14 +4,18 @@ model call, run off the event loop, and each request gets its own row back.
 On a CPU a batch of 8 photos costs far less than 8 single forwards, so under load the service answers
 more requests per second. A batch takes whatever is queued when the model is free: a lone request runs at
 once (no added latency), and requests that arrive while a batch runs form the next one. An optional
-window (`BATCH_WINDOW_MS`) waits that long for more before running. All model calls share one worker
-thread: torch already uses every core for one forward, so two at once only contend. The queue in front of each model is
-bounded: when it is full the request is refused at once (503 with Retry-After) instead of waiting
-without end, and a request that waits longer than its timeout gives up."""
+window (`BATCH_WINDOW_MS`) waits that long for more before running. Each model has one worker thread of
+its own, so a request's photo and text are embedded side by side, and torch's intra-op threads are split
+between the two (`TORCH_THREADS`, `torch_threads_for`): on 2 cores one each, which also keeps a core for
+the requests' HTTP and store work and avoids torch thread teams of several threads competing for the same
+cores (measured in docs/BENCHMARKS.md). The queue in front of each model is bounded: when it is full the
+request is refused at once (503 with Retry-After) instead of waiting without end, and a request that
+waits longer than its timeout gives up."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -52,7 +56,7 @@ BatchObserver = Callable[[int, float], None]
 
 class MicroBatcher(Generic[Item]):
     """Collects items for up to `window_s` (or `max_batch` items) and embeds them with one call of `embed`
-    on a single worker thread (one forward at a time: torch already uses every core for one batch)."""
+    on its worker thread (one forward of this model at a time)."""
 
     def __init__(
         self,
@@ -64,7 +68,6 @@ class MicroBatcher(Generic[Item]):
         max_queue: int,
         timeout_s: float,
         observe: BatchObserver | None = None,
-        worker: ThreadPoolExecutor | None = None,
     ) -> None:
         self.name = name
         self._embed = embed
@@ -73,8 +76,7 @@ class MicroBatcher(Generic[Item]):
         self._timeout_s = timeout_s
         self._observe = observe
         self._queue: asyncio.Queue[_Waiting[Item]] = asyncio.Queue(maxsize=max_queue)
-        self._own_worker = worker is None
-        self._worker = worker or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"encode-{name}")
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"encode-{name}")
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -89,8 +91,7 @@ class MicroBatcher(Generic[Item]):
             except asyncio.CancelledError:
                 pass
             self._task = None
-        if self._own_worker:
-            self._worker.shutdown(wait=False, cancel_futures=True)
+        self._worker.shutdown(wait=False, cancel_futures=True)
 
     async def embed(self, item: Item) -> np.ndarray:
         """This item's row, computed in a batch with whatever else arrived within the window."""
@@ -156,7 +157,6 @@ class BatchedEncoders:
     ) -> None:
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
 
         def batcher(name: str, embed: Callable[[Sequence[Item]], np.ndarray]) -> MicroBatcher[Item]:
             return MicroBatcher(
@@ -167,7 +167,6 @@ class BatchedEncoders:
                 max_queue=max_queue,
                 timeout_s=timeout_s,
                 observe=observe(name) if observe else None,
-                worker=self._worker,
             )
 
         self.images: MicroBatcher[torch.Tensor] = batcher(
@@ -202,11 +201,17 @@ class BatchedEncoders:
         for batcher in (self.images, self.texts, self.cross_modal):
             if batcher is not None:
                 await batcher.close()
-        self._worker.shutdown(wait=False, cancel_futures=True)
+
+
+def torch_threads_for(setting: int, cores: int | None) -> int:
+    """Intra-op threads for the service's models: TORCH_THREADS when set, else half the cores (the image
+    and the text model run side by side), at least one."""
+    return setting if setting > 0 else max(1, (cores or 2) // 2)
 
 
 def batched_encoders(state: AppState) -> BatchedEncoders:
     settings = state.settings
+    torch.set_num_threads(torch_threads_for(settings.torch_threads, os.cpu_count()))
     return BatchedEncoders(
         state.engine.image_encoder,
         state.engine.text_encoder,

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from retrieval.query import QueryVectors, SearchEngine
-from service.batching import BatchedEncoders, MicroBatcher, Overloaded
+from service.batching import BatchedEncoders, MicroBatcher, Overloaded, torch_threads_for
 from tests.conftest import SAMPLE
 
 PHOTOS = sorted((SAMPLE.parent / "queries").glob("*.jpg"))
@@ -103,3 +103,11 @@ def test_a_request_past_its_timeout_gives_up_and_a_model_error_reaches_every_wai
         return list(results)
 
     assert [str(r) for r in asyncio.run(failing())] == ["model exploded", "model exploded"]
+
+
+def test_the_two_models_split_the_cores_unless_told() -> None:
+    assert torch_threads_for(0, 2) == 1  # this machine: one core each for the photo and the text model
+    assert torch_threads_for(0, 16) == 8
+    assert torch_threads_for(0, 1) == 1
+    assert torch_threads_for(0, None) == 1
+    assert torch_threads_for(3, 16) == 3  # TORCH_THREADS wins
