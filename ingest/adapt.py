@@ -133,7 +133,12 @@ def fit_and_store(args: argparse.Namespace, settings: Settings, store: ProductSt
     if lines is not None and image:
         encoder = load_image_encoder(settings.image_model, settings.image_precision)
         _check_encoder(encoder.name, encoder_name, "IMAGE_MODEL")
-        embed = PhotoEmbedder(encoder, settings.store_path.parent / "cache", max_pixels=settings.max_image_pixels)
+        embed = PhotoEmbedder(
+            encoder,
+            settings.store_path.parent / "cache",
+            max_pixels=settings.max_image_pixels,
+            batch_size=settings.batch_size,
+        )
     elif lines is not None:
         text_encoder = load_text_encoder(settings.text_model)
         _check_encoder(text_encoder.name, encoder_name, "TEXT_MODEL")

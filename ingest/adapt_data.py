@@ -263,7 +263,7 @@ class PhotoEmbedder:
     """Photo files -> vectors of one image encoder, cached on disk by the sha256 of the file's bytes, so
     fitting again (other settings, another condition) decodes no photo twice."""
 
-    def __init__(self, encoder: ImageEncoder, cache_dir: Path, *, max_pixels: int, batch_size: int = 32) -> None:
+    def __init__(self, encoder: ImageEncoder, cache_dir: Path, *, max_pixels: int, batch_size: int = 8) -> None:
         self.encoder = encoder
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", encoder.name)[:80]
         self.path = cache_dir / f"{safe}-{hashlib.sha256(encoder.name.encode()).hexdigest()[:10]}.npz"

@@ -30,7 +30,7 @@ class Settings(BaseSettings):
         default="auto", description="timm backbones: bf16 where the CPU computes it natively (auto), or fp32"
     )
     default_catalogue: str = Field(default="products", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-    batch_size: int = Field(default=32, ge=1, le=1024, description="images / texts per encoder batch")
+    batch_size: int = Field(default=8, ge=1, le=1024, description="images per ingest encoder batch")
     decode_workers: int = Field(default=2, ge=1, le=64, description="threads that read and decode images")
     ingest_chunk: int = Field(default=256, ge=1, le=10_000, description="products read, checked and stored together")
     max_image_pixels: int = Field(default=40_000_000, ge=1, description="larger images are refused (bombs)")

@@ -169,3 +169,23 @@ def test_large_jpegs_decode_at_a_reduced_scale_without_changing_the_embedding(im
         full = opened.convert("RGB")
     vectors = embed_images(image_encoder, [drafted, full])
     assert float(vectors[0] @ vectors[1]) > 0.9995
+
+
+@pytest.mark.parametrize("kind", ["timm", "open_clip"])
+def test_uint8_preprocessing_embeds_like_the_models_own_float_transform(kind: str, tmp_path: Path) -> None:
+    """Decode workers hand over uint8 pixels; the batch is normalised at once. The embeddings must be the
+    ones the model's full eval transform (to-tensor + normalise per image) gives, for every image mode."""
+    if kind == "timm":
+        encoder = load_image_encoder(DEFAULT_IMAGE_MODEL, "fp32")
+    else:
+        config = tmp_path / "pm-tiny-clip.json"
+        config.write_text(json.dumps(TINY_CLIP))
+        encoder = load_image_encoder(f"open_clip:{config}/random")
+    cat = chelsea()
+    images = [cat, cat.convert("L"), cat.convert("RGBA"), Image.fromarray(skdata.astronaut())]
+    tensors = [encoder.preprocess(image) for image in images]
+    assert all(t.dtype == torch.uint8 and t.shape[0] == 3 for t in tensors)
+    ours = encoder.embed_tensors(torch.stack(tensors))
+    full = encoder._pixels.transform  # type: ignore[attr-defined]  # the model's whole eval transform
+    reference = encoder.embed_tensors(torch.stack([full(image.convert("RGB")) for image in images]))
+    assert float(np.min(np.sum(ours * reference, axis=1))) > 0.99999

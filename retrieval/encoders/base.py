@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -47,6 +47,41 @@ def embed_images(encoder: ImageEncoder, images: Sequence[Image.Image], *, batch_
         chunk = images[start : start + batch_size]
         out.append(encoder.embed_tensors(torch.stack([encoder.preprocess(im) for im in chunk])))
     return np.concatenate(out)
+
+
+class PixelTransform:
+    """A model's eval transform, split so that per-image work stays in PIL and numpy: `__call__` gives
+    uint8 channels x height x width (resize, crop: the transform's PIL steps), `model_input` turns a
+    stacked batch of those into the normalised float input, in one torch op for the whole batch.
+
+    Why: preprocessing runs on decode worker threads, and each thread that runs a torch op gets an OpenMP
+    team of its own; teams of all the cores on the same cores slow the model's forward 2-3x
+    (`python -m bench.torch_threads`). A transform that does not end with to-tensor + normalise is kept
+    whole (float output, `model_input` passes it through)."""
+
+    def __init__(self, transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.transform = transform
+        steps = list(getattr(transform, "transforms", []))
+        self.pil_steps: list[Callable[[Image.Image], Image.Image]] | None = None
+        if len(steps) >= 2 and type(steps[-1]).__name__ == "Normalize" and "ToTensor" in type(steps[-2]).__name__:
+            self.pil_steps = steps[:-2]
+            normalise = steps[-1]
+            self.mean = torch.as_tensor(normalise.mean, dtype=torch.float32).view(1, -1, 1, 1) * 255
+            self.std = torch.as_tensor(normalise.std, dtype=torch.float32).view(1, -1, 1, 1) * 255
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        if self.pil_steps is None:
+            tensor: torch.Tensor = self.transform(image)
+            return tensor
+        for step in self.pil_steps:
+            image = step(image)
+        pixels = np.array(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
+        return torch.from_numpy(pixels).permute(2, 0, 1)  # a view: no torch compute on this thread
+
+    def model_input(self, batch: torch.Tensor) -> torch.Tensor:
+        if batch.dtype == torch.uint8:
+            return (batch.float() - self.mean) / self.std  # = to-tensor (/255) then normalise
+        return batch
 
 
 def l2_normalise(x: torch.Tensor) -> np.ndarray:

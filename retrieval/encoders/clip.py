@@ -11,7 +11,7 @@ import open_clip
 import torch
 from PIL import Image
 
-from retrieval.encoders.base import EncoderError, l2_normalise
+from retrieval.encoders.base import EncoderError, PixelTransform, l2_normalise
 
 
 class OpenClipEncoder:
@@ -50,20 +50,20 @@ class OpenClipEncoder:
                 f"give a local checkpoint: open_clip:{model}/path/to/ckpt.pt"
             ) from exc
         self.model = clip.eval()
-        self._transform = transform
+        self._pixels = PixelTransform(transform)
         self._tokenizer = open_clip.get_tokenizer(model)
         self.name = f"open_clip:{model}/{weights_id}"
         self.dim = int(open_clip.get_model_config(model)["embed_dim"])
         self._lock = threading.Lock()
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        tensor: torch.Tensor = self._transform(image)
-        return tensor
+        """One image as uint8 pixels (normalised per batch in `embed_tensors`; see PixelTransform)."""
+        return self._pixels(image)
 
     @torch.inference_mode()
     def embed_tensors(self, batch: torch.Tensor) -> np.ndarray:
         with self._lock:
-            features = self.model.encode_image(batch)
+            features = self.model.encode_image(self._pixels.model_input(batch))
         return l2_normalise(features)
 
     @torch.inference_mode()

