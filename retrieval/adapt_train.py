@@ -58,11 +58,10 @@ class Examples:
         """Which anchors have a positive in the gallery other than their own rows."""
         out = np.zeros(len(self), dtype=bool)
         for label in np.unique(self.labels):
-            rows = self.gallery_labels == label
-            mine = self.labels == label
-            owners_there = set(self.gallery_owners[rows].tolist())
-            for i in np.flatnonzero(mine):
-                out[i] = bool(owners_there - {int(self.owners[i])})
+            owners_there = set(self.gallery_owners[self.gallery_labels == label].tolist())
+            for i in np.flatnonzero(self.labels == label):
+                own = int(self.owners[i])
+                out[i] = len(owners_there) > (1 if own in owners_there else 0)
         return out
 
 
