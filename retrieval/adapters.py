@@ -17,7 +17,7 @@ import base64
 import io
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,16 +61,18 @@ class Head:
         return cls(kind, state)
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
-        if not self._tensors:
-            self._tensors = {name: torch.from_numpy(value) for name, value in self.arrays.items()}
-        t = self._tensors
-        x = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
-        with torch.inference_mode():
-            if self.kind == "linear":
-                y = x @ t["weight"].T + t["bias"]
-            else:
-                y = x + torch.nn.functional.gelu(x @ t["w1"].T + t["b1"]) @ t["w2"].T + t["b2"]
-            return torch.nn.functional.normalize(y, dim=-1).numpy()
+        x = np.ascontiguousarray(rows, dtype=np.float32)
+        if self.kind == "linear":  # numpy: a query's head runs on a request thread, which stays torch-free
+            y = x @ self.arrays["weight"].T + self.arrays["bias"]
+        else:
+            if not self._tensors:
+                self._tensors = {name: torch.from_numpy(value) for name, value in self.arrays.items()}
+            t = self._tensors
+            with torch.inference_mode():
+                hidden = torch.nn.functional.gelu(torch.from_numpy(x) @ t["w1"].T + t["b1"])
+                y = (torch.from_numpy(x) + hidden @ t["w2"].T + t["b2"]).numpy()
+        norms = np.linalg.norm(y, axis=1, keepdims=True)
+        return np.asarray(y / np.maximum(norms, 1e-12), dtype=np.float32)
 
     def encode(self) -> str:
         buffer = io.BytesIO()
@@ -243,27 +245,22 @@ def adapted_vectors(vector: dict[str, Any], heads: dict[str, Head]) -> dict[str,
 def rewrite_adapted(
     store: ProductStore, catalogue: str, modality: str, head: Head, *, progress: Progress | None = None
 ) -> int:
-    """Write head(raw) into the adapted twin of every point of the catalogue, page by page."""
+    """Write head(raw) into the adapted twin of every point of the catalogue, page by page. Only the twin
+    is written: payloads and the other vectors are not touched (an ingest's payload update between the
+    read and the write is not undone)."""
     total = store.count(catalogue)
     done = 0
-    for points in _pages(store, catalogue):
+    offset = None
+    while True:
+        points, offset = store.client.scroll(catalogue, limit=PAGE, offset=offset, with_vectors=[modality])
         batch = []
         for point in points:
-            vector = point.vector if isinstance(point.vector, dict) else {}
-            twin = adapted_vectors(vector, {modality: head})
+            twin = adapted_vectors(point.vector if isinstance(point.vector, dict) else {}, {modality: head})
             if twin:
-                batch.append(models.PointStruct(id=point.id, vector={**vector, **twin}, payload=point.payload))
-        store.upsert(catalogue, batch)
+                batch.append(models.PointVectors(id=point.id, vector=twin))
+        store.update_vectors(catalogue, batch)
         done += len(points)
         if progress:
             progress(done, total)
-    return done
-
-
-def _pages(store: ProductStore, catalogue: str) -> Iterator[list[models.Record]]:
-    offset = None
-    while True:
-        points, offset = store.client.scroll(catalogue, limit=PAGE, offset=offset, with_payload=True, with_vectors=True)
-        yield points
         if offset is None:
-            return
+            return done

@@ -239,6 +239,12 @@ class EdgeStore:
                 batch = []
         return done + self._upsert(batch)
 
+    def update_vectors(self, points: Sequence[models.PointVectors]) -> None:
+        """Set some named vectors of existing points; their other vectors and payload stay."""
+        if points:
+            batch = [edge.PointVectors(_edge_id(p.id), _edge_vectors(p.vector)) for p in points]
+            _call(self.shard.update, edge.UpdateOperation.update_vectors(batch))
+
     def _upsert(self, batch: list[edge.Point]) -> int:
         if batch:
             _call(self.shard.update, edge.UpdateOperation.upsert_points(batch))

@@ -127,6 +127,9 @@ class EdgeClient:
     def upsert(self, collection_name: str, points: Sequence[models.PointStruct], **_: Any) -> None:
         self._store(collection_name).upsert(points)
 
+    def update_vectors(self, collection_name: str, points: Sequence[models.PointVectors], **_: Any) -> None:
+        self._store(collection_name).update_vectors(points)
+
     def delete(self, collection_name: str, points_selector: models.PointIdsList, **_: Any) -> None:
         self._store(collection_name).delete([str(p) if not isinstance(p, int) else p for p in points_selector.points])
 

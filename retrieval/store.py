@@ -359,6 +359,12 @@ class ProductStore:
         if batch:
             self.client.upsert(catalogue, points=batch, wait=True)
 
+    def update_vectors(self, catalogue: str, points: Iterable[models.PointVectors]) -> None:
+        """Set some named vectors of existing points, leaving their other vectors and payload alone."""
+        batch = list(points)
+        if batch:
+            self.client.update_vectors(catalogue, points=batch, wait=True)
+
     def get(self, catalogue: str, point: str, *, with_vectors: bool = False) -> models.Record | None:
         found = self.client.retrieve(catalogue, ids=[point], with_payload=True, with_vectors=with_vectors)
         return found[0] if found else None

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from bench.prepare import GROCERY_COLUMNS, grocery_products
 from bench.prepare import write_catalogue as write_feed
 from ingest.__main__ import main as ingest_main
+from retrieval.adapt_train import new_module
 from retrieval.adapters import Adapters, Head, head_collection
 from retrieval.calibration import FEATURES, MODEL_VERSION, usable
 from retrieval.encoders import ImageEncoder, TextEncoder
@@ -29,6 +31,7 @@ from retrieval.images import decode_image
 from retrieval.query import QueryVectors, SearchEngine
 from retrieval.settings import Settings
 from retrieval.store import ProductStore, open_client
+from schemas.adapters import HeadKind
 from schemas.search import Calibration, SearchOptions
 from tests.conftest import GROCERY
 
@@ -489,3 +492,18 @@ def test_edge_backend_adapts_and_searches(
         after, _, flags = search_val(SearchEngine(store, image_encoder, text_encoder), tiny, limit=1)
     assert all(flag == {"image": 1} for flag in flags)
     assert after >= before, (before, after)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_a_stored_head_maps_vectors_as_the_trained_module_does(kind: HeadKind) -> None:
+    """What queries and ingest apply (numpy for linear, torch for mlp) after storing and loading equals the
+    module training produced, outputs normalised."""
+    module = new_module(kind, 16)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    rows = np.random.default_rng(0).random((5, 16), dtype=np.float32)
+    expected = torch.nn.functional.normalize(module(torch.from_numpy(rows)), dim=-1).detach().numpy()
+    stored = Head.decode(kind, Head.from_module(kind, module).encode())
+    np.testing.assert_allclose(stored(rows), expected, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(stored(rows), axis=1), 1.0, atol=1e-5)
