@@ -30,7 +30,7 @@ def quality(args: argparse.Namespace) -> int:
     from retrieval.settings import Settings
 
     settings = Settings()
-    ensure_sets(args.sets_dir, args.shared, args.sets)
+    ensure_sets(args.sets_dir, args.shared, args.sets + ([args.adapt] if args.adapt else []))
     image_encoder = load_image_encoder(args.image_model or settings.image_model, settings.image_precision)
     text_encoder = load_text_encoder(args.text_model or settings.text_model)
     print(f"encoders: {image_encoder.name} ({image_encoder.dim}-d), {text_encoder.name} ({text_encoder.dim}-d)")
@@ -38,9 +38,23 @@ def quality(args: argparse.Namespace) -> int:
     for name in args.sets:
         started = time.perf_counter()
         evalset = load_set(args.sets_dir / name)
-        runs[name] = run = evaluate(
-            evalset, image_encoder, text_encoder, max_queries=args.max_queries, fusions=args.fusion
-        )
+        if args.adapt:
+            from bench.adapt import evaluate_adapted
+
+            runs[name], runs[f"{name} +head"] = evaluate_adapted(
+                evalset,
+                image_encoder,
+                text_encoder,
+                args.sets_dir / args.adapt,
+                max_queries=args.max_queries,
+                settings=settings,
+                fusions=args.fusion,
+            )
+            run = runs[name]
+        else:
+            runs[name] = run = evaluate(
+                evalset, image_encoder, text_encoder, max_queries=args.max_queries, fusions=args.fusion
+            )
         print(
             f"{name}: {run.products} products ingested in {run.ingest_seconds:.1f} s, "
             f"{sum(len(t.outcomes) for t in run.tallies.values())} searches, {time.perf_counter() - started:.1f} s"
@@ -179,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=["rrf"],
         help="fusions for the fused rows: rrf, dbsf, weighted:IMAGE:TEXT[:LEXICAL] (default rrf)",
+    )
+    q.add_argument(
+        "--adapt",
+        metavar="TRAIN_SET",
+        help="also measure each set with an image head fitted on TRAIN_SET's queries (rows 'NAME +head')",
     )
     q.add_argument("--out", type=Path, default=Path("bench/out/quality"))
 

@@ -16,15 +16,16 @@ import numpy as np
 
 from bench.evalset import EvalSet
 from bench.metrics import Tally
-from bench.quality import RowKey, SetRun, ingested, run_set, table
-from ingest.adapt_data import PhotoEmbedder, labelled_examples, read_catalogue, read_examples
-from retrieval.adapt_train import Fit, fit_spread, fit_supervised, split
+from bench.quality import RowKey, SetRun, catalogue_embeddings, ingested, run_set, table
+from ingest.adapt_data import PhotoEmbedder, Stored, labelled_examples, read_catalogue, read_examples
+from retrieval.adapt_train import Examples, Fit, fit_spread, fit_supervised, split
 from retrieval.encoders import ImageEncoder, TextEncoder
 from retrieval.query import SearchEngine
 from retrieval.settings import Settings
 from schemas.adapters import AdapterRecord, HeadKind, Loss, Method
 
 FUSIONS = ("rrf", "dbsf")
+CACHE = Path("bench/out/cache")  # train photos' vectors, by content
 SUPERVISED: list[tuple[HeadKind, Loss]] = [("linear", "contrastive"), ("linear", "triplet"), ("mlp", "contrastive")]
 
 
@@ -56,6 +57,47 @@ def _measure(engine: SearchEngine, evalset: EvalSet, row: Row, full: bool = Fals
     return tallies
 
 
+@dataclass
+class Adapting:
+    """A catalogue ingested by the bench, its stored image vectors, and the labelled examples of a train
+    set: what the rows fit heads on and switch between (the same code as `python -m ingest adapt`)."""
+
+    engine: SearchEngine
+    catalogue: str
+    stored: Stored
+    examples: Examples
+    encoder_name: str
+    embedded: int  # train photos embedded this run (the rest came from the cache)
+
+    @classmethod
+    def of(
+        cls, engine: SearchEngine, catalogue: str, train_dir: Path, settings: Settings, cache: Path = CACHE
+    ) -> Adapting:
+        lines, skipped = read_examples(train_dir / "queries.jsonl")
+        if skipped:
+            raise ValueError(f"{train_dir}: {skipped[0]}")
+        stored = read_catalogue(engine.store, catalogue, "image", "product")
+        embedder = PhotoEmbedder(engine.image_encoder, cache, max_pixels=settings.max_image_pixels)
+        labelled = labelled_examples(stored, "image", "product", lines, base=train_dir, embed_photos=embedder)
+        return cls(engine, catalogue, stored, labelled.examples, engine.image_encoder.name, embedder.embedded)
+
+    def switch_to(self, fit: Fit, method: Method, kind: HeadKind = "linear") -> None:
+        record = AdapterRecord(
+            catalogue=self.catalogue,
+            modality="image",
+            version=1,
+            method=method,
+            kind=kind,
+            condition="product",
+            encoder=self.encoder_name,
+            dim=fit.head.dim,
+            created=datetime.now(UTC),
+            examples=len(self.examples),
+        )
+        saved = self.engine.adapters.save(record, fit.head)
+        self.engine.adapters.activate(self.catalogue, "image", saved.version)
+
+
 def run_adapt(
     sets_dir: Path,
     image_encoder: ImageEncoder,
@@ -64,49 +106,26 @@ def run_adapt(
     train: str = "grocery-train",
     evaluate: str = "grocery-val",
     seeds: int = 5,
-    cache: Path = Path("bench/out/cache"),
+    cache: Path = CACHE,
     settings: Settings | None = None,
 ) -> tuple[str, str]:
     """(the adaptation table, the quality tables before and after the default head)."""
     from bench.evalset import load_set
 
     evalset = load_set(sets_dir / evaluate)
-    lines, skipped = read_examples(sets_dir / train / "queries.jsonl")
-    if skipped:
-        raise ValueError(f"{train}: {skipped[0]}")
     settings = settings or Settings()
     rows: list[Row] = []
     with ingested(evalset, image_encoder, text_encoder, settings=settings) as (engine, _):
         name = evalset.name
-        adapters = engine.adapters
-        stored = read_catalogue(engine.store, name, "image", "product")
-        embedder = PhotoEmbedder(image_encoder, cache, max_pixels=settings.max_image_pixels)
-        labelled = labelled_examples(stored, "image", "product", lines, base=sets_dir / train, embed_photos=embedder)
-        examples = labelled.examples
+        adapting = Adapting.of(engine, name, sets_dir / train, settings, cache)
+        examples, stored = adapting.examples, adapting.stored
         none = Row("none", "raw vectors", 0.0, "", [], [], {})
         before = _measure(engine, evalset, none, full=True)
         rows.append(none)
         quality = {f"{name} (no head)": SetRun(before, 0.0, len(stored.ids), {})}
-
-        def switch_to(fit: Fit, method: Method, kind: HeadKind = "linear") -> None:
-            record = AdapterRecord(
-                catalogue=name,
-                modality="image",
-                version=1,
-                method=method,
-                kind=kind,
-                condition="product",
-                encoder=image_encoder.name,
-                dim=fit.head.dim,
-                created=datetime.now(UTC),
-                examples=len(examples),
-            )
-            saved = adapters.save(record, fit.head)
-            adapters.activate(name, "image", saved.version)
-
         for kind, loss in SUPERVISED:
             fit = fit_supervised(examples, kind=kind, loss=loss)
-            switch_to(fit, "supervised", kind)
+            adapting.switch_to(fit, "supervised", kind)
             row = Row(
                 "supervised",
                 f"{kind}, {loss}, stopped at epoch {fit.best} of {fit.epochs}",
@@ -130,16 +149,16 @@ def run_adapt(
                 row.train_s += fit.seconds / seeds
                 if labelled_check is not None:
                     row.holdout += f"{'' if not row.holdout else ', '}step {fit.best}"
-                switch_to(fit, "spread")
+                adapting.switch_to(fit, "spread")
                 _measure(engine, evalset, row)
             rows.append(row)
 
-        adapters.activate(name, "image", None)
+        engine.adapters.activate(name, "image", None)
         after_rollback = Row("none", "after rolling back", 0.0, "", [], [], {})
         _measure(engine, evalset, after_rollback)
         rows.append(after_rollback)
     header = (
-        f"Fitted on {train} ({len(examples)} in-store photos, {embedder.embedded} embedded this run, the rest "
+        f"Fitted on {train} ({len(examples)} in-store photos, {adapting.embedded} embedded this run, the rest "
         f"from the cache), measured on {evaluate} ({len(evalset.queries)} photos + their text); image encoder "
         f"{image_encoder.name}. Spread rows: mean ± std over {seeds} seeds.\n\n"
     )
@@ -161,3 +180,26 @@ def adapt_table(rows: list[Row]) -> str:
             f"{_cell(r.fused['rrf'])} | {_cell(r.fused['dbsf'])} |"
         )
     return "\n".join(lines)
+
+
+def evaluate_adapted(
+    evalset: EvalSet,
+    image_encoder: ImageEncoder,
+    text_encoder: TextEncoder,
+    train_dir: Path,
+    *,
+    max_queries: int | None = None,
+    settings: Settings | None = None,
+    fusions: Sequence[str] = ("rrf",),
+) -> tuple[SetRun, SetRun]:
+    """`bench quality --adapt TRAIN_SET`: the set's quality rows without a head, then with the default head
+    (linear, contrastive, condition product) fitted on the train set's queries and switched on."""
+    settings = settings or Settings()
+    with ingested(evalset, image_encoder, text_encoder, settings=settings) as (engine, report):
+        products = report.written + report.unchanged
+        before = run_set(evalset, engine, evalset.name, max_queries=max_queries, fusions=fusions)
+        embeddings = catalogue_embeddings(engine.store, evalset.name)
+        adapting = Adapting.of(engine, evalset.name, train_dir, settings)
+        adapting.switch_to(fit_supervised(adapting.examples), "supervised")
+        after = run_set(evalset, engine, evalset.name, max_queries=max_queries, fusions=fusions)
+        return SetRun(before, report.seconds, products, embeddings), SetRun(after, report.seconds, products, {})
