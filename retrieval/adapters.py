@@ -28,6 +28,7 @@ from qdrant_client import models
 from retrieval.store import (
     ADAPTED_VECTORS,
     HIDDEN_PREFIX,
+    CatalogueInfo,
     ProductStore,
     StoreError,
     layout_vectors,
@@ -161,7 +162,7 @@ class Adapters:
         versions = self.store.info(catalogue).adapters if active is None else active
         return {modality: self.load(catalogue, modality, version) for modality, version in versions.items()}
 
-    def require_slots(self, catalogue: str) -> Any:
+    def require_slots(self, catalogue: str) -> CatalogueInfo:
         info = self.store.info(catalogue)
         if info.layout < 3:
             raise AdapterError(
