@@ -46,10 +46,6 @@ SHARD_DIR = "shard"
 # Qdrant's RRF constant (server and qdrant-client local mode: 1 / (k + 0-based rank)); edge's Fusion.Rrf has
 # no default, so it is spelt out to rank exactly like the other backends.
 RRF_K = 2
-# Candidates each ranking contributes before fusion, as retrieval/query.py does (not imported: that module
-# pulls in the encoders).
-PREFETCH_MIN = 50
-PREFETCH_FACTOR = 4
 
 PointId = str | int
 VectorQuery = Sequence[float] | Sequence[Sequence[float]] | models.SparseVector
@@ -337,22 +333,6 @@ class EdgeStore:
             raise ValueError("give at least one ranking")
         if weights is not None and fusion != "rrf":
             raise ValueError("weights are for RRF fusion only")
-        params = models.SearchParams(exact=True) if exact else None
-        if len(rankings) == 1:
-            (name, vector), *_ = rankings
-            request = models.QueryRequest(
-                query=_as_query_input(vector),
-                using=name,
-                filter=query_filter,
-                params=params,
-                limit=limit,
-                offset=offset,
-                score_threshold=score_threshold,
-                with_payload=_as_selector(with_payload),
-                with_vector=_as_selector(with_vectors),
-            )
-            return self.query(request)
-        depth = prefetch_limit or max(PREFETCH_MIN, PREFETCH_FACTOR * (offset + limit))
         fuse: models.FusionQuery | models.RrfQuery
         if fusion == "dbsf":
             fuse = models.FusionQuery(fusion=models.Fusion.DBSF)
@@ -360,18 +340,19 @@ class EdgeStore:
             fuse = models.RrfQuery(rrf=models.Rrf(k=RRF_K, weights=list(weights)))
         else:
             fuse = models.FusionQuery(fusion=models.Fusion.RRF)
-        request = models.QueryRequest(
-            prefetch=[
-                models.Prefetch(query=_as_query_input(v), using=n, filter=query_filter, params=params, limit=depth)
-                for n, v in rankings
-            ],
-            query=fuse,
-            filter=query_filter,
+        from retrieval.query import ranked_request  # query.py reaches this module through the store's client
+
+        request = ranked_request(
+            [(name, _as_query_input(vector)) for name, vector in rankings],
+            fuse,
+            query_filter=query_filter,
             limit=limit,
             offset=offset,
             score_threshold=score_threshold,
+            depth=prefetch_limit,
             with_payload=_as_selector(with_payload),
             with_vector=_as_selector(with_vectors),
+            params=models.SearchParams(exact=True) if exact else None,
         )
         return self.query(request)
 

@@ -315,15 +315,15 @@ class SearchEngine:
             ).points
             return points, {names[0]: {str(p.id): options.offset + i for i, p in enumerate(points, start=1)}}
         depth = max(PREFETCH_MIN, PREFETCH_FACTOR * (options.offset + options.limit))
-        fused = models.QueryRequest(
-            prefetch=[models.Prefetch(query=q, using=n, filter=query_filter, limit=depth) for n, q in rankings],
-            query=fusion_query(options, names),
-            filter=query_filter,
+        fused = ranked_request(
+            rankings,
+            fusion_query(options, names),
+            query_filter=query_filter,
             limit=options.limit,
             offset=options.offset,
             score_threshold=options.score_threshold,
+            depth=depth,
             with_vector=names,
-            with_payload=True,
         )
         single = [
             models.QueryRequest(query=q, using=n, filter=query_filter, limit=depth, with_payload=False)
@@ -336,6 +336,39 @@ class SearchEngine:
             name: {str(p.id): i for i, p in enumerate(r.points, start=1)} for name, r in zip(asked, each, strict=True)
         }
         return first.points, ranks
+
+
+def ranked_request(
+    rankings: Sequence[tuple[str, Query | models.VectorInput]],
+    fusion: models.FusionQuery | models.RrfQuery,
+    *,
+    query_filter: models.Filter | None = None,
+    limit: int = 10,
+    offset: int = 0,
+    score_threshold: float | None = None,
+    depth: int | None = None,
+    with_payload: bool | Sequence[str] = True,
+    with_vector: bool | Sequence[str] = False,
+    params: models.SearchParams | None = None,
+) -> models.QueryRequest:
+    """The Query API request for (vector name, query) rankings: one ranking is a plain nearest query on its
+    vector; several get one prefetch each (the same filter, `depth` candidates, by default
+    max(PREFETCH_MIN, PREFETCH_FACTOR x (offset + limit))) fused by `fusion`."""
+    common: dict[str, object] = {
+        "filter": query_filter,
+        "params": params,
+        "limit": limit,
+        "offset": offset,
+        "score_threshold": score_threshold,
+        "with_payload": with_payload if isinstance(with_payload, bool) else list(with_payload),
+        "with_vector": with_vector if isinstance(with_vector, bool) else list(with_vector),
+    }
+    if len(rankings) == 1:
+        (name, query), *_ = rankings
+        return models.QueryRequest(query=query, using=name, **common)
+    depth = depth or max(PREFETCH_MIN, PREFETCH_FACTOR * (offset + limit))
+    prefetch = [models.Prefetch(query=q, using=n, filter=query_filter, params=params, limit=depth) for n, q in rankings]
+    return models.QueryRequest(prefetch=prefetch, query=fusion, **common)
 
 
 def fusion_query(options: SearchOptions, rankings: Sequence[str]) -> models.FusionQuery | models.RrfQuery:
