@@ -147,7 +147,8 @@ class Ingestor:
         `prune`: then delete the products of the feed's retailers that the feed no longer lists.
         `uploaded`: the file came from a client, so its rows may not name photos on this machine (inputs.py).
         `cancel`: when set, the run stops after the chunk being stored (IngestCancelled; no pruning).
-        `on_chunk`: called with the report so far after each stored chunk."""
+        `on_chunk`: called with the report so far after each chunk (embedded, and being stored while the
+        next one is embedded)."""
         started = time.perf_counter()
         source = open_input(
             path,
@@ -176,9 +177,22 @@ class Ingestor:
                 max(self.settings.decode_workers, self.settings.url_concurrency), thread_name_prefix="read"
             ) as readers,
             ThreadPoolExecutor(1, thread_name_prefix="prepare") as preparer,
+            ThreadPoolExecutor(1, thread_name_prefix="store") as writer,
             UrlFetcher.from_settings(self.settings) as http,
         ):
             pending: Future[Prepared] | None = None
+            storing: Future[None] | None = None  # the previous chunk's upsert, while this one is embedded
+
+            def finish(prepared: Prepared, number: int) -> None:
+                nonlocal storing
+                points = self._finish(prepared, catalogue, cache, heads, report, number, bar)
+                if storing is not None:
+                    storing.result()  # chunks land in order; a failed upsert stops the run here
+                storing = writer.submit(self._store, catalogue, points, number, prepared.unchanged, report.read)
+                if cancel is not None and cancel.is_set():
+                    storing.result()  # what was embedded is stored before stopping
+                self._after_chunk(report, cancel, on_chunk)
+
             number = 0
             for number, chunk in enumerate(chunked(stream, self.settings.ingest_chunk), start=1):
                 for item in chunk:
@@ -190,12 +204,12 @@ class Ingestor:
                     self._prepare, chunk, catalogue, source.base_dir, (readers, pool), http, cache, reuse_stored=existed
                 )
                 if pending is not None:
-                    self._finish(pending.result(), catalogue, cache, heads, report, number - 1, bar)
-                    self._after_chunk(report, cancel, on_chunk)
+                    finish(pending.result(), number - 1)
                 pending = upcoming
             if pending is not None:
-                self._finish(pending.result(), catalogue, cache, heads, report, number, bar)
-                self._after_chunk(report, cancel, on_chunk)
+                finish(pending.result(), number)
+            if storing is not None:
+                storing.result()
         bar.close()
         if prune:
             report.pruned = self._prune(catalogue, seen, rejected_ids)
@@ -261,8 +275,9 @@ class Ingestor:
         report: IngestReport,
         number: int,
         bar: tqdm,
-    ) -> None:
-        """Embed what the preparing stage left to embed, store the chunk, count it."""
+    ) -> list[models.PointStruct]:
+        """Embed what the preparing stage left to embed and count the chunk; its points are returned for
+        the store thread to upsert while the next chunk is embedded."""
         report.read += prepared.read
         report.rejected_rows += prepared.rejected
         report.unchanged += prepared.unchanged
@@ -282,21 +297,24 @@ class Ingestor:
             else:
                 ready.append(product)
         points = self._embed(ready, cache, heads, report)
-        self.store.upsert(catalogue, points)
         for product in ready:
             if product.stored:
                 report.updated += 1
             else:
                 report.new += 1
+        bar.update(prepared.read)
+        return points
+
+    def _store(self, catalogue: str, points: list[models.PointStruct], number: int, unchanged: int, read: int) -> None:
+        self.store.upsert(catalogue, points)
         log.info(
             "stored chunk %d of %s: %d written, %d unchanged (%d rows read so far)",
             number,
             catalogue,
-            len(ready),
-            prepared.unchanged,
-            report.read,
+            len(points),
+            unchanged,
+            read,
         )
-        bar.update(prepared.read)
 
     def _read_images(self, product: Product, base_dir: Path, http: UrlFetcher) -> None:
         digests: list[str | None] = []
