@@ -11,7 +11,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from ingest.adapt_data import PhotoEmbedder, Stored, labelled_examples, read_catalogue, read_examples
-from retrieval.adapt_train import Examples, Fit, fit_spread, fit_supervised, mean_cosine, split
+from retrieval.adapt_train import Examples, Fit, fit_spread, fit_supervised, split
 from retrieval.adapters import AdapterError, Adapters
 from retrieval.encoders import EncoderError, load_image_encoder, load_text_encoder
 from retrieval.settings import Settings
@@ -178,7 +178,7 @@ def fit_and_store(args: argparse.Namespace, settings: Settings, store: ProductSt
         epochs=fit.epochs,
         seconds=round(fit.seconds, 2),
         holdout=HoldOut(examples=fit.holdout, before=fit.before, after=fit.after) if fit.holdout else None,
-        spread=(mean_cosine(stored.rows), mean_cosine(fit.head(stored.rows))) if args.method == "spread" else None,
+        spread=fit.spread,
     )
     saved = adapters.save(record, fit.head)
     print(describe(saved, fit))

@@ -74,6 +74,7 @@ class Fit:
     best: int  # the epoch / step kept (0: the identity, no improvement)
     seconds: float
     holdout: int  # anchors measured
+    spread: tuple[float, float] | None = None  # spread only: mean pairwise cosine of the gallery before, after
 
 
 Transform = Callable[[np.ndarray], np.ndarray]
@@ -117,10 +118,6 @@ def new_module(kind: HeadKind, dim: int) -> torch.nn.Module:
     torch.nn.init.eye_(linear.weight)
     torch.nn.init.zeros_(linear.bias)
     return linear
-
-
-def _as_head(kind: HeadKind, module: torch.nn.Module) -> Head:
-    return Head.from_module(kind, module)
 
 
 def split(count: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -193,14 +190,16 @@ def fit_supervised(
             per_anchor[keep].mean().backward()  # type: ignore[no-untyped-call]
             optimiser.step()
         module.eval()
-        measured = recall_at_1(held, _as_head(kind, module))
+        measured = recall_at_1(held, Head.from_module(kind, module))
         log.info("epoch %d: held-out recall@1 %.3f (best %.3f)", epoch, measured, best)
         if measured > best:
             best, best_epoch, best_state = measured, epoch, copy.deepcopy(module.state_dict())
         elif epoch - best_epoch >= patience:
             break
     module.load_state_dict(best_state)
-    return Fit(_as_head(kind, module), before, best, epoch, best_epoch, time.perf_counter() - started, len(held))
+    return Fit(
+        Head.from_module(kind, module), before, best, epoch, best_epoch, time.perf_counter() - started, len(held)
+    )
 
 
 def _rows_by_label(labels: np.ndarray) -> dict[int, np.ndarray]:
@@ -269,12 +268,14 @@ def fit_spread(
         optimiser.step()
         if check is not None and (step % every == 0 or step == steps):
             module.eval()
-            score = recall_at_1(check, _as_head(kind, module))
+            score = recall_at_1(check, Head.from_module(kind, module))
             if score > best_score:
                 best_score, best_step, best_state = score, step, copy.deepcopy(module.state_dict())
     if check is None:
         best_step, best_state = steps, module.state_dict()
     module.load_state_dict(best_state)
-    head = _as_head(kind, module)
-    after = recall_at_1(check, head) if check is not None else mean_cosine(head(gallery), seed)
-    return Fit(head, before, after, steps, best_step, time.perf_counter() - started, len(check) if check else 0)
+    head = Head.from_module(kind, module)
+    spread = (mean_cosine(gallery, seed), mean_cosine(head(gallery), seed))
+    after = recall_at_1(check, head) if check is not None else spread[1]
+    seconds = time.perf_counter() - started
+    return Fit(head, before, after, steps, best_step, seconds, len(check) if check else 0, spread)
