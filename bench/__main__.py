@@ -32,7 +32,7 @@ def quality(args: argparse.Namespace) -> int:
     settings = Settings()
     ensure_sets(args.sets_dir, args.shared, args.sets + ([args.adapt] if args.adapt else []))
     image_encoder = load_image_encoder(args.image_model or settings.image_model, settings.image_precision)
-    text_encoder = load_text_encoder(args.text_model or settings.text_model)
+    text_encoder = load_text_encoder(args.text_model or settings.text_model, settings.text_precision)
     print(f"encoders: {image_encoder.name} ({image_encoder.dim}-d), {text_encoder.name} ({text_encoder.dim}-d)")
     runs = {}
     for name in args.sets:
@@ -74,12 +74,13 @@ def backbones(args: argparse.Namespace) -> int:
     from retrieval.encoders import load_text_encoder
     from retrieval.settings import Settings
 
+    settings = Settings()
     ensure_sets(args.sets_dir, args.shared, [args.set])
     specs = list(OFFLINE_BACKBONES) + (args.open_clip or [])
     result = compare(
         specs,
         load_set(args.sets_dir / args.set),
-        load_text_encoder(Settings().text_model),
+        load_text_encoder(settings.text_model, settings.text_precision),
         max_queries=args.max_queries,
     )
     print(result)
@@ -99,7 +100,7 @@ def calibrate(args: argparse.Namespace) -> int:
     ensure_sets(args.sets_dir, args.shared, names)
     image_encoder, text_encoder = (
         load_image_encoder(settings.image_model, settings.image_precision),
-        load_text_encoder(settings.text_model),
+        load_text_encoder(settings.text_model, settings.text_precision),
     )
     lines = [HEADER]
     for pair in args.pairs:
@@ -138,7 +139,8 @@ def speed(args: argparse.Namespace) -> int:
         args.shared,
         images=args.images,
         products=args.products,
-        text_encoder=load_text_encoder(settings.text_model),
+        rounds=args.rounds,
+        text_encoder=load_text_encoder(settings.text_model, settings.text_precision),
         settings=settings,
     )
     print(table)
@@ -158,7 +160,7 @@ def adapt(args: argparse.Namespace) -> int:
     result, quality_tables = run_adapt(
         args.sets_dir,
         load_image_encoder(args.image_model or settings.image_model, settings.image_precision),
-        load_text_encoder(settings.text_model),
+        load_text_encoder(settings.text_model, settings.text_precision),
         train=args.train,
         evaluate=args.set,
         seeds=args.seeds,
@@ -232,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--soak-s", type=float, default=0, help="serve: then a steady-load soak of this many seconds")
     sp.add_argument("--images", type=int, default=512, help="photos for the throughput rows")
     sp.add_argument("--products", type=int, default=10_000, help="products of the re-ingest catalogue")
+    sp.add_argument("--rounds", type=int, default=3, help="ingest: alternating rounds of the throughput rows")
     sp.add_argument("--out", type=Path, default=Path("bench/out"))
 
     args = parser.parse_args(argv)

@@ -84,7 +84,7 @@ def in_process_costs(env: dict[str, str], repeats: int = 20) -> dict[str, float]
         engine = SearchEngine(
             store,
             load_image_encoder(settings.image_model, settings.image_precision),
-            load_text_encoder(settings.text_model),
+            load_text_encoder(settings.text_model, settings.text_precision),
         )
         photo, text = (SAMPLE / "queries" / QUERIES[0][0]).read_bytes(), QUERIES[0][1]
         parts: dict[str, list[float]] = {"decode": [], "image": [], "text": [], "store": []}

@@ -36,7 +36,7 @@ def median_ms(fn: Callable[[], object], repeats: int = 30) -> float:
 def main() -> int:
     settings = Settings()
     image = load_image_encoder(settings.image_model, settings.image_precision)
-    text = load_text_encoder(settings.text_model)
+    text = load_text_encoder(settings.text_model, settings.text_precision)
     photo = torch.randn(1, 3, 224, 224)
     rows = [("photo forward, main thread, fresh process", median_ms(lambda: image.embed_tensors(photo)))]
     other = ThreadPoolExecutor(1)

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             settings,
             store,
             load_image_encoder(settings.image_model, settings.image_precision),
-            load_text_encoder(settings.text_model),
+            load_text_encoder(settings.text_model, settings.text_precision),
         )
         log.info("ingesting %s into %s (%s)", args.path, catalogue, settings.describe_store())
         report = ingestor.run(

@@ -140,7 +140,7 @@ def fit_and_store(args: argparse.Namespace, settings: Settings, store: ProductSt
             batch_size=settings.batch_size,
         )
     elif lines is not None:
-        text_encoder = load_text_encoder(settings.text_model)
+        text_encoder = load_text_encoder(settings.text_model, settings.text_precision)
         _check_encoder(text_encoder.name, encoder_name, "TEXT_MODEL")
     base = args.examples.parent if args.examples else Path(".")
     labelled = labelled_examples(

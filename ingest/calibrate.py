@@ -57,7 +57,7 @@ def main(argv: list[str]) -> int:
         engine = SearchEngine(
             store,
             load_image_encoder(settings.image_model, settings.image_precision),
-            load_text_encoder(settings.text_model),
+            load_text_encoder(settings.text_model, settings.text_precision),
         )
         data = labelled_candidates(engine, args.catalogue, pairs, depth=args.depth, fusion=args.fusion)
         calibration = fit(

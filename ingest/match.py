@@ -65,7 +65,7 @@ def main(argv: list[str]) -> int:
         engine = SearchEngine(
             store,
             load_image_encoder(settings.image_model, settings.image_precision),
-            load_text_encoder(settings.text_model),
+            load_text_encoder(settings.text_model, settings.text_precision),
         )
         info = store.check_encoders(args.catalogue, engine.fingerprint)
         ids = list(store.product_ids(args.catalogue, args.retailer))

@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     image_precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto", description="timm backbones: bf16 where the CPU computes it natively (auto), or fp32"
     )
+    text_precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="sentence-transformers: bf16 where the CPU computes it natively (auto), or fp32"
+    )
     default_catalogue: str = Field(default="products", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     batch_size: int = Field(default=8, ge=1, le=1024, description="images per ingest encoder batch")
     decode_workers: int = Field(default=2, ge=1, le=64, description="threads that read and decode images")

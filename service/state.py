@@ -37,7 +37,7 @@ def build_state(settings: Settings) -> AppState:
         log.info("store: %s; catalogues: %s", settings.describe_store(), ", ".join(store.catalogues()) or "none")
         log.info("loading encoders %s and %s", settings.image_model, settings.text_model)
         image_encoder = load_image_encoder(settings.image_model, settings.image_precision)
-        text_encoder = load_text_encoder(settings.text_model)
+        text_encoder = load_text_encoder(settings.text_model, settings.text_precision)
     except BaseException:
         store.close()
         raise

