@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ingest.inputs import open_input
 from ingest.readers import validate_rows
-from ingest.sources import SourceError, UrlFetcher, read_ref, resolve_ref
+from ingest.sources import SourceError, UrlFetcher, file_signature, read_ref, resolve_ref
 from retrieval.adapters import Adapters, Head, adapted_vectors
 from retrieval.encoders.base import ImageEncoder, TextEncoder
 from retrieval.images import ImageDecodeError, decode_image
@@ -61,6 +61,8 @@ class Photo:
     blob: bytes | None = None
     tensor: torch.Tensor | None = None
     vector: np.ndarray | None = None
+    signature: str = ""  # 'size:mtime_ns' of a local file ('' for a URL)
+    unread: bool = False  # the hash came from the store (same file signature): read the bytes only if needed
 
 
 @dataclass
@@ -240,15 +242,16 @@ class Ingestor:
         or stored ones with the same bytes), and decode + preprocess the rest."""
         readers, decoders = pools
         products = [Product(r, point_id(r.retailer, r.id)) for r in chunk if isinstance(r, CatalogueRecord)]
-        list(readers.map(lambda p: self._read_images(p, base_dir, http), products))
         stored = self.store.stored_hashes(catalogue, [p.point_id for p in products])
+        known_files = {key: digest for state in stored.values() for key, digest in state.files.items()}
+        list(readers.map(lambda p: self._read_images(p, base_dir, http, known_files), products))
         work = []
         for product in products:
-            if product.point_id in stored and stored[product.point_id][0] == product.digest:
+            if product.point_id in stored and stored[product.point_id].content_hash == product.digest:
                 continue
             product.stored = product.point_id in stored
             work.append(product)
-        photos = [photo for product in work for photo in product.photos if photo.blob is not None]
+        photos = [photo for product in work for photo in product.photos if photo.blob is not None or photo.unread]
         for photo in photos:
             photo.vector = cache.get(photo.digest)
         missing = {photo.digest for photo in photos if photo.vector is None}
@@ -316,29 +319,43 @@ class Ingestor:
             read,
         )
 
-    def _read_images(self, product: Product, base_dir: Path, http: UrlFetcher) -> None:
+    def _read_images(
+        self, product: Product, base_dir: Path, http: UrlFetcher, known_files: dict[tuple[str, str], str]
+    ) -> None:
+        """Hash each photo's bytes; a local file whose size and modification time are those stored with its
+        hash is not read (as git and rsync trust a file's stat): re-ingesting an unchanged feed reads no photo."""
         digests: list[str | None] = []
         for ref in product.record.images:
             try:
                 resolved = resolve_ref(ref, base_dir)
+                signature = file_signature(resolved)
+                if (digest := known_files.get((resolved, signature))) is not None:
+                    product.photos.append(Photo(resolved, digest, signature=signature, unread=True))
+                    digests.append(digest)
+                    continue
                 blob = read_ref(resolved, client=http)
             except SourceError as exc:
                 product.image_error(ref, str(exc))
                 digests.append(None)
                 continue
             digest = hashlib.sha256(blob).hexdigest()
-            product.photos.append(Photo(resolved, digest, blob))
+            product.photos.append(Photo(resolved, digest, blob, signature=signature))
             digests.append(digest)
         product.digest = content_hash(product.record, digests)
 
     def _decode(self, product: Product) -> None:
         for photo in product.photos:
             blob, photo.blob = photo.blob, None  # the bytes are not needed after this
-            if blob is None or photo.vector is not None:
+            if photo.vector is not None:
                 continue
             try:
+                if blob is None and photo.unread:  # its vector was neither in this run's cache nor stored
+                    blob = read_ref(photo.ref)
+                    photo.digest = hashlib.sha256(blob).hexdigest()
+                if blob is None:
+                    continue
                 image = decode_image(blob, max_pixels=self.settings.max_image_pixels)
-            except ImageDecodeError as exc:
+            except (SourceError, ImageDecodeError) as exc:
                 product.image_error(photo.ref, str(exc))
                 continue
             photo.tensor = self.image_encoder.preprocess(image)
@@ -378,6 +395,7 @@ class Ingestor:
                 product.record,
                 images=[p.ref for p in photos],
                 image_hashes=[p.digest for p in photos],
+                image_files=[p.signature for p in photos],
                 digest=product.digest,
             )
             points.append(models.PointStruct(id=product.point_id, vector=vector, payload=payload.model_dump()))

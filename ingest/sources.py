@@ -63,6 +63,18 @@ def resolve_ref(ref: str, base_dir: Path) -> str:
     return str(path if path.is_absolute() else (base_dir / path).resolve())
 
 
+def file_signature(ref: str) -> str:
+    """'size:mtime_ns' of a resolved local file ('' for a URL or a file that cannot be seen): equal
+    signatures stand for equal bytes in incremental ingest."""
+    if is_url(ref):
+        return ""
+    try:
+        stat = Path(ref).stat()
+    except OSError:
+        return ""
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
 def read_ref(ref: str, *, client: UrlFetcher | None = None, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
     """The bytes behind a resolved ref, bounded in size (and in time for URLs)."""
     if is_url(ref):

@@ -36,7 +36,12 @@ def content_hash(record: CatalogueRecord, image_digests: Sequence[str | None]) -
 
 
 def build_payload(
-    record: CatalogueRecord, *, images: list[str], image_hashes: list[str], digest: str
+    record: CatalogueRecord,
+    *,
+    images: list[str],
+    image_hashes: list[str],
+    digest: str,
+    image_files: list[str] | None = None,
 ) -> ProductPayload:
     return ProductPayload(
         product_id=record.id,
@@ -54,6 +59,7 @@ def build_payload(
         url=record.url,
         images=images,
         image_hashes=image_hashes,
+        image_files=image_files or [],
         attributes=record.attributes,
         content_hash=digest,
         ingested_at=datetime.now(UTC).isoformat(timespec="seconds"),

@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, NamedTuple, Protocol, cast
 
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
@@ -71,6 +71,14 @@ class ProductNotFound(StoreError):
 
 class EncoderMismatch(StoreError):
     """The collection's vectors came from other encoders than the ones loaded now."""
+
+
+class StoredState(NamedTuple):
+    """A stored product as incremental ingest sees it."""
+
+    content_hash: str
+    image_hashes: list[str]
+    files: dict[tuple[str, str], str]  # (local photo path, 'size:mtime_ns') -> sha256 of its bytes
 
 
 @dataclass(frozen=True)
@@ -303,17 +311,28 @@ class ProductStore:
     def count(self, catalogue: str) -> int:
         return self.client.count(catalogue, exact=True).count
 
-    def stored_hashes(self, catalogue: str, ids: Sequence[str]) -> dict[str, tuple[str, list[str]]]:
-        """(content hash, image hashes) per point id, for the ids that exist: what incremental ingest compares."""
+    def stored_hashes(self, catalogue: str, ids: Sequence[str]) -> dict[str, StoredState]:
+        """What incremental ingest compares, per point id, for the ids that exist: the content hash, the photo
+        hashes, and each local photo file's (path, 'size:mtime_ns') -> hash."""
         if not ids:
             return {}
         points = self.client.retrieve(
-            catalogue, ids=list(ids), with_payload=["content_hash", "image_hashes"], with_vectors=False
+            catalogue,
+            ids=list(ids),
+            with_payload=["content_hash", "image_hashes", "images", "image_files"],
+            with_vectors=False,
         )
         out = {}
         for point in points:
             payload = point.payload or {}
-            out[str(point.id)] = (str(payload.get("content_hash", "")), list(payload.get("image_hashes") or []))
+            hashes = [str(h) for h in payload.get("image_hashes") or []]
+            refs, signatures = payload.get("images") or [], payload.get("image_files") or []
+            files = {
+                (str(ref), str(signature)): digest
+                for ref, signature, digest in zip(refs, signatures, hashes, strict=False)
+                if signature
+            }
+            out[str(point.id)] = StoredState(str(payload.get("content_hash", "")), hashes, files)
         return out
 
     def image_vectors_by_hash(

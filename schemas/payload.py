@@ -27,6 +27,11 @@ class ProductPayload(BaseModel):
     image_hashes: list[str] = Field(
         default_factory=list, description="sha256 of each embedded photo's bytes (reuse of its vector)"
     )
+    image_files: list[str] = Field(
+        default_factory=list,
+        description="'size:mtime_ns' of each embedded photo read from a local file ('' for a URL): a re-ingest "
+        "takes the stored hash of a file whose size and modification time are unchanged without reading it",
+    )
     attributes: dict[str, str] = Field(default_factory=dict)
     content_hash: str = Field(description="sha256 of the record's fields and image bytes (incremental ingest)")
     ingested_at: str = Field(description="ISO 8601 UTC time of the last write")

@@ -250,13 +250,15 @@ def test_batch_norms_fold_into_convs_without_changing_embeddings() -> None:
     assert float(np.min(np.sum(embed_images(folded_bf16, images, batch_size=8) * reference, axis=1))) >= 0.999
 
     block = torch.nn.Sequential()
+    norm, projection_norm = BatchNormAct2d(8, act_layer=torch.nn.ReLU6), BatchNormAct2d(4, apply_act=False)
     block.add_module("conv", torch.nn.Conv2d(3, 8, 3, padding=1))
-    block.add_module("bn", BatchNormAct2d(8, act_layer=torch.nn.ReLU6))
+    block.add_module("bn", norm)
     block.add_module("proj", torch.nn.Conv2d(8, 4, 1))
-    block.add_module("bn_proj", BatchNormAct2d(4, apply_act=False))
-    for norm in (block.bn, block.bn_proj):
-        norm.running_mean.uniform_(-1, 1)
-        norm.running_var.uniform_(0.5, 2)
+    block.add_module("bn_proj", projection_norm)
+    for trained in (norm, projection_norm):
+        assert trained.running_mean is not None and trained.running_var is not None
+        trained.running_mean.uniform_(-1, 1)
+        trained.running_var.uniform_(0.5, 2)
     block.eval()
     probe = torch.randn(2, 3, 16, 16)
     with torch.no_grad():

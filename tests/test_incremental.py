@@ -73,6 +73,38 @@ def test_changed_fields_reuse_the_stored_photo_vectors(ingestor: Ingestor, catal
     np.testing.assert_allclose(np.asarray(three[IMAGE_VECTOR]), np.asarray(four[IMAGE_VECTOR]))
 
 
+def test_photo_files_with_their_stored_size_and_time_are_not_read_again(
+    ingestor: Ingestor, catalogue_name: str, tmp_path: Path
+) -> None:
+    """A re-ingest takes the stored hash of a photo file whose size and modification time are unchanged (as
+    git and rsync trust a file's stat): a photo overwritten with garbage of the same size and given back its
+    times goes unnoticed (had it been read, it would be a changed product with an undecodable photo); a file
+    replaced for real is read, and its product updated with the new photo's hash."""
+    rows = sample_rows(6)
+    feed = write_catalogue(tmp_path / "a", rows)
+    assert ingestor.run(feed, catalogue_name, progress=False).new == 6
+    photo, replacement = (feed.parent / rows[i]["image"] for i in (0, 1))
+    before = photo.stat()
+    photo.write_bytes(b"\0" * before.st_size)
+    os.utime(photo, ns=(before.st_atime_ns, before.st_mtime_ns))
+    again = ingestor.run(feed, catalogue_name, progress=False)
+    assert (again.unchanged, again.updated, again.skipped_images) == (6, 0, [])
+    rows[2]["title"] = "Renamed"  # a changed row whose photo is not read: its stored vector is reused
+    with feed.open("w", newline="", encoding="utf-8") as out:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    renamed = ingestor.run(feed, catalogue_name, progress=False)
+    assert (renamed.unchanged, renamed.updated, renamed.images_embedded, renamed.skipped_images) == (5, 1, 0, [])
+
+    photo.write_bytes(replacement.read_bytes())  # another size and a new modification time
+    edited = ingestor.run(feed, catalogue_name, progress=False)
+    assert (edited.unchanged, edited.updated, edited.skipped_images) == (5, 1, [])
+    stored = {p.payload["product_id"]: p.payload for p in ingestor.store.client.scroll(catalogue_name)[0] if p.payload}
+    assert stored[rows[0]["id"]]["image_hashes"] == stored[rows[1]["id"]]["image_hashes"]
+    assert stored[rows[0]["id"]]["image_files"] == [f"{photo.stat().st_size}:{photo.stat().st_mtime_ns}"]
+
+
 def test_prune_deletes_what_left_the_feed_and_keeps_rejected_rows(
     ingestor: Ingestor, catalogue_name: str, tmp_path: Path
 ) -> None:
