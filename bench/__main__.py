@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench import emit
 from bench.prepare import prepare_all, write_grocery_sample
 
 DEFAULT_SHARED = Path("../shared/data")
@@ -124,10 +125,7 @@ def speed(args: argparse.Namespace) -> int:
     if args.what == "serve":
         from bench.serve_load import run_serve
 
-        table = run_serve(seconds=args.seconds, soak_s=args.soak_s)
-        print(table)
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "speed-serve.md").write_text(table + "\n")
+        emit(run_serve(seconds=args.seconds, soak_s=args.soak_s), args.out, "speed-serve.md")
         return 0
 
     from bench.speed import run_ingest
@@ -135,7 +133,7 @@ def speed(args: argparse.Namespace) -> int:
     from retrieval.settings import Settings
 
     settings = Settings()
-    table = run_ingest(
+    ingest_table = run_ingest(
         args.shared,
         images=args.images,
         products=args.products,
@@ -143,9 +141,7 @@ def speed(args: argparse.Namespace) -> int:
         text_encoder=load_text_encoder(settings.text_model, settings.text_precision),
         settings=settings,
     )
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "speed-ingest.md").write_text(table + "\n")
+    emit(ingest_table, args.out, "speed-ingest.md")
     return 0
 
 

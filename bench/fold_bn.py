@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench import emit
 from bench.speed import photos
 from retrieval.encoders.base import cpu_has_bf16
 from retrieval.encoders.factory import parse_spec
@@ -71,11 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {name} | {encoder.folded} | {len(sample) / statistics.median(seconds[name]):.1f} | "
             f"{' / '.join(f'{r:.1f}' for r in rates)} | {cosines[name].min():.6f} | {cosines[name].mean():.6f} |"
         )
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "fold-bn.md").write_text(table + "\n")
+    emit("\n".join(lines), args.out, "fold-bn.md")
     return 0
 
 

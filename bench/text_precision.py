@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import emit
 from retrieval.encoders.base import cpu_has_bf16
 from retrieval.encoders.sentence import SentenceTextEncoder
 from retrieval.settings import DEFAULT_TEXT_MODEL
@@ -61,11 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {label} ({len(texts)}) | {batch} | {slow:.2f} | {fast:.2f} | {slow / fast:.2f}x | "
                 f"{cosines.min():.6f} | {cosines.mean():.6f} |"
             )
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "text-precision.md").write_text(table + "\n")
+    emit("\n".join(lines), args.out, "text-precision.md")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The quality bench end to end on tiny real sets, so that it cannot rot; and its data converters."""
+"""The quality and ingest-speed benches end to end on tiny real sets, so that they cannot rot; and the data
+converters."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import pytest
 from bench.__main__ import main as bench_main
 from bench.evalset import EvalQuery, load_set
 from bench.prepare import parse_ditto_record, write_grocery_set, write_text_pairs_set
+from bench.speed import run_ingest
+from retrieval.encoders import TextEncoder
+from retrieval.settings import Settings
 from tests.conftest import GROCERY, SHARED_DATA
 
 
@@ -68,3 +72,13 @@ def test_quality_bench_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFix
     for name in ("alibaba-recall.png", "grocery-val-recall.png", "grocery-val-scores.png", "grocery-val-map.png"):
         assert (out / name).stat().st_size > 5_000
     assert (out / "table.md").read_text().startswith("| set | group | mode |")
+
+
+def test_ingest_speed_bench_runs_on_both_embedded_stores(text_encoder: TextEncoder) -> None:
+    """`bench speed ingest` on a few photos: every row measured, both stores ingest every photo, and the
+    re-ingest of the unchanged feed embeds nothing and finds every product unchanged."""
+    table = run_ingest(SHARED_DATA, images=12, products=30, rounds=1, text_encoder=text_encoder, settings=Settings())
+    for row in ("image model alone, fp32", "naive loop", "12 products, one photo each, local store", "edge store"):
+        assert row in table
+    assert table.count("| again, unchanged | 30 | 0 / 0 / 30 | 0 |") == 2
+    assert table.count("| first ingest | 30 | 30 / 0 / 0 |") == 2
