@@ -42,10 +42,15 @@ class Row:
         """Images per second of the median round."""
         return self.images / statistics.median(self.rounds)
 
+    @property
+    def spread(self) -> str:
+        """Every round's images/s, slowest first."""
+        return " / ".join(f"{r:.1f}" for r in sorted(self.images / s for s in self.rounds))
+
     def line(self) -> str:
-        rates = sorted(self.images / s for s in self.rounds)
-        spread = " / ".join(f"{r:.1f}" for r in rates)
-        return f"| {self.what} | {self.images} | {statistics.median(self.rounds):.2f} | {self.rate:.1f} | {spread} |"
+        return (
+            f"| {self.what} | {self.images} | {statistics.median(self.rounds):.2f} | {self.rate:.1f} | {self.spread} |"
+        )
 
 
 def photos(shared: Path) -> list[Path]:

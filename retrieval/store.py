@@ -77,7 +77,6 @@ class StoredState(NamedTuple):
     """A stored product as incremental ingest sees it."""
 
     content_hash: str
-    image_hashes: list[str]
     files: dict[tuple[str, str], str]  # (local photo path, 'size:mtime_ns') -> sha256 of its bytes
 
 
@@ -312,8 +311,8 @@ class ProductStore:
         return self.client.count(catalogue, exact=True).count
 
     def stored_hashes(self, catalogue: str, ids: Sequence[str]) -> dict[str, StoredState]:
-        """What incremental ingest compares, per point id, for the ids that exist: the content hash, the photo
-        hashes, and each local photo file's (path, 'size:mtime_ns') -> hash."""
+        """What incremental ingest compares, per point id, for the ids that exist: the content hash and each
+        local photo file's (path, 'size:mtime_ns') -> hash."""
         if not ids:
             return {}
         points = self.client.retrieve(
@@ -332,7 +331,7 @@ class ProductStore:
                 for ref, signature, digest in zip(refs, signatures, hashes, strict=False)
                 if signature
             }
-            out[str(point.id)] = StoredState(str(payload.get("content_hash", "")), hashes, files)
+            out[str(point.id)] = StoredState(str(payload.get("content_hash", "")), files)
         return out
 
     def image_vectors_by_hash(

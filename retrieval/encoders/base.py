@@ -110,9 +110,10 @@ class PixelTransform:
 class ResizeCrop:
     """A Resize followed by a CenterCrop (torchvision, as timm and open_clip build them) done, when it
     shrinks, as one PIL resample of the crop's area of the source: the same filter and scale without
-    computing the pixels the crop throws away (1.9 -> 1.3 ms on a 348 px grocery photo). Pixels differ from
-    the two steps' by a few levels at most; embeddings keep cosine > 0.99999 (tested). An image that is
-    enlarged goes through the two steps as torchvision does them."""
+    computing the pixels the crop throws away (1.9 -> 1.3 ms on a 348 px grocery photo, timed while
+    developing it, not a bench row). Pixels differ from the two steps' by a few levels at most; embeddings
+    keep cosine > 0.99999 (tested). An image that is enlarged goes through the two steps as torchvision
+    does them."""
 
     RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
