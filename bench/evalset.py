@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,8 +43,23 @@ class EvalSet:
     def catalogue(self) -> Path:
         return self.folder / "catalogue.csv"
 
+    @property
+    def photo_roots(self) -> list[Path]:
+        """The folder the catalogue's absolute photo paths share (the data set the bench prepared it from):
+        ingest may read photos there as well as in the set's own folder."""
+        return catalogue_photo_roots(self.catalogue)
+
     def image_path(self, query: EvalQuery) -> Path | None:
         return (self.folder / query.image).resolve() if query.image else None
+
+
+def catalogue_photo_roots(catalogue: Path) -> list[Path]:
+    """The common folder of a bench-written catalogue's absolute photo paths ([] when it names none): the
+    bench prepared those rows itself, so it lets ingest read there (`--photo-root` on the command line)."""
+    with catalogue.open(newline="", encoding="utf-8") as f:
+        refs = [ref for row in csv.DictReader(f) for ref in (row.get("image") or "").split("|") if ref.strip()]
+    absolute = [ref.strip() for ref in refs if os.path.isabs(ref.strip())]
+    return [Path(os.path.commonpath([os.path.dirname(ref) for ref in absolute]))] if absolute else []
 
 
 def load_set(folder: Path) -> EvalSet:

@@ -180,7 +180,7 @@ def ingested(
         store = ProductStore(open_client(run_settings))
         try:
             report = Ingestor(run_settings, store, image_encoder, text_encoder).run(
-                evalset.catalogue, evalset.name, progress=False
+                evalset.catalogue, evalset.name, progress=False, photo_roots=evalset.photo_roots
             )
             if problems := report.rejected_rows + report.skipped_images:
                 raise ValueError(f"{evalset.catalogue}: {len(problems)} rows or images not ingested: {problems[0]}")

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from bench.evalset import catalogue_photo_roots
 from ingest.pipeline import Ingestor
 from retrieval.encoders import ImageEncoder, TextEncoder, load_image_encoder
 from retrieval.encoders.factory import parse_spec
@@ -143,7 +144,8 @@ def change_prices(path: Path, share: float, *, seed: int = 1) -> int:
 def ingest(
     settings: Settings, store: ProductStore, image: ImageEncoder, text: TextEncoder, path: Path, catalogue: str
 ) -> IngestReport:
-    return Ingestor(settings, store, image, text).run(path, catalogue, progress=False)
+    roots = catalogue_photo_roots(path)
+    return Ingestor(settings, store, image, text).run(path, catalogue, progress=False, photo_roots=roots)
 
 
 def run_ingest(

@@ -48,6 +48,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="delete the stored products of the feed's retailers that the feed no longer lists "
         "(rows rejected this time are kept)",
     )
+    parser.add_argument(
+        "--photo-root",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FOLDER",
+        help="a folder outside the catalogue's own that its local photo paths may point into (repeat for more); "
+        "a photo path anywhere else refuses its row",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     return parser.parse_args(argv)
 
@@ -124,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             retailer=args.retailer,
             product_folders=args.product_folders,
             prune=args.prune,
+            photo_roots=args.photo_root,
         )
     except (CatalogueError, EncoderError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)

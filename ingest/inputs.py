@@ -1,6 +1,8 @@
 """What `python -m ingest PATH` accepts: a catalogue file, a folder, or a zip of either, as rows to validate.
 
 - A catalogue file (`.csv`, `.jsonl`, `.ndjson`): its rows; image paths are relative to its folder.
+  Local photos may only be read from inside the catalogue's folder and the folders the CLI user names
+  (`photo_roots`); an uploaded file's rows may only use URLs, an uploaded zip's only its own photos.
 - A folder holding `catalogue.csv` / `catalogue.jsonl` / `catalogue.ndjson`: that file.
 - Any other folder: images laid out by category, `root/<category>/<sub-category>/<image>`. Every image file is
   one product: id = its path below the root without the suffix, title = the file name with `_ - . +` as
@@ -23,19 +25,24 @@ import stat
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ingest.readers import CSV_SUFFIXES, JSONL_SUFFIXES, CatalogueError, RawRow, read_rows
-from retrieval.images import IMAGE_SUFFIXES, is_url
-from schemas.catalogue import IMAGE_SEPARATOR
+from ingest.sources import PhotoAccess
+from retrieval.images import IMAGE_SUFFIXES
 from schemas.report import Rejection
 
 CATALOGUE_NAMES = ("catalogue.csv", "catalogue.jsonl", "catalogue.ndjson")
 SKIPPED_NAMES = frozenset({"__macosx", "thumbs.db", "desktop.ini"})
 MAX_ARCHIVE_BYTES = 8 * 1024**3
+FREE_SPACE_SHARE = 4  # by default a zip may unpack to at most a quarter of the free space (and MAX_ARCHIVE_BYTES)
 MAX_ARCHIVE_ENTRIES = 200_000
+# An entry that unpacks to more than this many times its compressed size (past 1 MiB) is taken for a bomb:
+# photos barely compress and catalogue text ~10x, while a GiB of zeros packs 1000x.
+MAX_COMPRESSION_RATIO = 200
+RATIO_CHECKED_FROM = 1024 * 1024
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -43,14 +50,21 @@ class InputError(CatalogueError):
     """An input refused as a whole (an unsafe or unreadable zip, a folder with nothing to ingest)."""
 
 
+ZIP_OUTSIDE = "points outside the zip; a zipped catalogue's photos must be in the zip"
+UPLOAD_LOCAL = "a local path; an uploaded catalogue file's photos must be URLs (or upload a zip with the photos)"
+FOLDER_OUTSIDE = "points outside the catalogue's folder; name the photos' folder with --photo-root to allow it"
+
+
 @dataclass
 class CatalogueInput:
-    """Raw rows to validate, the folder their relative image paths start from, and what was read."""
+    """Raw rows to validate, which local photos they may open (relative paths start at `photos.base_dir`),
+    and what was read."""
 
     rows: Iterator[RawRow | Rejection]
-    base_dir: Path
+    photos: PhotoAccess
     source: str
     catalogue_file: bool  # rows from a catalogue file, not from a folder of images
+    extracted: Path | None = None  # the folder a zip was extracted to by this run (None: reused, or no zip)
 
 
 def open_input(
@@ -60,43 +74,51 @@ def open_input(
     sources_root: Path,
     retailer: str | None = None,
     product_folders: bool = False,
-    max_archive_bytes: int = MAX_ARCHIVE_BYTES,
+    max_archive_bytes: int | None = None,
     max_archive_entries: int = MAX_ARCHIVE_ENTRIES,
     uploaded: bool = False,
+    photo_roots: Sequence[Path] = (),
 ) -> CatalogueInput:
     """The rows behind PATH; file-level problems raise CatalogueError (exit 2), row-level ones are rows.
-    `uploaded`: PATH came from a client (the service's ingest endpoint), so a catalogue file may not name
-    photos on this machine: a lone file's rows may only use URLs, a zip's only its own photos (as always)."""
+    `uploaded`: PATH came from a client (the service's ingest endpoint), so no photo on this machine may be
+    named: a lone file's rows may only use URLs, a zip's only its own photos. Otherwise (a CLI user) photos
+    may also come from `photo_roots`."""
     path = path.resolve()
+    extra = () if uploaded else tuple(photo_roots)
     if not path.exists():
         raise CatalogueError(f"{path} does not exist")
     if path.is_file() and path.suffix.lower() == ".zip":
-        extracted = extract_zip(
+        extracted, fresh = extract_zip(
             path, sources_root / _safe(catalogue), max_bytes=max_archive_bytes, max_entries=max_archive_entries
         )
         root = _single_folder(extracted) or extracted
         found = _open_tree(root, retailer, root.name if root != extracted else path.stem, product_folders)
-        if found.catalogue_file:
-            found.rows = _confined(found.rows, found.base_dir, extracted.resolve(), ZIP_OUTSIDE)
+        found.photos = PhotoAccess.within(root, (extracted, *extra), ZIP_OUTSIDE, expand_user=not uploaded)
         found.source = f"{path} (extracted to {root})"
+        found.extracted = extracted if fresh else None
         return found
     if path.is_dir():
-        return _open_tree(path, retailer, path.name, product_folders)
+        found = _open_tree(path, retailer, path.name, product_folders)
+        found.photos = PhotoAccess.within(path, (path, *extra), FOLDER_OUTSIDE)
+        return found
     rows = _with_retailer(read_rows(path), retailer)
-    if uploaded:
-        rows = _confined(rows, path.parent, path, UPLOAD_LOCAL)  # nothing local resolves inside the file
-    return CatalogueInput(rows, path.parent, str(path), catalogue_file=True)
+    if uploaded:  # no local file at all
+        photos = PhotoAccess.within(path.parent, (), UPLOAD_LOCAL, expand_user=False)
+    else:
+        photos = PhotoAccess.within(path.parent, (path.parent, *extra), FOLDER_OUTSIDE)
+    return CatalogueInput(rows, photos, str(path), catalogue_file=True)
 
 
 def _open_tree(root: Path, retailer: str | None, folder_name: str, product_folders: bool) -> CatalogueInput:
     files = [root / name for name in CATALOGUE_NAMES if (root / name).is_file()]
     if len(files) > 1:
         raise InputError(f"{root} holds {' and '.join(f.name for f in files)}: keep one catalogue file")
+    photos = PhotoAccess.within(root, (root,), FOLDER_OUTSIDE)
     if files:
         rows = _with_retailer(read_rows(files[0]), retailer)
-        return CatalogueInput(rows, root, str(files[0]), catalogue_file=True)
+        return CatalogueInput(rows, photos, str(files[0]), catalogue_file=True)
     rows = folder_rows(root, retailer or folder_name, product_folders=product_folders)
-    return CatalogueInput(rows, root, str(root), catalogue_file=False)
+    return CatalogueInput(rows, photos, str(root), catalogue_file=False)
 
 
 def _skipped(name: str) -> bool:
@@ -183,42 +205,6 @@ def _with_retailer(rows: Iterator[RawRow | Rejection], retailer: str | None) -> 
         yield row
 
 
-def _row_refs(value: object) -> list[str]:
-    if isinstance(value, str):
-        return [p.strip() for p in value.split(IMAGE_SEPARATOR) if p.strip()]
-    if isinstance(value, list):
-        return [v.strip() for v in value if isinstance(v, str)]
-    return []
-
-
-ZIP_OUTSIDE = "points outside the zip; a zipped catalogue's photos must be in the zip"
-UPLOAD_LOCAL = "a local path; an uploaded catalogue file's photos must be URLs (or upload a zip with the photos)"
-
-
-def _confined(rows: Iterator[RawRow | Rejection], base_dir: Path, root: Path, why: str) -> Iterator[RawRow | Rejection]:
-    """A zipped (or uploaded) catalogue may only name photos inside `root` (or URLs): a row pointing elsewhere
-    is rejected, `why` saying so."""
-    for row in rows:
-        if isinstance(row, RawRow):
-            for ref in _row_refs(row.data.get("image")):
-                if is_url(ref) or "://" in ref:
-                    continue
-                inside = not ref.startswith("~") and (base_dir / ref).resolve().is_relative_to(root)
-                if not inside:
-                    raw_id = row.data.get("id")
-                    yield Rejection(
-                        line=row.line,
-                        id=str(raw_id)[:256] if raw_id not in (None, "") else None,
-                        field="image",
-                        reason=f"{ref[:200]}: {why}",
-                    )
-                    break
-            else:
-                yield row
-            continue
-        yield row
-
-
 def _safe(name: str) -> str:
     return _UNSAFE.sub("_", name).strip("._")[:64] or "catalogue"
 
@@ -273,30 +259,62 @@ def _members(
                 f"{name} unpacks to more than {max_bytes:,} bytes (MAX_ARCHIVE_BYTES); refusing it as a possible "
                 "zip bomb, or raise the limit"
             )
+        if info.file_size > RATIO_CHECKED_FROM and info.file_size > MAX_COMPRESSION_RATIO * max(info.compress_size, 1):
+            raise InputError(
+                f"{name}: entry {shown!r} unpacks to {info.file_size:,} bytes from {info.compress_size:,} "
+                f"(over {MAX_COMPRESSION_RATIO}x); refusing the archive as a possible zip bomb"
+            )
         members.append((info, parts))
     return members
 
 
+def _free_bytes(folder: Path) -> int:
+    """Free bytes on the disk that holds `folder` (or its nearest existing parent)."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return shutil.disk_usage(probe).free
+    except OSError as exc:
+        raise InputError(f"cannot read the free space of {folder}: {exc.strerror or exc}") from None
+
+
+def archive_cap(dest_parent: Path, max_bytes: int | None) -> int:
+    """How many bytes a zip may unpack to: `max_bytes` when set, else MAX_ARCHIVE_BYTES or a quarter of the free
+    space on the sources disk, whichever is less (so a few uploads cannot fill the disk)."""
+    if max_bytes is not None:
+        return max_bytes
+    return max(1, min(MAX_ARCHIVE_BYTES, _free_bytes(dest_parent) // FREE_SPACE_SHARE))
+
+
 def extract_zip(
-    archive_path: Path, dest_parent: Path, *, max_bytes: int = MAX_ARCHIVE_BYTES, max_entries: int = MAX_ARCHIVE_ENTRIES
-) -> Path:
-    """Extract a zip safely into `dest_parent/<stem>-<hash>/` (reused if already there) and return that folder.
+    archive_path: Path,
+    dest_parent: Path,
+    *,
+    max_bytes: int | None = None,
+    max_entries: int = MAX_ARCHIVE_ENTRIES,
+) -> tuple[Path, bool]:
+    """Extract a zip safely into `dest_parent/<stem>-<hash>/` (reused if already there); return that folder and
+    whether this call created it (a caller whose run then stores nothing removes it again).
 
     Refused as a whole, before anything is written: absolute names, `..`, symbolic links and other special
-    entries, encrypted entries, duplicate names, more than `max_entries` entries or `max_bytes` declared bytes.
-    The bytes actually written are counted too, so an entry that unpacks to more than it declares is caught.
+    entries, encrypted entries, duplicate names, entries compressed past MAX_COMPRESSION_RATIO, more than
+    `max_entries` entries or `max_bytes` declared bytes (`archive_cap`: by default from the free space).
+    The bytes written are counted as they stream out, per entry and in all, so an entry that unpacks to more
+    than it declares is caught; whatever was written is removed when the archive is refused.
     """
     try:
         target = dest_parent / f"{_safe(archive_path.stem)}-{_sha256(archive_path)[:16]}"
     except OSError as exc:
         raise InputError(f"cannot read {archive_path}: {exc.strerror or exc}") from None
     if target.is_dir():
-        return target
+        return target, False
     try:
         archive = zipfile.ZipFile(archive_path)
     except (zipfile.BadZipFile, OSError) as exc:
         raise InputError(f"{archive_path} is not a readable zip file: {exc}") from None
     with archive:
+        max_bytes = archive_cap(dest_parent, max_bytes)
         members = _members(archive, archive_path, max_bytes, max_entries)
         try:
             dest_parent.mkdir(parents=True, exist_ok=True)
@@ -318,10 +336,15 @@ def extract_zip(
                     continue
                 out.parent.mkdir(parents=True, exist_ok=True)
                 with archive.open(info) as source, out.open("xb") as sink:
+                    entry = 0
                     while block := source.read(1 << 20):
                         written += len(block)
+                        entry += len(block)
                         if written > max_bytes:
                             raise InputError(f"{archive_path} unpacks to more than {max_bytes:,} bytes; refusing it")
+                        if entry > info.file_size:
+                            shown = info.filename[:200]
+                            raise InputError(f"{archive_path}: entry {shown!r} unpacks to more than it declares")
                         sink.write(block)
             try:
                 temporary.rename(target)
@@ -329,10 +352,11 @@ def extract_zip(
                 if not target.is_dir():  # another run extracted the same zip meanwhile: use that one
                     raise
                 shutil.rmtree(temporary, ignore_errors=True)
+                return target, False
         except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, OSError) as exc:
             shutil.rmtree(temporary, ignore_errors=True)
             raise InputError(f"cannot extract {archive_path}: {exc}") from None
         except BaseException:
             shutil.rmtree(temporary, ignore_errors=True)
             raise
-    return target
+    return target, True

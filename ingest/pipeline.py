@@ -6,14 +6,16 @@ in a pool), so the encoder is not left waiting on files or JPEG decoding."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import logging
+import shutil
 import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +26,9 @@ import torch
 from qdrant_client import models
 from tqdm import tqdm
 
-from ingest.inputs import open_input
+from ingest.inputs import CatalogueInput, open_input
 from ingest.readers import validate_rows
-from ingest.sources import SourceError, UrlFetcher, file_signature, read_ref, resolve_ref
+from ingest.sources import FetchCancelled, OutsideRoot, PhotoAccess, SourceError, UrlFetcher, file_signature
 from retrieval.adapters import Adapters, Head, adapted_vectors
 from retrieval.encoders.base import ImageEncoder, TextEncoder
 from retrieval.images import ImageDecodeError, decode_image
@@ -75,6 +77,7 @@ class Product:
     errors: list[Rejection] = field(default_factory=list)
     digest: str = ""
     stored: bool = False  # the point exists (with another content hash when it is in a chunk's work)
+    refused: Rejection | None = None  # a photo reference outside the allowed folders: the row is not ingested
 
     def image_error(self, ref: str, reason: str) -> None:
         self.errors.append(
@@ -142,16 +145,20 @@ class Ingestor:
         product_folders: bool = False,
         prune: bool = False,
         uploaded: bool = False,
+        photo_roots: Sequence[Path] = (),
         cancel: threading.Event | None = None,
         on_chunk: Callable[[IngestReport], None] | None = None,
     ) -> IngestReport:
         """Ingest a catalogue file, folder or zip (ingest/inputs.py); bad rows are reported, the rest lands.
         `prune`: then delete the products of the feed's retailers that the feed no longer lists.
         `uploaded`: the file came from a client, so its rows may not name photos on this machine (inputs.py).
-        `cancel`: when set, the run stops after the chunk being stored (IngestCancelled; no pruning).
+        `photo_roots`: folders beyond the catalogue's own that its local photos may come from (a CLI user's).
+        `cancel`: when set, the run stops after the chunk being stored, or at once while photos are being
+        fetched (IngestCancelled; the chunk being read is not stored; no pruning).
         `on_chunk`: called with the report so far after each chunk (embedded, and being stored while the
-        next one is embedded)."""
-        started = time.perf_counter()
+        next one is embedded).
+        A zip extracted by this run is removed again when the run stores nothing (a refused or failed input
+        leaves nothing on disk)."""
         source = open_input(
             path,
             catalogue=catalogue,
@@ -161,8 +168,34 @@ class Ingestor:
             max_archive_bytes=self.settings.max_archive_bytes,
             max_archive_entries=self.settings.max_archive_entries,
             uploaded=uploaded,
+            photo_roots=photo_roots,
         )
         report = IngestReport(catalogue=catalogue, source=source.source)
+        try:
+            self._run(source, catalogue, report, progress=progress, prune=prune, cancel=cancel, on_chunk=on_chunk)
+        except FetchCancelled:
+            raise IngestCancelled(
+                f"stopped after {report.read} rows; run it again to finish (stored rows are kept)"
+            ) from None
+        finally:
+            if source.extracted is not None and report.written == 0:
+                shutil.rmtree(source.extracted, ignore_errors=True)
+                with contextlib.suppress(OSError):  # the catalogue's sources folder, when nothing else is there
+                    source.extracted.parent.rmdir()
+        return report
+
+    def _run(
+        self,
+        source: CatalogueInput,
+        catalogue: str,
+        report: IngestReport,
+        *,
+        progress: bool | None,
+        prune: bool,
+        cancel: threading.Event | None,
+        on_chunk: Callable[[IngestReport], None] | None,
+    ) -> None:
+        started = time.perf_counter()
         records = validate_rows(source.rows)
         first = next(records, None)  # surfaces a file-level CatalogueError before touching the store
         existed = not self.store.ensure_catalogue(catalogue, self.fingerprint) and self.store.count(catalogue) > 0
@@ -180,7 +213,7 @@ class Ingestor:
             ) as readers,
             ThreadPoolExecutor(1, thread_name_prefix="prepare") as preparer,
             ThreadPoolExecutor(1, thread_name_prefix="store") as writer,
-            UrlFetcher.from_settings(self.settings) as http,
+            UrlFetcher.from_settings(self.settings, cancel=cancel) as http,
         ):
             pending: Future[Prepared] | None = None
             storing: Future[None] | None = None  # the previous chunk's upsert, while this one is embedded
@@ -203,7 +236,7 @@ class Ingestor:
                     elif item.id:
                         rejected_ids.add(item.id)
                 upcoming = preparer.submit(
-                    self._prepare, chunk, catalogue, source.base_dir, (readers, pool), http, cache, reuse_stored=existed
+                    self._prepare, chunk, catalogue, source.photos, (readers, pool), http, cache, reuse_stored=existed
                 )
                 if pending is not None:
                     finish(pending.result(), number - 1)
@@ -216,7 +249,6 @@ class Ingestor:
         if prune:
             report.pruned = self._prune(catalogue, seen, rejected_ids)
         report.seconds = round(time.perf_counter() - started, 3)
-        return report
 
     @staticmethod
     def _after_chunk(
@@ -231,7 +263,7 @@ class Ingestor:
         self,
         chunk: list[CatalogueRecord | Rejection],
         catalogue: str,
-        base_dir: Path,
+        access: PhotoAccess,
         pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor],
         http: UrlFetcher,
         cache: PhotoCache,
@@ -244,7 +276,9 @@ class Ingestor:
         products = [Product(r, point_id(r.retailer, r.id)) for r in chunk if isinstance(r, CatalogueRecord)]
         stored = self.store.stored_hashes(catalogue, [p.point_id for p in products])
         known_files = {key: digest for state in stored.values() for key, digest in state.files.items()}
-        list(readers.map(lambda p: self._read_images(p, base_dir, http, known_files), products))
+        list(readers.map(lambda p: self._read_images(p, access, http, known_files), products))
+        refused = [p.refused for p in products if p.refused is not None]
+        products = [p for p in products if p.refused is None]
         work = []
         for product in products:
             if product.point_id in stored and stored[product.point_id].content_hash == product.digest:
@@ -261,10 +295,10 @@ class Ingestor:
             for photo in photos:
                 if photo.vector is None and photo.digest in known:
                     photo.vector = np.asarray(known[photo.digest], dtype=np.float32)
-        list(decoders.map(self._decode, work))
+        list(decoders.map(lambda p: self._decode(p, access, http), work))
         return Prepared(
             read=len(chunk),
-            rejected=[r for r in chunk if isinstance(r, Rejection)],
+            rejected=sorted([r for r in chunk if isinstance(r, Rejection)] + refused, key=lambda r: r.line or 0),
             unchanged=len(products) - len(work),
             work=work,
         )
@@ -320,37 +354,50 @@ class Ingestor:
         )
 
     def _read_images(
-        self, product: Product, base_dir: Path, http: UrlFetcher, known_files: dict[tuple[str, str], str]
+        self, product: Product, access: PhotoAccess, http: UrlFetcher, known_files: dict[tuple[str, str], str]
     ) -> None:
         """Hash each photo's bytes; a local file whose size and modification time are those stored with its
-        hash is not read (as git and rsync trust a file's stat): re-ingesting an unchanged feed reads no photo."""
-        digests: list[str | None] = []
-        for ref in product.record.images:
+        hash is not read (as git and rsync trust a file's stat): re-ingesting an unchanged feed reads no photo.
+        Every reference is checked against the folders the catalogue may read before anything is looked at;
+        one outside them refuses the whole row."""
+        record = product.record
+        resolved: list[str | SourceError] = []
+        for ref in record.images:
             try:
-                resolved = resolve_ref(ref, base_dir)
-                signature = file_signature(resolved)
-                if (digest := known_files.get((resolved, signature))) is not None:
-                    product.photos.append(Photo(resolved, digest, signature=signature, unread=True))
+                resolved.append(access.resolve(ref))
+            except OutsideRoot as exc:
+                product.refused = Rejection(line=record.line, id=record.id, field="image", reason=f"{ref}: {exc}")
+                return
+            except SourceError as exc:  # an unsupported URL scheme: this photo is skipped
+                resolved.append(exc)
+        digests: list[str | None] = []
+        for ref, where in zip(record.images, resolved, strict=True):
+            try:
+                if isinstance(where, SourceError):
+                    raise where
+                signature = file_signature(where)
+                if (digest := known_files.get((where, signature))) is not None:
+                    product.photos.append(Photo(where, digest, signature=signature, unread=True))
                     digests.append(digest)
                     continue
-                blob = read_ref(resolved, client=http)
+                blob = access.read(where, client=http)
             except SourceError as exc:
                 product.image_error(ref, str(exc))
                 digests.append(None)
                 continue
             digest = hashlib.sha256(blob).hexdigest()
-            product.photos.append(Photo(resolved, digest, blob, signature=signature))
+            product.photos.append(Photo(where, digest, blob, signature=signature))
             digests.append(digest)
         product.digest = content_hash(product.record, digests)
 
-    def _decode(self, product: Product) -> None:
+    def _decode(self, product: Product, access: PhotoAccess, http: UrlFetcher) -> None:
         for photo in product.photos:
             blob, photo.blob = photo.blob, None  # the bytes are not needed after this
             if photo.vector is not None:
                 continue
             try:
                 if blob is None and photo.unread:  # its vector was neither in this run's cache nor stored
-                    blob = read_ref(photo.ref)
+                    blob = access.read(photo.ref, client=http)
                     photo.digest = hashlib.sha256(blob).hexdigest()
                 if blob is None:
                     continue

@@ -1,8 +1,10 @@
-"""Image references to bytes: paths relative to the catalogue file, absolute paths, http(s) URLs.
+"""Image references to bytes: local files inside the folders a catalogue may read (`PhotoAccess`), http(s) URLs.
 
-URLs go through `UrlFetcher`: a bounded number of fetches at a time, a timeout, a few retries with
-exponential back-off on connection errors, 5xx and 429, a size cap, a content-type check, and redirects
-followed one hop at a time. Every connection (the first one and each redirect's) is opened by a network
+URLs go through `UrlFetcher`: a bounded number of fetches at a time, one deadline for the whole fetch of a
+photo (connection, redirects, body and retries: a host that trickles a byte at a time cannot hold it longer),
+a few retries with exponential back-off on connection errors, 5xx and 429, a size cap, a content-type
+check, redirects followed one hop at a time, and a cancel event that stops a fetch within a fraction of a
+second (the service's shutdown). Every connection (the first one and each redirect's) is opened by a network
 backend that resolves the host name itself, refuses it when any of its addresses is not a global one
 (private, loopback, link-local, reserved, multicast, unspecified) unless private URLs are allowed, and
 then connects to exactly the addresses it checked, so a second DNS answer cannot slip past the check.
@@ -11,11 +13,14 @@ then connects to exactly the addresses it checked, so a second DNS answer cannot
 from __future__ import annotations
 
 import ipaddress
+import os
 import random
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -23,7 +28,7 @@ from typing import Any
 import httpcore
 import httpx
 
-from retrieval.images import is_url
+from retrieval.images import LocalFileError, is_url, read_regular_file
 from retrieval.settings import Settings
 
 MAX_IMAGE_BYTES = 50 * 1024 * 1024
@@ -46,6 +51,64 @@ class BlockedAddress(SourceError):
     """A URL whose host resolves to an address that is not allowed (private networks, by default)."""
 
 
+class FetchCancelled(Exception):
+    """The run was asked to stop while a URL was being fetched (not a problem of the photo: nothing is reported)."""
+
+
+# A blocked read or write wakes up this often to look at the fetch's deadline and cancel event.
+POLL_S = 0.25
+
+
+class _Budget(threading.local):
+    """The deadline and cancel event of the fetch running on this thread, read by its network streams."""
+
+    deadline: float = float("inf")
+    cancel: threading.Event | None = None
+
+    def step(self, timeout: float | None = None) -> float:
+        """How long the next blocking socket call may wait: raises once cancelled or past the deadline."""
+        if self.cancel is not None and self.cancel.is_set():
+            raise FetchCancelled("cancelled")
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise httpcore.ReadTimeout("the fetch's deadline has passed")
+        return min(POLL_S, remaining, timeout if timeout is not None else remaining)
+
+
+class _BudgetedStream(httpcore.NetworkStream):
+    """A socket stream whose reads and writes wait in short steps, so the fetch's deadline and cancel event
+    are honoured however slowly the peer sends (a per-read timeout alone lets one byte every few seconds
+    keep a fetch alive for ever)."""
+
+    def __init__(self, stream: httpcore.NetworkStream, budget: _Budget) -> None:
+        self._stream = stream
+        self._budget = budget
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        while True:
+            step = self._budget.step()  # raises once the fetch is cancelled or out of time
+            try:
+                return self._stream.read(max_bytes, step)
+            except httpcore.ReadTimeout:
+                continue  # only this step ran out
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, self._budget.step(timeout))  # requests are a few hundred bytes
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(
+        self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.NetworkStream:
+        remaining = self._budget.deadline - time.monotonic()
+        wait = max(0.001, min(remaining, timeout if timeout is not None else remaining))
+        return _BudgetedStream(self._stream.start_tls(ssl_context, server_hostname, wait), self._budget)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
 class _Retryable(Exception):
     def __init__(self, reason: str, retry_after: float | None = None) -> None:
         super().__init__(reason)
@@ -53,47 +116,64 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
-def resolve_ref(ref: str, base_dir: Path) -> str:
-    """A URL stays as it is; a path becomes absolute, relative to the catalogue file's folder."""
-    if is_url(ref):
-        return ref
-    if "://" in ref:
-        raise SourceError(f"unsupported image URL scheme in {ref!r}: use http(s) or a file path")
-    path = Path(ref).expanduser()
-    return str(path if path.is_absolute() else (base_dir / path).resolve())
+class OutsideRoot(SourceError):
+    """A local photo reference outside the folders its catalogue may read from: the row is refused."""
+
+
+@dataclass(frozen=True)
+class PhotoAccess:
+    """Which local files a catalogue's photo references may open, decided by who supplied the catalogue.
+
+    A reference is resolved against `base_dir` (the catalogue's folder), every symbolic link in it followed,
+    and must then lie inside one of `roots`: for a CLI user the catalogue's folder and the folders they name
+    (`--photo-root`), for an uploaded zip its own extraction folder, for an uploaded catalogue file none at
+    all (URLs only). The check looks at nothing on disk but the path's links, so its answer never tells a
+    client whether a path outside the roots exists. Only regular files are then read, bounded in size."""
+
+    base_dir: Path
+    roots: tuple[Path, ...]
+    refusal: str  # the reason a reference outside the roots is refused with
+    expand_user: bool = True  # `~` means the home folder (a CLI user's catalogue), or is an ordinary name
+
+    @classmethod
+    def within(cls, base_dir: Path, roots: Iterable[Path], refusal: str, *, expand_user: bool = True) -> PhotoAccess:
+        real = tuple(dict.fromkeys(Path(os.path.realpath(root)) for root in roots))
+        return cls(Path(os.path.realpath(base_dir)), real, refusal, expand_user)
+
+    def resolve(self, ref: str) -> str:
+        """A URL stays as it is; a path becomes the real absolute path it names, or OutsideRoot."""
+        if is_url(ref):
+            return ref
+        if "://" in ref:
+            raise SourceError("unsupported image URL scheme: use http(s) or a file path")
+        if "\x00" in ref:
+            raise OutsideRoot(self.refusal)
+        path = Path(ref).expanduser() if self.expand_user and ref.startswith("~") else Path(ref)
+        real = Path(os.path.realpath(self.base_dir / path))
+        if not any(real.is_relative_to(root) for root in self.roots):
+            raise OutsideRoot(self.refusal)
+        return str(real)
+
+    def read(self, resolved: str, *, client: UrlFetcher, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+        """The bytes behind a reference `resolve` returned, bounded in size (and in time for a URL)."""
+        if is_url(resolved):
+            return client.fetch(resolved, max_bytes=max_bytes)
+        try:
+            return read_regular_file(resolved, max_bytes=max_bytes)
+        except LocalFileError as exc:
+            raise SourceError(str(exc)) from None
 
 
 def file_signature(ref: str) -> str:
-    """'size:mtime_ns' of a resolved local file ('' for a URL or a file that cannot be seen): equal
-    signatures stand for equal bytes in incremental ingest."""
+    """'size:mtime_ns' of a resolved local regular file ('' for a URL or anything else): equal signatures
+    stand for equal bytes in incremental ingest."""
     if is_url(ref):
         return ""
     try:
-        stat = Path(ref).stat()
-    except OSError:
+        info = os.stat(ref)
+    except (OSError, ValueError):
         return ""
-    return f"{stat.st_size}:{stat.st_mtime_ns}"
-
-
-def read_ref(ref: str, *, client: UrlFetcher | None = None, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
-    """The bytes behind a resolved ref, bounded in size (and in time for URLs)."""
-    if is_url(ref):
-        if client is not None:
-            return client.fetch(ref, max_bytes=max_bytes)
-        with UrlFetcher(max_bytes=max_bytes) as own:
-            return own.fetch(ref)
-    path = Path(ref)
-    try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise SourceError(f"file is {size} bytes, over the limit of {max_bytes}")
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise SourceError(f"file not found: {ref}") from None
-    except IsADirectoryError:
-        raise SourceError(f"is a folder, not an image: {ref}") from None
-    except OSError as exc:
-        raise SourceError(f"cannot read {ref}: {exc.strerror or exc}") from None
+    return f"{info.st_size}:{info.st_mtime_ns}" if stat.S_ISREG(info.st_mode) else ""
 
 
 def address_problem(address: IPAddress) -> str | None:
@@ -142,6 +222,7 @@ class _GuardedBackend(httpcore.SyncBackend):
         self.allow_private = allow_private
         self.allow_hosts = allow_hosts
         self.resolver = resolver
+        self.budget = _Budget()
 
     def checked_addresses(self, host: str, port: int) -> Sequence[str]:
         addresses = self.resolver(host, port)
@@ -169,7 +250,10 @@ class _GuardedBackend(httpcore.SyncBackend):
         error: httpcore.ConnectError | httpcore.ConnectTimeout | None = None
         for address in self.checked_addresses(host, port):
             try:
-                return super().connect_tcp(address, port, timeout, local_address, socket_options)
+                self.budget.step()  # cancelled, or out of time
+                wait = max(0.001, min(self.budget.deadline - time.monotonic(), timeout or float("inf")))
+                stream = super().connect_tcp(address, port, wait, local_address, socket_options)
+                return _BudgetedStream(stream, self.budget)
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
                 error = exc
         assert error is not None
@@ -211,7 +295,9 @@ class UrlFetcher:
         backoff_s: float = 0.5,
         max_backoff_s: float = MAX_BACKOFF_S,
         resolver: Resolver = system_resolver,
+        cancel: threading.Event | None = None,
     ) -> None:
+        """`timeout_s` bounds one photo's whole fetch (retries included); `cancel` stops every fetch."""
         self.retries = retries
         self.timeout_s = timeout_s
         self.max_bytes = max_bytes
@@ -221,6 +307,7 @@ class UrlFetcher:
         self._backend = _GuardedBackend(
             allow_private=allow_private, allow_hosts=frozenset(h.lower() for h in allow_hosts), resolver=resolver
         )
+        self.cancel = cancel
         self._slots = threading.BoundedSemaphore(concurrency)
         self._lock = threading.Lock()
         self._client: httpx.Client | None = None
@@ -264,21 +351,45 @@ class UrlFetcher:
             return self._client
 
     def fetch(self, url: str, *, max_bytes: int | None = None) -> bytes:
-        """The body of an image URL, or SourceError with the reason (after the retries, where they apply)."""
+        """The body of an image URL, or SourceError with the reason (after the retries, where they apply and
+        time is left); FetchCancelled when the cancel event is set meanwhile."""
         limit = self.max_bytes if max_bytes is None else max_bytes
+        self._acquire_slot()
+        budget = self._backend.budget
+        budget.deadline, budget.cancel = time.monotonic() + self.timeout_s, self.cancel
+        try:
+            return self._fetch_in_time(url, limit, budget)
+        finally:
+            budget.deadline, budget.cancel = float("inf"), None
+            self._slots.release()
+
+    def _acquire_slot(self) -> None:
+        while not self._slots.acquire(timeout=POLL_S):
+            if self.cancel is not None and self.cancel.is_set():
+                raise FetchCancelled("cancelled")
+
+    def _fetch_in_time(self, url: str, limit: int, budget: _Budget) -> bytes:
         attempts = self.retries + 1
         for attempt in range(attempts):
             try:
-                with self._slots:
-                    return self._fetch_once(url, limit)
+                return self._fetch_once(url, limit)
             except _Retryable as exc:
+                remaining = budget.deadline - time.monotonic()
+                if remaining <= 0:
+                    raise SourceError(f"{exc.reason} (no answer within {self.timeout_s:g} s, URL_TIMEOUT_S)") from None
                 if attempt + 1 == attempts:
                     tries = f"{attempts} attempts" if attempts > 1 else "1 attempt"
                     raise SourceError(f"{exc.reason} (gave up after {tries})") from None
                 delay = min(self.max_backoff_s, self.backoff_s * 2**attempt)
                 if exc.retry_after is not None:
                     delay = max(delay, min(exc.retry_after, self.max_backoff_s))
-                time.sleep(delay * random.uniform(1.0, 1.1))  # a little jitter: parallel retries spread out
+                delay *= random.uniform(1.0, 1.1)  # a little jitter: parallel retries spread out
+                if delay >= remaining:
+                    raise SourceError(f"{exc.reason} (no time left for a retry within {self.timeout_s:g} s)") from None
+                if self.cancel is not None and self.cancel.wait(delay):
+                    raise FetchCancelled("cancelled") from None
+                if self.cancel is None:
+                    time.sleep(delay)
         raise AssertionError("unreachable")
 
     def _fetch_once(self, url: str, limit: int) -> bytes:

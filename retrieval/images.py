@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 from urllib.parse import urlparse
 
@@ -19,6 +21,49 @@ DRAFT_MIN_SIDE = 896
 
 class ImageDecodeError(ValueError):
     """Bytes that are not a usable image; the message is safe to show to the user."""
+
+
+class LocalFileError(ValueError):
+    """A local photo that cannot be read; the message names no path, so it is safe to show to a client."""
+
+
+# Opened without following a symbolic link in the last step, and without blocking on a FIFO with no writer.
+_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+
+
+def read_regular_file(path: str, *, max_bytes: int) -> bytes:
+    """The bytes of a regular file, at most `max_bytes` of them, whatever `stat` said before the read.
+
+    A folder, FIFO, socket or device is refused after opening it without blocking (its `st_size` says
+    nothing: a FIFO or /dev/zero has size 0 and no end), and the read stops one byte past the cap, so a
+    file that grows while it is read cannot take more memory than the cap."""
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except FileNotFoundError:
+        raise LocalFileError("file not found") from None
+    except IsADirectoryError:
+        raise LocalFileError("is a folder, not an image") from None
+    except OSError as exc:
+        raise LocalFileError(f"cannot read the file: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise LocalFileError("is a folder, not an image")
+        if not stat.S_ISREG(info.st_mode):
+            raise LocalFileError("not a regular file (a device, pipe or socket)")
+        if info.st_size > max_bytes:
+            raise LocalFileError(f"file is {info.st_size} bytes, over the limit of {max_bytes}")
+        blocks, total = [], 0
+        while block := os.read(fd, min(1 << 20, max_bytes + 1 - total)):
+            total += len(block)
+            if total > max_bytes:
+                raise LocalFileError(f"file is over the limit of {max_bytes} bytes")
+            blocks.append(block)
+        return b"".join(blocks)
+    except OSError as exc:
+        raise LocalFileError(f"cannot read the file: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
 
 
 def is_url(ref: str) -> bool:

@@ -54,12 +54,23 @@ class Settings(BaseSettings):
     )
     url_allow_hosts: str = Field(default="", description="comma-separated host names exempt from that check")
     url_retries: int = Field(default=3, ge=0, le=10, description="retries of an image URL (connection, 5xx, 429)")
-    url_timeout_s: float = Field(default=15.0, gt=0, le=300, description="timeout of each image URL request")
+    url_timeout_s: float = Field(
+        default=15.0, gt=0, le=300, description="longest fetch of one image URL, redirects and retries included"
+    )
     url_concurrency: int = Field(default=8, ge=1, le=64, description="image URL requests in flight at once")
     sources_path: Path | None = Field(
         default=None, description="where zip inputs are extracted (default: a 'sources' folder beside the store)"
     )
-    max_archive_bytes: int = Field(default=8 * 1024**3, ge=1, description="uncompressed size cap of a zip input")
+    max_archive_bytes: int | None = Field(
+        default=None,
+        ge=1,
+        description="uncompressed size cap of a zip input (default: 8 GiB or a quarter of the sources disk's free "
+        "space, whichever is less)",
+    )
+    jobs_path: Path | None = Field(
+        default=None,
+        description="the service's job records, kept across restarts (default: jobs.sqlite beside the store)",
+    )
     max_archive_entries: int = Field(default=200_000, ge=1, description="entry count cap of a zip input")
     # The HTTP service's hardening and operations (README, Operations).
     api_key: SecretStr | None = Field(
@@ -100,8 +111,16 @@ class Settings(BaseSettings):
         return (self.sources_path or self.store_path.parent / "sources").resolve()
 
     @property
+    def jobs_file(self) -> Path:
+        return (self.jobs_path or self.store_path.parent / "jobs.sqlite").resolve()
+
+    @property
     def cors_origin_list(self) -> list[str]:
         return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
-    def describe_store(self) -> str:
-        return f"Qdrant server {self.qdrant_url}" if self.qdrant_url else f"embedded Qdrant at {self.store_path}"
+    def describe_store(self, *, public: bool = False) -> str:
+        """Which store, for logs and the command line; `public`: for HTTP clients, naming no path or host."""
+        if self.qdrant_url:
+            return "Qdrant server" if public else f"Qdrant server {self.qdrant_url}"
+        engine = "qdrant-edge" if self.store_backend == "edge" else "qdrant-client local mode"
+        return f"embedded Qdrant ({engine})" if public else f"embedded Qdrant at {self.store_path}"

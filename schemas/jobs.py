@@ -9,7 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from schemas.report import IngestReport, Rejection
 from schemas.search import Fusion
 
-JobStatus = Literal["queued", "running", "done", "failed"]
+# interrupted: the service stopped (shut down, crashed or was killed) before the job ended; what it stored stays
+JobStatus = Literal["queued", "running", "done", "failed", "interrupted"]
 JobKind = Literal["match", "ingest"]
 SHOWN_REJECTIONS = 100
 

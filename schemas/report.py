@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
+
+from schemas.text import printable
 
 
 class Rejection(BaseModel):
-    """One thing that was not ingested (a whole row, or one image of a row that was kept)."""
+    """One thing that was not ingested (a whole row, or one image of a row that was kept). Its texts quote the
+    catalogue, so they are kept printable: a row cannot forge a log line or drive a terminal."""
 
     line: int | None = Field(default=None, description="line in the catalogue file")
     id: str | None = None
     field: str | None = None
     reason: str
+
+    @field_validator("id", "field", "reason")
+    @classmethod
+    def _printable(cls, value: str | None) -> str | None:
+        return printable(value) if value is not None else None
 
 
 class IngestReport(BaseModel):

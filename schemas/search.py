@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from schemas.catalogue import category_path, parse_category
 from schemas.payload import Product
 
 CATALOGUE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
@@ -19,7 +20,9 @@ CONDITION_KEY_PATTERN = rf"^(?:{'|'.join(CONDITION_FIELDS)}|attributes\.[A-Za-z0
 # Bounded values inside lists and conditions: a request cannot smuggle megabytes into a filter.
 Name = Annotated[str, Field(max_length=256)]
 Value = Annotated[str, Field(max_length=1_000)]
-Scalar = Value | int | bool
+# The engines store 64-bit integers: a larger one is a 422 here, not an overflow inside the store.
+Integer = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+Scalar = Value | Integer | bool
 
 
 class ValueRange(BaseModel):
@@ -53,10 +56,10 @@ class PayloadCondition(BaseModel):
         examples=["attributes.colour"],
     )
     match: Scalar | None = Field(default=None, description="the field equals this value")
-    any: list[Value] | list[int] | None = Field(
+    any: list[Value] | list[Integer] | None = Field(
         default=None, min_length=1, max_length=100, description="one of these values (all strings or all integers)"
     )
-    except_: list[Value] | list[int] | None = Field(
+    except_: list[Value] | list[Integer] | None = Field(
         default=None, alias="except", min_length=1, max_length=100, description="none of these values"
     )
     range: ValueRange | None = Field(default=None, description="numeric bounds")
@@ -86,6 +89,14 @@ class SearchFilters(BaseModel):
     where: list[PayloadCondition] = Field(
         default_factory=list, max_length=32, description="free conditions on other payload fields (all must hold)"
     )
+
+    @field_validator("category")
+    @classmethod
+    def _category_path(cls, value: str | None) -> str | None:
+        """'A > B' in its stored form; an empty or over-long level is refused here (422), not in the query."""
+        if value is None:
+            return None
+        return category_path(parse_category(value)) or None
 
     @model_validator(mode="after")
     def _price_range(self) -> SearchFilters:

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -19,6 +20,7 @@ from service.batching import Overloaded, batched_encoders
 from service.jobs import JobsClosed
 from service.routes import catalogues, health, ingest, jobs, search
 from service.state import AppState, build_state
+from service.validation import validation_failed
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("service")
@@ -64,6 +66,8 @@ def create_app(settings: Settings | None = None, *, state: AppState | None = Non
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse(status_code=status, content={"detail": message})
+
+    app.add_exception_handler(RequestValidationError, validation_failed)  # type: ignore[arg-type]
 
     @app.exception_handler(CatalogueNotFound)
     def _not_found(request: Request, exc: CatalogueNotFound) -> JSONResponse:

@@ -1,20 +1,31 @@
 """Background jobs of the service: run one at a time in a worker thread (they share the encoders and
-the store with searches), with their progress and results kept in memory for the most recent ones.
+the store with searches); their records, progress and rows kept for the most recent ones.
+
+With a path (the service's `JOBS_PATH`, a small SQLite file beside the store) every record is written as it
+changes, so a job outlives the process: after a crash or a kill the service starts by marking the jobs that
+were queued or running `interrupted` (with what they had stored by then), and `GET /jobs/{id}` still answers.
 
 A job runs in the logging context of the request that submitted it (its lines carry that request id, and
-the job's id). On shutdown, queued jobs are dropped and a running one is asked to stop at its next step."""
+the job's id). On shutdown, queued jobs are dropped and the running one is asked to stop (an ingest stops
+fetching photos at once); whatever has not ended within the shutdown bound is marked `interrupted` and left
+behind: the worker is a daemon thread, so the process exits on time."""
 
 from __future__ import annotations
 
 import contextvars
+import fcntl
+import json
 import logging
+import queue
+import shutil
+import sqlite3
 import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_for
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO
 
 from schemas.jobs import IngestSummary, Job, JobKind
 from service import metrics
@@ -24,6 +35,10 @@ KEPT_JOBS = 100
 log = logging.getLogger("service.jobs")
 
 Work = Callable[["JobHandle"], Iterable[list[dict[str, str]]]]
+Cleanup = Callable[[], None]
+INTERRUPTED = (
+    "the service stopped before the job finished; what it stored until then is kept: submit it again to finish"
+)
 
 
 class JobsClosed(RuntimeError):
@@ -34,6 +49,10 @@ class JobCancelled(RuntimeError):
     """The service stopped while the job was queued or running."""
 
 
+class JobsBusy(RuntimeError):
+    """Another process keeps its jobs in the same file."""
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -41,74 +60,196 @@ def _now() -> str:
 class JobHandle:
     """What a running job sees of itself: its totals and report to set, and whether to stop."""
 
-    def __init__(self, job: Job, lock: threading.Lock, stop: threading.Event) -> None:
+    def __init__(self, job: Job, jobs: Jobs, stop: threading.Event) -> None:
         self.job = job
-        self._lock = lock
+        self._jobs = jobs
         self.stop = stop  # set when the service stops: finish the current step and return
 
     def set_total(self, total: int) -> None:
-        self.job.total = total
+        self._jobs._update(self.job, total=total)
 
     def set_done(self, done: int) -> None:
-        with self._lock:
-            self.job.done = done
+        self._jobs._update(self.job, done=done)
 
     def set_ingest(self, summary: IngestSummary) -> None:
+        self._jobs._update(self.job, ingest=summary)
+
+
+class JobRecords:
+    """The jobs' records and rows in SQLite: one row per job (its JSON), one per result row. One process
+    holds the file (an exclusive lock on it), so a second service on the same folder is refused."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_file: IO[bytes] = (path.parent / f".{path.name}.lock").open("ab")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise JobsBusy(f"another service keeps its jobs in {path}; stop it, or set JOBS_PATH") from None
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, created TEXT, record TEXT)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS job_rows (job TEXT, seq INTEGER, row TEXT)")
+        self._db.execute("CREATE INDEX IF NOT EXISTS job_rows_by_job ON job_rows (job, seq)")
+        self._lock = threading.Lock()
+
+    def load(self) -> list[Job]:
         with self._lock:
-            self.job.ingest = summary
+            found = self._db.execute("SELECT record FROM jobs ORDER BY created, rowid").fetchall()
+        return [Job.model_validate_json(record) for (record,) in found]
+
+    def save(self, job: Job) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO jobs (id, created, record) VALUES (?, ?, ?)",
+                (job.id, job.created_at, job.model_dump_json()),
+            )
+
+    def add_rows(self, job_id: str, start: int, rows: list[dict[str, str]]) -> None:
+        with self._lock:
+            self._db.executemany(
+                "INSERT INTO job_rows (job, seq, row) VALUES (?, ?, ?)",
+                [(job_id, start + i, json.dumps(row, ensure_ascii=False)) for i, row in enumerate(rows)],
+            )
+
+    def rows(self, job_id: str) -> list[dict[str, str]]:
+        with self._lock:
+            found = self._db.execute("SELECT row FROM job_rows WHERE job = ? ORDER BY seq", (job_id,)).fetchall()
+        return [json.loads(row) for (row,) in found]
+
+    def forget(self, job_id: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            self._db.execute("DELETE FROM job_rows WHERE job = ?", (job_id,))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+        self._lock_file.close()
 
 
 class Jobs:
-    def __init__(self) -> None:
+    def __init__(self, path: Path | None = None) -> None:
+        """Jobs kept in memory, or (`path`) in a SQLite file that survives a restart: the jobs a previous
+        process left queued or running are marked `interrupted` here."""
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._rows: dict[str, list[dict[str, str]]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._pending: dict[str, tuple[Future[None], Callable[[], None] | None]] = {}
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="job")
+        self._queue: queue.SimpleQueue[tuple[Job, Work, Cleanup | None, contextvars.Context] | None] = (
+            queue.SimpleQueue()
+        )
+        self._current: tuple[Job, threading.Event] | None = None
+        self._records = JobRecords(path) if path is not None else None
+        if self._records is not None:
+            for job in self._records.load():
+                if job.status in ("queued", "running"):
+                    was = job.status
+                    job.status, job.finished_at = "interrupted", _now()
+                    job.error = f"{INTERRUPTED} (the previous process ended while the job was {was})"
+                    self._records.save(job)
+                self._jobs[job.id] = job
+            self._trim()
+        self._worker = threading.Thread(target=self._work, name="job", daemon=True)
+        self._worker.start()
 
-    def submit(self, kind: JobKind, catalogue: str, work: Work, *, cleanup: Callable[[], None] | None = None) -> Job:
+    def submit(self, kind: JobKind, catalogue: str, work: Work, *, cleanup: Cleanup | None = None) -> Job:
         """Queue `work`; `cleanup` runs once the job is over, however it ended (even if it never started)."""
         if self._stop.is_set():
             raise JobsClosed("the service is stopping and takes no new jobs")
         job = Job(id=uuid.uuid4().hex, kind=kind, catalogue=catalogue, status="queued", created_at=_now())
         with self._lock:
             self._jobs[job.id] = job
-            self._rows[job.id] = []
-            while len(self._jobs) > KEPT_JOBS:
-                oldest = next((k for k, j in self._jobs.items() if j.status in ("done", "failed")), None)
-                if oldest is None:
-                    break
-                del self._jobs[oldest], self._rows[oldest]
+            self._trim()
+            self._save(job)
             # the request's context: the job's log lines carry the id of the request that submitted it
-            future = self._worker.submit(contextvars.copy_context().run, self._run, job, work, cleanup)
-            self._pending[job.id] = (future, cleanup)
+            self._queue.put((job, work, cleanup, contextvars.copy_context()))
         log.info("%s job %s queued for catalogue %s", kind, job.id, catalogue)
         return job.model_copy()
 
-    def _run(self, job: Job, work: Work, cleanup: Callable[[], None] | None) -> None:
+    def _trim(self) -> None:
+        while len(self._jobs) > KEPT_JOBS:
+            oldest = next((k for k, j in self._jobs.items() if j.status in ("done", "failed", "interrupted")), None)
+            if oldest is None:
+                break
+            del self._jobs[oldest]
+            self._rows.pop(oldest, None)
+            if self._records is not None:
+                self._records.forget(oldest)
+
+    def _save(self, job: Job) -> None:
+        if self._records is not None:
+            self._records.save(job)
+
+    def _update(self, job: Job, **changes: object) -> None:
+        with self._lock:
+            if job.status != "running":  # marked interrupted at shutdown: the job's late updates are dropped
+                return
+            for key, value in changes.items():
+                setattr(job, key, value)
+            self._save(job)
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            job, work, cleanup, context = item
+            if self._stop.is_set():
+                self._drop(job, cleanup)
+            else:
+                context.run(self._run, job, work, cleanup)
+
+    def _drop(self, job: Job, cleanup: Cleanup | None) -> None:
+        """A queued job the shutdown came before: interrupted, its upload removed."""
+        self._end(job, "interrupted", f"JobCancelled: {INTERRUPTED}")
+        _clean(cleanup)
+
+    def _end(self, job: Job, status: str, error: str | None) -> bool:
+        """Record how `job` ended, unless shutdown already marked it interrupted; False then."""
+        with self._lock:
+            if job.status == "interrupted":
+                return False
+            job.status, job.error, job.finished_at = status, error, _now()  # type: ignore[assignment]
+            self._save(job)
+        metrics.JOBS_FINISHED.labels(job.kind, job.status).inc()
+        return True
+
+    def _run(self, job: Job, work: Work, cleanup: Cleanup | None) -> None:
         token = JOB_ID.set(job.id)
-        job.status, job.started_at = "running", _now()
+        stop = threading.Event()
+        with self._lock:
+            job.status, job.started_at = "running", _now()
+            self._current = (job, stop)
+            self._save(job)
+        if self._stop.is_set():
+            stop.set()
         metrics.JOBS_RUNNING.inc()
         log.info("%s job started", job.kind)
         try:
-            for rows in work(JobHandle(job, self._lock, self._stop)):
+            for rows in work(JobHandle(job, self, stop)):
                 with self._lock:
-                    self._rows[job.id].extend(rows)
+                    if job.status != "running":
+                        break
+                    kept = self._rows.setdefault(job.id, [])
+                    if self._records is not None and rows:
+                        self._records.add_rows(job.id, len(kept), rows)
+                    kept.extend(rows)
                     job.done += 1
-                if self._stop.is_set():
-                    raise JobCancelled("the service stopped before the job finished")
-            job.status = "done"
-            log.info("%s job done", job.kind)
+                    self._save(job)
+                if stop.is_set():
+                    raise JobCancelled(INTERRUPTED)
+            if self._end(job, "done", None):
+                log.info("%s job done", job.kind)
         except Exception as exc:  # a job's failure is reported in its status, never lost in a thread
-            job.status, job.error = "failed", f"{type(exc).__name__}: {exc}"
-            log.warning("%s job failed: %s", job.kind, job.error, exc_info=exc)
+            if stop.is_set():  # stopped by the shutdown, whatever the work raised on its way out
+                self._end(job, "interrupted", f"{type(exc).__name__}: {INTERRUPTED}")
+                log.warning("%s job interrupted by the shutdown: %s", job.kind, exc)
+            elif self._end(job, "failed", f"{type(exc).__name__}: {exc}"):
+                log.warning("%s job failed: %s", job.kind, job.error, exc_info=exc)
         finally:
-            job.finished_at = _now()
             metrics.JOBS_RUNNING.dec()
-            metrics.JOBS_FINISHED.labels(job.kind, job.status).inc()
             with self._lock:
-                self._pending.pop(job.id, None)
+                self._current = None
             _clean(cleanup)
             JOB_ID.reset(token)
 
@@ -119,31 +260,60 @@ class Jobs:
 
     def rows(self, job_id: str) -> list[dict[str, str]]:
         with self._lock:
-            return list(self._rows.get(job_id, []))
+            if job_id in self._rows:
+                return list(self._rows[job_id])
+        return self._records.rows(job_id) if self._records is not None else []
+
+    def stop(self) -> None:
+        """Take no new job and ask the running one to stop at once (an ingest stops its photo fetches, a match
+        job after its product); queued jobs will be marked interrupted. Called as soon as shutdown begins."""
+        self._stop.set()
+        with self._lock:
+            if self._current is not None:
+                self._current[1].set()
 
     def close(self, timeout: float = 30.0) -> None:
-        """Take no new job, drop the queued ones, ask the running one to stop at its next step (a match job
-        after its product, an ingest after its chunk) and wait for it up to `timeout` seconds."""
-        self._stop.set()
-        self._worker.shutdown(wait=False, cancel_futures=True)
+        """`stop`, then wait up to `timeout` seconds for the running job to end; one still running then is
+        marked interrupted and left to its daemon thread (the process does not wait for it)."""
+        self.stop()
+        self._queue.put(None)  # the worker takes the queued jobs (each marked interrupted), then ends
+        self._worker.join(timeout)
         with self._lock:
-            pending = dict(self._pending)
-        running = []
-        for job_id, (future, cleanup) in pending.items():
-            if future.cancelled():
-                with self._lock:
-                    job = self._jobs[job_id]
-                    job.status, job.error, job.finished_at = "failed", "JobCancelled: the service stopped", _now()
-                    self._pending.pop(job_id, None)
-                metrics.JOBS_FINISHED.labels(job.kind, job.status).inc()
-                _clean(cleanup)
+            current = self._current
+        if current is not None:
+            job = current[0]
+            log.warning("%s job %s still runs %.0f s into the shutdown: marked interrupted", job.kind, job.id, timeout)
+            self._end(job, "interrupted", f"JobCancelled: {INTERRUPTED}")
+            while True:  # the worker is busy for good: the queued jobs are dropped here
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    self._drop(item[0], item[2])
+        elif self._records is not None:
+            self._records.close()
+
+
+def sweep_uploads(folder: Path) -> int:
+    """Remove what uploads left in `folder` (a crash between an upload and the end of its job): at start no
+    job is running, so every entry there is an orphan. Returns how many were removed."""
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for entry in folder.iterdir():
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
             else:
-                running.append(future)
-        if running and wait_for(running, timeout=timeout).not_done:
-            log.warning("a job is still running %.0f s after the service was asked to stop", timeout)
+                entry.unlink()
+            removed += 1
+        except OSError as exc:
+            log.warning("cannot remove the orphaned upload %s: %s", entry.name, exc.strerror or exc)
+    return removed
 
 
-def _clean(cleanup: Callable[[], None] | None) -> None:
+def _clean(cleanup: Cleanup | None) -> None:
     if cleanup is None:
         return
     try:

@@ -15,6 +15,8 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
+from schemas.text import printable
+
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
 JOB_ID: ContextVar[str | None] = ContextVar("job_id", default=None)
 
@@ -73,11 +75,16 @@ class JsonFormatter(logging.Formatter):
             entry["exception"] = self.formatException(record.exc_info)
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
+        # JSON escapes every control character; a lone surrogate a client sent is written as its escape
+        return json.dumps(entry, ensure_ascii=False, default=str).encode("utf-8", "backslashreplace").decode()
 
 
 class TextFormatter(logging.Formatter):
-    """`LEVEL logger [request id]: message`, for reading logs in a terminal (LOG_FORMAT=text)."""
+    """`LEVEL logger [request id]: message`, for reading logs in a terminal (LOG_FORMAT=text).
+
+    One record starts one line and only one: control characters in the message (a client's file name with a
+    newline, an escape sequence) are written as escapes, and the lines of a traceback are indented, so no
+    text a client sent can begin a line that reads as a record of its own."""
 
     def __init__(self) -> None:
         super().__init__("%(levelname)s %(name)s%(context)s: %(message)s")
@@ -85,7 +92,20 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         ids = [str(v) for v in (getattr(record, "request_id", None), getattr(record, "job_id", None)) if v]
         record.context = f" [{' '.join(ids)}]" if ids else ""
-        return super().format(record)
+        record.message = printable(record.getMessage())
+        line = self.formatMessage(record)
+        # formatted here, not taken from record.exc_text: another handler may have cached it unindented
+        if record.exc_info:
+            line += "\n" + _indented(self.formatException(record.exc_info))
+        elif record.exc_text:
+            line += "\n" + _indented(record.exc_text)
+        if record.stack_info:
+            line += "\n" + _indented(self.formatStack(record.stack_info))
+        return line
+
+
+def _indented(text: str) -> str:
+    return "\n".join("    " + printable(line) for line in text.splitlines())
 
 
 def logging_config(log_format: str = "json", level: str = "INFO") -> dict[str, Any]:

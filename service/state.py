@@ -9,7 +9,8 @@ from retrieval.encoders import load_image_encoder, load_text_encoder
 from retrieval.query import SearchEngine
 from retrieval.settings import Settings
 from retrieval.store import ProductStore, open_client
-from service.jobs import Jobs
+from service.jobs import Jobs, sweep_uploads
+from service.uploads import UPLOADS
 
 log = logging.getLogger("service")
 
@@ -21,9 +22,10 @@ class AppState:
     engine: SearchEngine
     jobs: Jobs = field(default_factory=Jobs)
 
-    def close(self) -> None:
-        """Stop the jobs (a running one gets SHUTDOWN_TIMEOUT_S to reach a stopping point), then the store."""
-        self.jobs.close(self.settings.shutdown_timeout_s)
+    def close(self, timeout_s: float | None = None) -> None:
+        """Stop the jobs (a running one gets `timeout_s`, default SHUTDOWN_TIMEOUT_S, to reach a stopping
+        point, else it is marked interrupted), then the store."""
+        self.jobs.close(self.settings.shutdown_timeout_s if timeout_s is None else timeout_s)
         self.store.close()
 
 
@@ -33,12 +35,18 @@ def build_state(settings: Settings) -> AppState:
     Raises StoreBusy / StoreError / EncoderError with a message that says what to do.
     """
     store = ProductStore(open_client(settings))
+    jobs: Jobs | None = None
     try:
+        jobs = Jobs(settings.jobs_file)  # marks what a crashed process left running as interrupted
+        if swept := sweep_uploads(settings.sources_root / UPLOADS):
+            log.warning("removed %d uploads that a stopped process left behind", swept)
         log.info("store: %s; catalogues: %s", settings.describe_store(), ", ".join(store.catalogues()) or "none")
         log.info("loading encoders %s and %s", settings.image_model, settings.text_model)
         image_encoder = load_image_encoder(settings.image_model, settings.image_precision)
         text_encoder = load_text_encoder(settings.text_model, settings.text_precision)
     except BaseException:
+        if jobs is not None:
+            jobs.close(0)
         store.close()
         raise
-    return AppState(settings, store, SearchEngine(store, image_encoder, text_encoder))
+    return AppState(settings, store, SearchEngine(store, image_encoder, text_encoder), jobs)

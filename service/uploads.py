@@ -23,10 +23,13 @@ from python_multipart.multipart import MultipartParser, MultipartState, parse_op
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
+from schemas.text import printable
+
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
 
 MAX_FIELD_BYTES = 1024
+UPLOADS = ".uploads"  # under the sources folder: one folder per upload, removed when its job is over
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -115,13 +118,14 @@ class _Parts:
             suffix = Path(filename.replace("\\", "/")).suffix.lower()
             if suffix not in self.suffixes:
                 allowed = ", ".join(sorted(self.suffixes))
-                raise UploadRefused(422, f"'{self.file_field}' must be a file named *{{{allowed}}}, not {filename!r}")
+                shown = printable(filename, limit=200)
+                raise UploadRefused(422, f"'{self.file_field}' must be a file named *{{{allowed}}}, not {shown!r}")
             self.is_file = True
-            self.upload.filename = filename[:200]
+            self.upload.filename = printable(filename, limit=200)  # quoted in messages and logs
             self.upload.path = self.upload.folder / safe_name(filename, suffix)
         elif self.name not in self.fields:
             expected = ", ".join(sorted({self.file_field, *self.fields}))
-            raise UploadRefused(422, f"unexpected form field {self.name[:64]!r} (fields: {expected})")
+            raise UploadRefused(422, f"unexpected form field {printable(self.name, limit=64)!r} (fields: {expected})")
         elif self.name in self.upload.fields:
             raise UploadRefused(422, f"give the field {self.name!r} once")
 

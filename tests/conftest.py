@@ -135,11 +135,11 @@ def cli_shops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def wait_for_job(client: TestClient, job_id: str, *, seconds: float = 60) -> dict[str, Any]:
-    """Poll `GET /jobs/{id}` until the job is done or failed."""
+    """Poll `GET /jobs/{id}` until the job is done, failed or interrupted."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         job: dict[str, Any] = client.get(f"/jobs/{job_id}").json()
-        if job["status"] in ("done", "failed"):
+        if job["status"] in ("done", "failed", "interrupted"):
             return job
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} did not finish in {seconds:g} s")

@@ -151,7 +151,7 @@ def env(tiny: TinySet, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFi
 
 
 def ingested(env: Env, tiny: TinySet) -> None:
-    code, out, err = env.cli(tiny.catalogue, "--catalogue", CATALOGUE)
+    code, out, err = env.cli(tiny.catalogue, "--catalogue", CATALOGUE, "--photo-root", GROCERY)
     assert code == 0, err
     assert "new 6," in out
 
@@ -277,7 +277,7 @@ def test_queries_go_through_the_head_and_recall_does_not_drop(
 def test_products_ingested_under_an_active_head_get_adapted_vectors(env: Env, tiny: TinySet) -> None:
     ingested(env, tiny)
     adapted(env, tiny)
-    code, out, err = env.cli(tiny.late, "--catalogue", CATALOGUE)
+    code, out, err = env.cli(tiny.late, "--catalogue", CATALOGUE, "--photo-root", GROCERY)
     assert code == 0, err
     assert "new 1, updated 0" in out
     with env.store() as store:
@@ -409,7 +409,7 @@ def test_requests_that_cannot_be_done_exit_2_with_a_message(env: Env, tiny: Tiny
 
 
 def test_condition_category_learns_from_the_catalogue_itself(env: Env, tiny: TinySet) -> None:
-    code, out, err = env.cli(tiny.kinds, "--catalogue", CATALOGUE)
+    code, out, err = env.cli(tiny.kinds, "--catalogue", CATALOGUE, "--photo-root", GROCERY)
     assert code == 0 and "new 9," in out, err
     code, out, err = env.adapt("--condition", "category")
     assert code == 0, err

@@ -126,7 +126,7 @@ def test_killed_ingest_is_finished_by_a_rerun(
     env = {k: v for k, v in os.environ.items() if not k.startswith("QDRANT_")}
     env.update(QDRANT_PATH=str(tmp_path / "killed"), INGEST_CHUNK="16", PYTHONUNBUFFERED="1")
     process = subprocess.Popen(
-        [sys.executable, "-m", "ingest", str(feed), "--catalogue", "c", "--no-progress"],
+        [sys.executable, "-m", "ingest", str(feed), "--catalogue", "c", "--no-progress", "--photo-root", str(GROCERY)],
         cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     assert process.stderr is not None
@@ -145,13 +145,13 @@ def test_killed_ingest_is_finished_by_a_rerun(
     for key in ("QDRANT_URL", "IMAGE_MODEL", "TEXT_MODEL"):
         monkeypatch.delenv(key, raising=False)
     capsys.readouterr()
-    assert ingest_main([str(feed), "--catalogue", "c", "--no-progress"]) == 0
+    assert ingest_main([str(feed), "--catalogue", "c", "--no-progress", "--photo-root", str(GROCERY)]) == 0
     counts = re.search(r"new (\d+), updated (\d+), unchanged (\d+)", capsys.readouterr().out)
     assert counts is not None
     new, updated, unchanged = map(int, counts.groups())
     assert unchanged >= 32 and new + unchanged == 96 and updated == 0  # what the killed run stored is kept
     monkeypatch.setenv("QDRANT_PATH", str(tmp_path / "whole"))
-    assert ingest_main([str(feed), "--catalogue", "c", "--no-progress"]) == 0
+    assert ingest_main([str(feed), "--catalogue", "c", "--no-progress", "--photo-root", str(GROCERY)]) == 0
 
     resumed = snapshot(Settings(qdrant_path=tmp_path / "killed"), "c")
     whole = snapshot(Settings(qdrant_path=tmp_path / "whole"), "c")

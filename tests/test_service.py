@@ -154,7 +154,7 @@ def fashion(engine: SearchEngine, sample_settings: Settings, tmp_path_factory: p
         writer.writeheader()
         writer.writerows(rows)
     report = Ingestor(sample_settings, engine.store, engine.image_encoder, engine.text_encoder).run(
-        path, "fashion", progress=False
+        path, "fashion", progress=False, photo_roots=[MYNTRA]
     )
     assert report.new == 40 and not report.skipped_images
     return "fashion"

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import mimetypes
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote
 
 from fastapi import APIRouter, HTTPException, Query
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse, RedirectResponse, Response
+from fastapi.responses import RedirectResponse, Response
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from retrieval.calibration import find_matches, usable
-from retrieval.images import is_url
+from retrieval.images import IMAGE_SUFFIXES, LocalFileError, is_url, read_regular_file
 from retrieval.query import ImageUrl, to_product
 from schemas.payload import Product
 from schemas.search import (
@@ -27,9 +30,10 @@ from schemas.search import (
 )
 from service.deps import StateDep
 from service.state import AppState
+from service.validation import StrictJsonRoute
 
-router = APIRouter(tags=["catalogues"])
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+router = APIRouter(tags=["catalogues"], route_class=StrictJsonRoute)
+MAX_SERVED_BYTES = 50 * 1024 * 1024  # ingest reads no larger photo (ingest/sources.py MAX_IMAGE_BYTES)
 Catalogue = Annotated[str, PathParam(pattern=CATALOGUE_PATTERN)]
 Retailer = Annotated[str, PathParam(min_length=1, max_length=128)]
 ProductId = Annotated[str, PathParam(min_length=1, max_length=256)]
@@ -99,6 +103,11 @@ async def product_matches(
     fitted match model and each gets a decision with a confidence; without one, in search order, every
     decision is 'uncalibrated'."""
 
+    try:
+        filters = SearchFilters(category=category or None)
+    except ValidationError as exc:
+        raise HTTPException(422, "category: " + exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+
     def run() -> tuple[Product, list[MatchResult], bool]:
         calibration = usable(state.store.calibration(catalogue), state.store.info(catalogue).adapters)
         product, matches = find_matches(
@@ -108,7 +117,7 @@ async def product_matches(
             product_id,
             calibration=calibration,
             limit=limit,
-            filters=SearchFilters(category=category or None),
+            filters=filters,
             fusion=fusion,
             image_url=photo_url_for(catalogue),
         )
@@ -120,8 +129,12 @@ async def product_matches(
 
 @router.get(
     "/catalogues/{catalogue}/products/{retailer}/{product_id}/images/{index}",
-    response_class=FileResponse,
-    responses={404: {"model": ErrorResponse}, 307: {"description": "the photo is a remote URL"}},
+    response_class=Response,
+    responses={
+        200: {"content": {"image/*": {}}, "description": "the photo's bytes"},
+        404: {"model": ErrorResponse},
+        307: {"description": "the photo is a remote URL"},
+    },
 )
 async def product_image(
     state: StateDep,
@@ -130,15 +143,25 @@ async def product_image(
     product_id: ProductId,
     index: Annotated[int, PathParam(ge=0, le=64)],
 ) -> Response:
-    """A stored photo of a product. Only refs recorded at ingest are served, so no request names a file."""
+    """A stored photo of a product. Only photos recorded at ingest are served (no request names a file), and
+    only while the file still holds the bytes whose hash was recorded then: whatever a path points to later, the
+    endpoint never hands out anything but the exact photo that was checked and embedded."""
     record = await run_in_threadpool(state.store.product, catalogue, retailer, product_id)
-    images = (record.payload or {}).get("images", [])
+    payload = record.payload or {}
+    images, hashes = payload.get("images", []), payload.get("image_hashes", [])
     if index >= len(images):
         raise HTTPException(404, f"no photo {index} for product {product_id!r} of {retailer!r}")
     ref = str(images[index])
     if is_url(ref):
         return RedirectResponse(ref)
-    path = Path(ref)
-    if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
-        raise HTTPException(404, "the photo file is no longer where it was ingested from")
-    return FileResponse(path)
+    gone = HTTPException(404, "the photo file is no longer as it was ingested")
+    suffix = Path(ref).suffix.lower()
+    if suffix not in IMAGE_SUFFIXES or index >= len(hashes):
+        raise gone
+    try:
+        data = await run_in_threadpool(read_regular_file, ref, max_bytes=MAX_SERVED_BYTES)
+    except LocalFileError:
+        raise gone from None
+    if hashlib.sha256(data).hexdigest() != hashes[index]:
+        raise gone
+    return Response(data, media_type=mimetypes.guess_type(f"x{suffix}")[0] or "application/octet-stream")

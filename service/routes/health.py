@@ -9,11 +9,13 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from retrieval.settings import Settings
 from retrieval.store import StoreError
 from service import metrics
 from service.state import AppState
+from service.validation import StrictJsonRoute
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], route_class=StrictJsonRoute)
 
 
 class Health(BaseModel):
@@ -43,7 +45,7 @@ def readiness(state: AppState | None) -> Readiness:
     settings, engine = state.settings, state.engine
     ready = Readiness(
         status="ready",
-        store=settings.describe_store(),
+        store=settings.describe_store(public=True),
         image_encoder=engine.image_encoder.name,
         text_encoder=engine.text_encoder.name,
         default_catalogue=settings.default_catalogue,
@@ -61,10 +63,18 @@ def readiness(state: AppState | None) -> Readiness:
         else:
             state.store.check_encoders(settings.default_catalogue, engine.fingerprint)
     except StoreError as exc:  # unreachable, or a catalogue built with other encoders
-        ready.status, ready.reason = "not ready", str(exc)
+        ready.status, ready.reason = "not ready", _no_paths(str(exc), settings)
     except Exception as exc:  # a probe answers, whatever the client library raised
-        ready.status, ready.reason = "not ready", f"the store cannot answer: {type(exc).__name__}: {exc}"
+        reason = f"the store cannot answer: {type(exc).__name__}: {exc}"
+        ready.status, ready.reason = "not ready", _no_paths(reason, settings)
     return ready
+
+
+def _no_paths(message: str, settings: Settings) -> str:
+    """A reason for HTTP clients: the server's folders named by what they are, not where they are."""
+    for folder, name in ((settings.sources_root, "<sources>"), (settings.store_path, "<store>")):
+        message = message.replace(str(folder), name)
+    return message
 
 
 @router.get(

@@ -29,11 +29,11 @@ from service.jobs import JobHandle
 from service.middleware import ingest_body_cap
 from service.security import API_KEY, WRITE_ERRORS
 from service.state import AppState
-from service.uploads import UploadRefused, receive_upload
+from service.uploads import UPLOADS, UploadRefused, receive_upload
+from service.validation import StrictJsonRoute
 
-router = APIRouter(tags=["catalogues"])
+router = APIRouter(tags=["catalogues"], route_class=StrictJsonRoute)
 SUFFIXES = frozenset({".csv", ".jsonl", ".ndjson", ".zip"})
-UPLOADS = ".uploads"  # under the sources folder: one folder per upload, removed when its job is over
 
 
 class IngestOptions(BaseModel):

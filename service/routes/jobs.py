@@ -18,8 +18,9 @@ from service.deps import StateDep
 from service.jobs import JobHandle
 from service.security import API_KEY, WRITE_ERRORS
 from service.state import AppState
+from service.validation import StrictJsonRoute
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(tags=["jobs"], route_class=StrictJsonRoute)
 JobId = Annotated[str, PathParam(pattern=r"^[0-9a-f]{32}$")]
 NOT_FOUND: dict[int | str, dict[str, object]] = {404: {"model": ErrorResponse}}
 MAX_ROWS = 2_000_000  # a job's rows at most: MAX_JOB_PRODUCTS (up to 100,000) x 20 candidates

@@ -28,8 +28,9 @@ from service.batching import BatchedEncoders
 from service.deps import StateDep
 from service.routes.catalogues import photo_url_for
 from service.state import AppState
+from service.validation import StrictJsonRoute
 
-router = APIRouter(tags=["search"])
+router = APIRouter(tags=["search"], route_class=StrictJsonRoute)
 
 ERRORS: dict[int | str, dict[str, object]] = {
     404: {"model": ErrorResponse, "description": "unknown catalogue or stored product"},
