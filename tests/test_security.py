@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
 from ingest.inputs import UPLOAD_LOCAL, ZIP_OUTSIDE, InputError, archive_cap, extract_zip
 from ingest.pipeline import Ingestor
@@ -24,6 +25,7 @@ from retrieval.encoders import ImageEncoder, TextEncoder
 from retrieval.query import SearchEngine
 from retrieval.settings import Settings
 from retrieval.store import ProductStore, open_client
+from schemas.search import SearchFilters
 from service.app import create_app
 from service.logs import TextFormatter
 from service.state import AppState
@@ -302,3 +304,11 @@ def test_zips_cannot_fill_the_disk(tmp_path: Path, client: TestClient, settings:
     assert job["status"] == "failed" and "could be ingested" in job["error"]
     left = [p for p in settings.sources_root.rglob("*") if "useless" in str(p)]
     assert left == [] and not any((settings.sources_root / ".uploads").iterdir())
+
+
+def test_the_schema_bounds_integers_for_the_engines() -> None:
+    # Behind the JSON parser, the schema itself refuses what the engines cannot store (i64).
+    for key, value in (("any", [2**63]), ("except", [-(2**63) - 1]), ("match", 2**64)):
+        with pytest.raises(ValidationError, match="less than or equal|greater than or equal"):
+            SearchFilters.model_validate({"where": [{"key": "price", key: value}]})
+    assert SearchFilters.model_validate({"where": [{"key": "price", "any": [2**63 - 1]}]}).where[0].any == [2**63 - 1]
