@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
+from ingest.sources import MAX_IMAGE_BYTES
 from retrieval.adapt_train import Examples
 from retrieval.encoders.base import ImageEncoder, TextEncoder
-from retrieval.images import ImageDecodeError, decode_image
+from retrieval.images import ImageDecodeError, LocalFileError, decode_image, read_regular_file
 from retrieval.store import IMAGE_VECTOR, ProductStore
 from schemas.adapters import AdaptExample
 
@@ -283,9 +284,9 @@ class PhotoEmbedder:
         digests: list[str | None] = []
         for path in paths:
             try:
-                digests.append(hashlib.sha256(path.read_bytes()).hexdigest())
-            except OSError as exc:
-                failures[path] = exc.strerror or str(exc)
+                digests.append(hashlib.sha256(read_regular_file(str(path), max_bytes=MAX_IMAGE_BYTES)).hexdigest())
+            except LocalFileError as exc:
+                failures[path] = str(exc)
                 digests.append(None)
         wanted = {d: p for d, p in zip(digests, paths, strict=True) if d is not None and d not in self.cached}
         for batch in _batches(list(wanted.items()), self.batch_size):
@@ -303,8 +304,9 @@ class PhotoEmbedder:
 
     def _tensor(self, path: Path, failures: dict[Path, str]) -> torch.Tensor | None:
         try:
-            return self.encoder.preprocess(decode_image(path.read_bytes(), max_pixels=self.max_pixels))
-        except (OSError, ImageDecodeError) as exc:
+            data = read_regular_file(str(path), max_bytes=MAX_IMAGE_BYTES)
+            return self.encoder.preprocess(decode_image(data, max_pixels=self.max_pixels))
+        except (LocalFileError, ImageDecodeError) as exc:
             failures[path] = str(exc)
             return None
 
