@@ -412,10 +412,15 @@ class Ingestor:
     ) -> list[models.PointStruct]:
         batch = self.settings.batch_size
         to_embed: list[Photo] = []
+        twins: dict[str, list[Photo]] = {}  # the same bytes under several listings of this chunk: embedded once
         for photo in (photo for product in products for photo in product.usable):
             if photo.vector is None and (known := cache.get(photo.digest)) is not None:
                 photo.vector, photo.tensor = known, None  # embedded earlier in this run, after this chunk was read
+            elif photo.vector is None and photo.digest in twins:
+                twins[photo.digest].append(photo)
+                photo.tensor = None
             elif photo.vector is None:
+                twins[photo.digest] = []
                 to_embed.append(photo)
         for start in range(0, len(to_embed), batch):
             group = to_embed[start : start + batch]
@@ -423,6 +428,8 @@ class Ingestor:
             for photo, row in zip(group, rows, strict=True):
                 photo.vector, photo.tensor = row, None
                 cache.put(photo.digest, row)
+                for twin in twins[photo.digest]:
+                    twin.vector = row
         report.images_embedded += len(to_embed)
         texts = [product_text(p.record) for p in products]
         text_vectors = self.text_encoder.embed_texts([t for t in texts if t])

@@ -44,6 +44,16 @@ def image_count(store: ProductStore, catalogue: str, retailer: str, product_id: 
     return len(photos)
 
 
+def image_vectors_equal(store: ProductStore, catalogue: str, *products: tuple[str, str]) -> bool:
+    """Whether the listed products' first photos have the very same stored vector."""
+    vectors = []
+    for retailer, product_id in products:
+        (point,) = store.client.retrieve(catalogue, [point_id(retailer, product_id)], with_vectors=True)
+        assert isinstance(point.vector, dict) and isinstance(point.vector["image"], list)
+        vectors.append(point.vector["image"][0])
+    return all(vector == vectors[0] for vector in vectors)
+
+
 def payload(store: ProductStore, catalogue: str, retailer: str, product_id: str) -> dict[str, Any]:
     record = store.get(catalogue, point_id(retailer, product_id))
     assert record is not None and record.payload is not None
@@ -137,7 +147,9 @@ def test_a_folder_with_a_catalogue_file_is_read_as_that_catalogue(
     )
     report = ingestor.run(root, catalogue_name, progress=False, retailer="filled-in")
     assert report.source == str(root / "catalogue.csv")
-    assert (report.read, report.new, report.images_embedded) == (2, 2, 2)
+    # one photo file under two listings of the same chunk: embedded once (README: "embedded once")
+    assert (report.read, report.new, report.images_embedded) == (2, 2, 1)
+    assert image_vectors_equal(store, catalogue_name, ("filled-in", "1"), ("own-shop", "2"))
     assert payload(store, catalogue_name, "filled-in", "1")["title"] == "Pear without retailer"
     assert payload(store, catalogue_name, "own-shop", "2")["title"] == "Pear with one"
 
@@ -443,7 +455,7 @@ def test_url_images_through_the_pipeline(
 
     settings = Settings(qdrant_path=tmp_path / "qdrant", allow_private_urls=True)
     allowed = Ingestor(settings, store, image_encoder, text_encoder).run(path, "allowed", progress=False)
-    assert allowed.new == 4 and allowed.images_embedded == 3
+    assert allowed.new == 4 and allowed.images_embedded == 1  # three fetched photos, the same bytes: embedded once
     reasons = {s.id: s.reason for s in allowed.skipped_images}
     assert set(reasons) == {"2", "3"} and "HTTP 404" in reasons["2"] and "text/html" in reasons["3"]
     assert image_count(store, "allowed", "shop", "4") == 2
