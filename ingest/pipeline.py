@@ -178,6 +178,8 @@ class Ingestor:
                 f"stopped after {report.read} rows; run it again to finish (stored rows are kept)"
             ) from None
         finally:
+            if report.created_catalogue and report.written == 0:  # a refused feed leaves no empty catalogue
+                self.store.drop_catalogue(catalogue)
             if source.extracted is not None and report.written == 0:
                 shutil.rmtree(source.extracted, ignore_errors=True)
                 with contextlib.suppress(OSError):  # the catalogue's sources folder, when nothing else is there
@@ -198,7 +200,9 @@ class Ingestor:
         started = time.perf_counter()
         records = validate_rows(source.rows)
         first = next(records, None)  # surfaces a file-level CatalogueError before touching the store
-        existed = not self.store.ensure_catalogue(catalogue, self.fingerprint) and self.store.count(catalogue) > 0
+        created = self.store.ensure_catalogue(catalogue, self.fingerprint)
+        report.created_catalogue = created
+        existed = not created and self.store.count(catalogue) > 0
         heads = Adapters(self.store).active_heads(catalogue)  # new points get the adapted twins too
         show = sys.stderr.isatty() if progress is None else progress
         bar = tqdm(desc=f"ingest {catalogue}", unit="product", disable=not show, file=sys.stderr)

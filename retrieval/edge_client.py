@@ -5,6 +5,7 @@ root folder is locked for the process (a second process gets StoreBusy at once).
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +111,16 @@ class EdgeClient:
         self._stores[collection_name] = store
         if metadata:
             store.update_metadata(metadata)
+        return True
+
+    def delete_collection(self, collection_name: str) -> bool:
+        """Close the catalogue's shard and remove its folder (False when there was none)."""
+        store = self._stores.pop(collection_name, None)
+        if store is not None:
+            store.close()
+        if not self.collection_exists(collection_name):
+            return False
+        shutil.rmtree(self._folder(collection_name))
         return True
 
     def create_payload_index(

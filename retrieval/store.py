@@ -287,6 +287,10 @@ class ProductStore:
                 self.client.create_payload_index(catalogue, field, field_schema=schema)
         return created
 
+    def drop_catalogue(self, catalogue: str) -> None:
+        """Delete a catalogue's collection and every point in it."""
+        self.client.delete_collection(catalogue)
+
     def calibration(self, catalogue: str) -> Calibration | None:
         """The match model fitted for a catalogue, if any (kept in its collection metadata)."""
         if not self.client.collection_exists(catalogue):

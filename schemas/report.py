@@ -33,6 +33,7 @@ class IngestReport(BaseModel):
     skipped_images: list[Rejection] = Field(default_factory=list)
     images_embedded: int = 0
     pruned: int = Field(default=0, description="products deleted because the feed no longer lists them")
+    created_catalogue: bool = Field(default=False, description="this run created the catalogue's collection")
     seconds: float = 0.0
 
     @property

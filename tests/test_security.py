@@ -304,6 +304,8 @@ def test_zips_cannot_fill_the_disk(tmp_path: Path, client: TestClient, settings:
     assert job["status"] == "failed" and "could be ingested" in job["error"]
     left = [p for p in settings.sources_root.rglob("*") if "useless" in str(p)]
     assert left == [] and not any((settings.sources_root / ".uploads").iterdir())
+    names = [c["name"] for c in client.get("/catalogues").json()["catalogues"]]
+    assert "useless" not in names  # no empty catalogue left by a refused feed
 
 
 def test_the_schema_bounds_integers_for_the_engines() -> None:
