@@ -98,6 +98,10 @@ class Settings(BaseSettings):
                 "both QDRANT_URL and QDRANT_PATH are set: unset QDRANT_PATH to use the server, "
                 "or unset QDRANT_URL to use the embedded store"
             )
+        if self.qdrant_url and "store_backend" in self.model_fields_set and self.store_backend == "edge":
+            raise ValueError(
+                "STORE_BACKEND=edge chooses an embedded engine, but QDRANT_URL points at a server: unset one of them"
+            )
         if self.qdrant_api_key and not self.qdrant_url:
             raise ValueError("QDRANT_API_KEY is set without QDRANT_URL: the embedded store takes no key")
         return self
