@@ -11,7 +11,7 @@ BROWSER_PACKAGES := chromium chromium-driver
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(BROWSER_PACKAGES)
 
-.PHONY: install run serve test lint browser clean
+.PHONY: install run serve test lint browser screenshot clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,10 @@ browser:
 
 test: lint browser
 	$(PY) -m pytest
+
+# Refresh the README's picture of the page (the browser test writes it to a temporary folder otherwise).
+screenshot: install browser
+	SCREENSHOT_OUT=docs/screenshot.png $(PY) -m pytest tests/test_browser.py -k same_product_elsewhere
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import re
 import socket
 import threading
@@ -33,7 +34,7 @@ from retrieval.store import ProductStore, open_client
 from schemas.search import LabelledPair, ProductRef
 from service.app import create_app
 from service.state import AppState
-from tests.conftest import ROOT, SAMPLE, sample_rows, write_catalogue
+from tests.conftest import SAMPLE, sample_rows, write_catalogue
 
 pytestmark = pytest.mark.browser
 
@@ -49,7 +50,8 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 VIEWPORT: ViewportSize = {"width": 1280, "height": 900}
-SCREENSHOT = ROOT / "docs" / "screenshot.png"
+# The README's picture is refreshed on purpose (`make screenshot`), never as a side effect of a test run.
+SCREENSHOT_OUT = os.environ.get("SCREENSHOT_OUT")
 QUERY_PHOTO = SAMPLE.parent / "queries" / "Granny-Smith_001.jpg"  # an in-store photo, not a catalogue one
 UPLOAD_CAP = 1024 * 1024  # the served app's MAX_UPLOAD_BYTES, so that a 413 is cheap to provoke
 APPLES = ["0", "1", "2", "3", "4"]  # "Fruit > Apple" in the sample; "1" is Granny Smith
@@ -176,19 +178,22 @@ def wait_for_photos(page: Page, scope: str) -> None:
     )
 
 
-def save_screenshot(png: bytes) -> None:
-    """Write docs/screenshot.png unless it already shows the same page: Chromium's anti-aliasing differs by a
-    shade on a few dozen pixels from run to run, and rewriting the file for that would dirty the tree."""
-    if SCREENSHOT.exists():
-        old = np.asarray(Image.open(SCREENSHOT).convert("RGB"), dtype=np.int16)
+def save_screenshot(png: bytes, folder: Path) -> Path:
+    """Write the page's picture to `folder` (or to SCREENSHOT_OUT, for the README), unless the target already
+    shows the same page: Chromium's anti-aliasing differs by a shade on a few dozen pixels from run to run, and
+    rewriting the file for that would dirty the tree."""
+    target = Path(SCREENSHOT_OUT) if SCREENSHOT_OUT else folder / "screenshot.png"
+    if target.exists():
+        old = np.asarray(Image.open(target).convert("RGB"), dtype=np.int16)
         new = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
         if old.shape == new.shape and (np.abs(old - new).max(axis=2) > 0).mean() < 5e-4:
-            return
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    SCREENSHOT.write_bytes(png)
+            return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(png)
+    return target
 
 
-def test_photo_search_with_filters_then_the_same_product_elsewhere(page: Page) -> None:
+def test_photo_search_with_filters_then_the_same_product_elsewhere(page: Page, tmp_path: Path) -> None:
     drop_file(page, QUERY_PHOTO)
     expect(page.locator("#preview")).to_be_visible()
     expect(page.locator("#drop-hint")).to_contain_text(QUERY_PHOTO.name)
@@ -229,7 +234,8 @@ def test_photo_search_with_filters_then_the_same_product_elsewhere(page: Page) -
     expect(panel.locator("#matches-status")).to_have_text(f"{len(OTHERSHOP)} candidates in other shops, best first.")
     wait_for_photos(page, "#matches")
 
-    save_screenshot(page.screenshot())
+    shot = save_screenshot(page.screenshot(), tmp_path)
+    assert Image.open(shot).size[0] > 600  # a real picture of the page
 
     page.keyboard.press("Escape")
     expect(panel).to_be_hidden()

@@ -28,6 +28,32 @@ def env_for(store: Path) -> dict[str, str]:
     return {**env, "QDRANT_PATH": str(store), "DEFAULT_CATALOGUE": "grocery"}
 
 
+def start_service(env: dict[str, str], *, attempts: int = 3) -> tuple[subprocess.Popen[str], str]:
+    """`python -m service` on a free loopback port, answering /healthz; tried again on another port when
+    the one picked was taken between choosing it and the child binding it."""
+    for _ in range(attempts):
+        port = free_port()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "--port", str(port)],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                    return process, base
+            except httpx.TransportError:
+                time.sleep(0.3)
+        if process.poll() is None:
+            process.kill()
+            pytest.fail("the service did not answer /healthz within 180 s")
+        output = process.communicate()[0]
+        if "address already in use" not in output:
+            pytest.fail(f"the service stopped at start:\n{output}")
+    pytest.fail(f"no free port in {attempts} attempts")
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     store = tmp_path_factory.mktemp("served") / "qdrant"
@@ -37,32 +63,20 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
     )  # fmt: skip
     assert ingest.returncode == 0, ingest.stderr
     assert "new 81, updated 0, unchanged 0, rejected rows 0" in ingest.stdout
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service", "--port", str(port)],
-        cwd=ROOT, env=env_for(store), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
+    process, base = start_service(env_for(store))
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert process.poll() is None, process.stdout.read() if process.stdout else ""
-            try:
-                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("the service did not answer /healthz within 180 s")
+        # a request of the fixture's own, so that what the teardown checks does not hang on another test
+        assert httpx.get(f"{base}/healthz", headers={"X-Request-ID": "processes-probe"}, timeout=10).is_success
         yield base, store
     finally:
         process.terminate()  # SIGTERM: a graceful shutdown
         output, _ = process.communicate(timeout=30)
+    port = base.rsplit(":", 1)[1]
     assert f"serving at http://localhost:{port}/" in output and process.returncode == 0
     # Logs are JSON lines; uvicorn's access log carries each request's id.
     logged = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     access = {entry.get("request_id"): entry for entry in logged if entry["logger"] == "uvicorn.access"}
-    assert access["processes-search"]["status"] == 200 and access["processes-search"]["path"] == "/search"
+    assert access["processes-probe"]["status"] == 200 and access["processes-probe"]["path"] == "/healthz"
     assert any(entry["message"] == "Shutting down" for entry in logged)
 
 

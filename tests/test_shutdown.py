@@ -24,7 +24,7 @@ from ingest.sources import FetchCancelled, SourceError, UrlFetcher
 from retrieval.settings import Settings
 from retrieval.store import ProductStore, open_client
 from tests.conftest import ROOT, SAMPLE
-from tests.test_processes import env_for, free_port
+from tests.test_processes import env_for, start_service
 
 PHOTOS = {"/p/1.jpg": "Anjou_Iconic.jpg", "/p/2.jpg": "Oatly-Oat-Milk_Iconic.jpg"}
 SHUTDOWN_S = 3
@@ -111,7 +111,6 @@ class Service:
     """`python -m service` on loopback over a store folder, as an operator runs it."""
 
     def __init__(self, store: Path) -> None:
-        self.port = free_port()
         env = {
             **env_for(store),
             "DEFAULT_CATALOGUE": "shop",
@@ -120,21 +119,7 @@ class Service:
             "URL_RETRIES": "0",
             "SHUTDOWN_TIMEOUT_S": str(SHUTDOWN_S),
         }
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "service", "--port", str(self.port)],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-        self.base = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.output()
-            try:
-                if httpx.get(f"{self.base}/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.3)
-        self.process.kill()
-        pytest.fail("the service did not answer /healthz within 180 s")
+        self.process, self.base = start_service(env)
 
     def output(self) -> str:
         return self.process.communicate(timeout=60)[0] if self.process.stdout else ""
