@@ -32,8 +32,9 @@ from typing import Any
 import numpy as np
 from qdrant_client import QdrantClient, models
 
-from retrieval.edge import EdgeStore
+from retrieval.query import fused_request
 from retrieval.store import IMAGE_VECTOR, LEXICAL_VECTOR, TEXT_VECTOR, EncoderFingerprint, ProductStore
+from retrieval.store.edge import EdgeStore
 
 IMAGE_DIM = 1280
 TEXT_DIM = 384
@@ -54,6 +55,11 @@ WORDS = "fresh organic light classic premium original natural extra mild strong 
 
 
 # -- synthetic catalogue -------------------------------------------------------------------------------------
+
+
+def fused(store: EdgeStore, rankings: Any, **options: Any) -> list[models.ScoredPoint]:
+    """The rankings fused as the engine fuses them (`fused_request`), on the edge store."""
+    return store.query(fused_request(rankings, **options))
 
 
 def _unit(a: np.ndarray) -> np.ndarray:
@@ -286,7 +292,8 @@ def query_edge(path: Path, queries: list[dict[str, Any]], unfiltered: bool) -> d
     names = [IMAGE_VECTOR, TEXT_VECTOR, LEXICAL_VECTOR]
 
     def search(query: dict[str, Any], filtered: bool, exact: bool) -> list[models.ScoredPoint]:
-        return store.query_fused(
+        return fused(
+            store,
             rankings(query),
             query_filter=category_filter(query) if filtered else None,
             limit=TOP,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Literal, cast
 
 import numpy as np
 from PIL import Image
@@ -22,6 +23,7 @@ from retrieval.store import (
     EncoderFingerprint,
     ProductStore,
 )
+from retrieval.store.layout import RRF_K
 from schemas.catalogue import category_path, parse_category
 from schemas.payload import Product
 from schemas.search import (
@@ -336,6 +338,60 @@ class SearchEngine:
             name: {str(p.id): i for i, p in enumerate(r.points, start=1)} for name, r in zip(asked, each, strict=True)
         }
         return first.points, ranks
+
+
+VectorQuery = Sequence[float] | Sequence[Sequence[float]] | models.SparseVector
+
+
+def fused_request(
+    rankings: Sequence[tuple[str, VectorQuery]],
+    *,
+    fusion: Literal["rrf", "dbsf"] = "rrf",
+    weights: Sequence[float] | None = None,
+    query_filter: models.Filter | None = None,
+    limit: int = 10,
+    offset: int = 0,
+    score_threshold: float | None = None,
+    prefetch_limit: int | None = None,
+    with_payload: bool | Sequence[str] = True,
+    with_vectors: bool | Sequence[str] = False,
+    exact: bool = False,
+) -> models.QueryRequest:
+    """`ranked_request` from plain vectors (lists, tuples or numpy rows) and a fusion by name: one prefetch
+    per (vector name, query), fused by RRF (optionally weighted) or DBSF; a single ranking is a plain nearest
+    query. `exact=True` bypasses HNSW where a segment has one."""
+    if not rankings:
+        raise ValueError("give at least one ranking")
+    if weights is not None and fusion != "rrf":
+        raise ValueError("weights are for RRF fusion only")
+    fuse: models.FusionQuery | models.RrfQuery
+    if fusion == "dbsf":
+        fuse = models.FusionQuery(fusion=models.Fusion.DBSF)
+    elif weights is not None:
+        fuse = models.RrfQuery(rrf=models.Rrf(k=RRF_K, weights=list(weights)))
+    else:
+        fuse = models.FusionQuery(fusion=models.Fusion.RRF)
+    return ranked_request(
+        [(name, _query_input(vector)) for name, vector in rankings],
+        fuse,
+        query_filter=query_filter,
+        limit=limit,
+        offset=offset,
+        score_threshold=score_threshold,
+        depth=prefetch_limit,
+        with_payload=with_payload,
+        with_vector=with_vectors,
+        params=models.SearchParams(exact=True) if exact else None,
+    )
+
+
+def _query_input(vector: VectorQuery) -> models.VectorInput:
+    """Plain float lists from lists, tuples or numpy arrays (rows make a multivector); sparse as it is."""
+    if isinstance(vector, models.SparseVector):
+        return vector
+    if len(vector) and hasattr(vector[0], "__len__"):
+        return [[float(x) for x in row] for row in cast(Sequence[Sequence[float]], vector)]
+    return [float(x) for x in cast(Sequence[float], vector)]
 
 
 def ranked_request(

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from qdrant_client import QdrantClient, models
 
-from retrieval.edge import EdgeStore, EdgeStoreBusy, EdgeUnsupported
-from retrieval.query import build_filter, fusion_query
+from retrieval.query import build_filter, fused_request, fusion_query
 from retrieval.store import (
     IMAGE_VECTOR,
     LEXICAL_VECTOR,
@@ -25,11 +24,17 @@ from retrieval.store import (
     ProductStore,
     StoreError,
 )
+from retrieval.store.edge import EdgeStore, EdgeStoreBusy, EdgeUnsupported
 from schemas.search import SearchFilters, SearchOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 N, IMAGE_DIM, TEXT_DIM, VOCABULARY = 300, 16, 8, 40
 NAMES = [IMAGE_VECTOR, TEXT_VECTOR, LEXICAL_VECTOR]
+
+
+def fused(store: EdgeStore, rankings: Any, **options: Any) -> list[models.ScoredPoint]:
+    """The rankings fused as the engine fuses them (`fused_request`), on the edge store."""
+    return store.query(fused_request(rankings, **options))
 
 
 def unit(a: np.ndarray) -> np.ndarray:
@@ -218,8 +223,13 @@ def test_fused_query_agrees_with_local_mode(
 
     # The convenience form builds the same request.
     weights = [2.0, 1.0, 0.5] if fusion == "weighted" else None
-    again = edge_store.query_fused(
-        rankings, fusion="dbsf" if fusion == "dbsf" else "rrf", weights=weights, query_filter=query_filter, limit=8
+    again = fused(
+        edge_store,
+        rankings,
+        fusion="dbsf" if fusion == "dbsf" else "rrf",
+        weights=weights,
+        query_filter=query_filter,
+        limit=8,
     )
     assert [p.score for p in again] == pytest.approx([p.score for p in found])
 
@@ -229,13 +239,13 @@ def test_single_rankings_offset_and_threshold_agree_with_local_mode(
     edge_store: EdgeStore, local: QdrantClient, name: str
 ) -> None:
     vector = dict(query_vectors(seed=3))[name]
-    found = edge_store.query_fused([(name, vector)], limit=6, offset=4)
+    found = fused(edge_store, [(name, vector)], limit=6, offset=4)
     reference = local.query_points("c", query=vector, using=name, limit=6, offset=4).points
     assert [str(p.id) for p in found] == [str(p.id) for p in reference]
     assert [p.score for p in found] == pytest.approx([p.score for p in reference], abs=1e-5)
 
     threshold = reference[2].score - 1e-6
-    kept = edge_store.query_fused([(name, vector)], limit=6, offset=4, score_threshold=threshold)
+    kept = fused(edge_store, [(name, vector)], limit=6, offset=4, score_threshold=threshold)
     assert [str(p.id) for p in kept] == [str(p.id) for p in reference[:3]]
 
 
@@ -248,13 +258,13 @@ def test_multivector_scores_a_product_by_its_best_photo(
     rng = np.random.default_rng(5)
     query = unit(photos[1] + 0.05 * rng.normal(size=IMAGE_DIM))
 
-    (top, *_) = edge_store.query_fused([(IMAGE_VECTOR, [query.tolist()])], limit=3)
+    (top, *_) = fused(edge_store, [(IMAGE_VECTOR, [query.tolist()])], limit=3)
     assert top.id == product.id
     assert top.score == pytest.approx(float(np.max(photos @ query)), abs=1e-5)  # MAX_SIM: the best row
 
     # With two query rows MAX_SIM sums each row's best match, as Qdrant does.
     two_rows = [query.tolist(), photos[2].tolist()]
-    (top, *_) = edge_store.query_fused([(IMAGE_VECTOR, two_rows)], limit=1)
+    (top, *_) = fused(edge_store, [(IMAGE_VECTOR, two_rows)], limit=1)
     expected = float(np.max(photos @ query) + np.max(photos @ photos[2]))
     assert top.id == product.id and top.score == pytest.approx(expected, abs=1e-5)
     (reference,) = local.query_points("c", query=two_rows, using=IMAGE_VECTOR, limit=1).points
@@ -286,7 +296,7 @@ def test_delete_removes_points_from_counts_reads_and_queries(small_store: EdgeSt
     small_store.delete(ids)
     assert small_store.count() == 30
     assert small_store.retrieve(ids) == []
-    found = small_store.query_fused([(TEXT_VECTOR, vector[TEXT_VECTOR])], limit=40)
+    found = fused(small_store, [(TEXT_VECTOR, vector[TEXT_VECTOR])], limit=40)
     assert len(found) == 30 and {str(p.id) for p in found}.isdisjoint(ids)
 
 
@@ -302,7 +312,7 @@ def test_untranslated_conditions_are_refused_by_name(small_store: EdgeStore) -> 
     with pytest.raises(EdgeUnsupported, match="MatchText"):
         small_store.count(text)
     with pytest.raises(StoreError, match="dimension"):
-        small_store.query_fused([(TEXT_VECTOR, [1.0, 0.0])], limit=1)
+        fused(small_store, [(TEXT_VECTOR, [1.0, 0.0])], limit=1)
 
 
 def test_a_second_store_on_an_open_folder_is_refused_and_the_first_keeps_working(small_store: EdgeStore) -> None:
@@ -313,7 +323,7 @@ def test_a_second_store_on_an_open_folder_is_refused_and_the_first_keeps_working
 
     # Another process is refused the same way (flock), before the engine touches the shard.
     script = (
-        "import sys\nfrom retrieval.edge import EdgeStore, EdgeStoreBusy\n"
+        "import sys\nfrom retrieval.store.edge import EdgeStore, EdgeStoreBusy\n"
         "try:\n    EdgeStore.open(sys.argv[1])\nexcept EdgeStoreBusy as e:\n    print('busy:', e)\n"
     )
     child = subprocess.run(
@@ -325,7 +335,7 @@ def test_a_second_store_on_an_open_folder_is_refused_and_the_first_keeps_working
     # The first store still reads and writes, and everything survives a close and reopen.
     small_store.upsert(make_points(seed=12, n=45)[40:])
     assert small_store.count() == 45
-    assert len(small_store.query_fused(query_vectors(seed=1), query_filter=build_filter(SearchFilters()), limit=5)) == 5
+    assert len(fused(small_store, query_vectors(seed=1), query_filter=build_filter(SearchFilters()), limit=5)) == 5
     small_store.close()
     with EdgeStore.open(folder, image_dim=IMAGE_DIM, text_dim=TEXT_DIM) as reopened:
         assert reopened.count() == 45

@@ -25,31 +25,26 @@ import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, ParamSpec, TypeVar, cast
+from typing import Any, ParamSpec, TypeVar, cast
 
 import qdrant_edge as edge
 from qdrant_client import models
 
-from retrieval.store import (
+from retrieval.store.errors import StoreBusy, StoreError
+from retrieval.store.layout import (
     ADAPTED_VECTORS,
     IMAGE_VECTOR,
     LEXICAL_VECTOR,
     PAYLOAD_INDEXES,
+    RRF_K,
+    SHARD_DIR,
     TEXT_VECTOR,
-    StoreBusy,
-    StoreError,
 )
 
 LOCK_FILE = "edge.lock"
 METADATA_FILE = "metadata.json"
-SHARD_DIR = "shard"
-# Qdrant's RRF constant (server and qdrant-client local mode: 1 / (k + 0-based rank)); edge's Fusion.Rrf has
-# no default, so it is spelt out to rank exactly like the other backends.
-RRF_K = 2
 
 PointId = str | int
-VectorQuery = Sequence[float] | Sequence[Sequence[float]] | models.SparseVector
-Fusion = Literal["rrf", "dbsf"]
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -312,50 +307,6 @@ class EdgeStore:
         batch = edge.QueryBatchRequest([to_edge_request(r) for r in requests])
         return [[_scored(p) for p in points] for points in _call(self.shard.query_batch, batch)]
 
-    def query_fused(
-        self,
-        rankings: Sequence[tuple[str, VectorQuery]],
-        *,
-        fusion: Fusion = "rrf",
-        weights: Sequence[float] | None = None,
-        query_filter: models.Filter | None = None,
-        limit: int = 10,
-        offset: int = 0,
-        score_threshold: float | None = None,
-        prefetch_limit: int | None = None,
-        with_payload: bool | Sequence[str] = True,
-        with_vectors: bool | Sequence[str] = False,
-        exact: bool = False,
-    ) -> list[models.ScoredPoint]:
-        """One prefetch per (vector name, query) with the same filter, fused by RRF (optionally weighted) or
-        DBSF; a single ranking is a plain nearest query. `exact=True` bypasses HNSW where a segment has one."""
-        if not rankings:
-            raise ValueError("give at least one ranking")
-        if weights is not None and fusion != "rrf":
-            raise ValueError("weights are for RRF fusion only")
-        fuse: models.FusionQuery | models.RrfQuery
-        if fusion == "dbsf":
-            fuse = models.FusionQuery(fusion=models.Fusion.DBSF)
-        elif weights is not None:
-            fuse = models.RrfQuery(rrf=models.Rrf(k=RRF_K, weights=list(weights)))
-        else:
-            fuse = models.FusionQuery(fusion=models.Fusion.RRF)
-        from retrieval.query import ranked_request  # query.py reaches this module through the store's client
-
-        request = ranked_request(
-            [(name, _as_query_input(vector)) for name, vector in rankings],
-            fuse,
-            query_filter=query_filter,
-            limit=limit,
-            offset=offset,
-            score_threshold=score_threshold,
-            depth=prefetch_limit,
-            with_payload=_as_selector(with_payload),
-            with_vector=_as_selector(with_vectors),
-            params=models.SearchParams(exact=True) if exact else None,
-        )
-        return self.query(request)
-
 
 # -- translation: qdrant-client models -> edge -------------------------------------------------------------
 
@@ -484,19 +435,11 @@ def _params(p: models.SearchParams | None) -> edge.SearchParams | None:
     return edge.SearchParams(hnsw_ef=p.hnsw_ef, exact=bool(p.exact), indexed_only=bool(p.indexed_only))
 
 
-def _as_query_input(v: VectorQuery) -> models.VectorInput:
-    return v if isinstance(v, models.SparseVector) else _dense(v)
-
-
 def _dense(v: Sequence[float] | Sequence[Sequence[float]]) -> list[float] | list[list[float]]:
     """Plain float lists from lists, tuples or numpy arrays; rows make a multivector."""
     if len(v) and hasattr(v[0], "__len__"):
         return [[float(x) for x in row] for row in cast(Sequence[Sequence[float]], v)]
     return [float(x) for x in cast(Sequence[float], v)]
-
-
-def _as_selector(value: bool | Sequence[str]) -> bool | list[str]:
-    return value if isinstance(value, bool) else list(value)
 
 
 def _with_payload(value: Any) -> edge.WithPayloadType:

@@ -1,4 +1,5 @@
-"""The Qdrant side: client from settings, the collection layout of a catalogue, encoder fingerprints."""
+"""The one holder of a Qdrant backend: `ProductStore` (scroll, query, metadata, head collections) over the
+client for a server, qdrant-client's local mode, or the edge engine's adapter (`edge_client.py`)."""
 
 from __future__ import annotations
 
@@ -8,134 +9,30 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, NamedTuple, Protocol, cast
+from typing import Any, cast
 
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from retrieval.records import point_id
 from retrieval.settings import Settings
+from retrieval.store.edge_client import EdgeClient
+from retrieval.store.errors import CatalogueNotFound, EncoderMismatch, ProductNotFound, StoreBusy, StoreError
+from retrieval.store.folders import claim_folder
+from retrieval.store.layout import (
+    ADAPTED_VECTORS,
+    HIDDEN_PREFIX,
+    IMAGE_VECTOR,
+    LAYOUT_VERSION,
+    LEXICAL_VECTOR,
+    PAYLOAD_INDEXES,
+    READABLE_LAYOUTS,
+    CatalogueInfo,
+    EncoderFingerprint,
+    StoredState,
+    layout_vectors,
+)
 from schemas.search import Calibration
-
-IMAGE_VECTOR = "image"
-TEXT_VECTOR = "text"
-LEXICAL_VECTOR = "lexical"
-# An adaptation head's output for the raw vector of the same modality (retrieval/adapters.py).
-ADAPTED_VECTORS = {IMAGE_VECTOR: "image_adapted", TEXT_VECTOR: "text_adapted"}
-LAYOUT_VERSION = 3  # 2: + the `lexical` sparse vector; 3: + the adapted vectors
-READABLE_LAYOUTS = (2, 3)  # layout 2 searches as before; only adaptation needs 3
-HIDDEN_PREFIX = "_"  # collections of the tool's own (adaptation heads); a catalogue name cannot start so
-
-# Every field a query can filter on gets an index (a server needs them; local mode ignores them).
-PAYLOAD_INDEXES: dict[str, models.PayloadSchemaType] = {
-    "product_id": models.PayloadSchemaType.KEYWORD,
-    "retailer": models.PayloadSchemaType.KEYWORD,
-    "brand": models.PayloadSchemaType.KEYWORD,
-    "gtin": models.PayloadSchemaType.KEYWORD,
-    "mpn": models.PayloadSchemaType.KEYWORD,
-    "category_path": models.PayloadSchemaType.KEYWORD,
-    "category_prefixes": models.PayloadSchemaType.KEYWORD,
-    "currency": models.PayloadSchemaType.KEYWORD,
-    "price": models.PayloadSchemaType.FLOAT,
-    "image_hashes": models.PayloadSchemaType.KEYWORD,
-}
-
-
-class Encoder(Protocol):
-    """What a fingerprint needs of an encoder (both encoder protocols have it)."""
-
-    name: str
-    dim: int
-
-
-class StoreError(RuntimeError):
-    """The store cannot do what was asked; the message says why and what to do."""
-
-
-class StoreBusy(StoreError):
-    """The embedded store folder is held by another process."""
-
-
-class CatalogueNotFound(StoreError):
-    def __init__(self, name: str, known: Sequence[str]) -> None:
-        listed = ", ".join(sorted(known)) or "none yet"
-        super().__init__(f"catalogue {name!r} does not exist (catalogues: {listed}); ingest it first")
-        self.name = name
-
-
-class ProductNotFound(StoreError):
-    def __init__(self, catalogue: str, retailer: str, product_id: str) -> None:
-        super().__init__(f"no product {product_id!r} of retailer {retailer!r} in catalogue {catalogue!r}")
-
-
-class EncoderMismatch(StoreError):
-    """The collection's vectors came from other encoders than the ones loaded now."""
-
-
-class StoredState(NamedTuple):
-    """A stored product as incremental ingest sees it."""
-
-    content_hash: str
-    files: dict[tuple[str, str], str]  # (local photo path, 'size:mtime_ns') -> sha256 of its bytes
-
-
-@dataclass(frozen=True)
-class CatalogueInfo:
-    """What a catalogue's collection metadata says: its encoders, layout and active adaptation heads."""
-
-    fingerprint: EncoderFingerprint
-    layout: int
-    adapters: dict[str, int]  # modality (`image`, `text`) -> version of the head queries go through
-
-
-@dataclass(frozen=True)
-class EncoderFingerprint:
-    """Which encoders (name = model + weights) produced a collection's vectors, and their widths."""
-
-    image: str
-    image_dim: int
-    text: str
-    text_dim: int
-
-    def as_metadata(self) -> dict[str, Any]:
-        return {
-            "layout_version": LAYOUT_VERSION,
-            "image_encoder": self.image,
-            "image_dim": self.image_dim,
-            "text_encoder": self.text,
-            "text_dim": self.text_dim,
-        }
-
-    @classmethod
-    def of(cls, image_encoder: Encoder, text_encoder: Encoder) -> EncoderFingerprint:
-        return cls(image_encoder.name, image_encoder.dim, text_encoder.name, text_encoder.dim)
-
-    @classmethod
-    def from_metadata(cls, metadata: dict[str, Any] | None) -> EncoderFingerprint | None:
-        try:
-            meta = metadata or {}
-            return cls(meta["image_encoder"], int(meta["image_dim"]), meta["text_encoder"], int(meta["text_dim"]))
-        except (KeyError, TypeError, ValueError):
-            return None
-
-
-def layout_vectors(encoders: EncoderFingerprint) -> dict[str, models.VectorParams]:
-    """The dense named vectors of a catalogue: photos as one multivector per product (MAX_SIM: the best
-    photo counts), the product text, and each one's adapted twin (filled only while a head is active)."""
-    photos = models.VectorParams(
-        size=encoders.image_dim,
-        distance=models.Distance.COSINE,
-        multivector_config=models.MultiVectorConfig(comparator=models.MultiVectorComparator.MAX_SIM),
-    )
-    text = models.VectorParams(size=encoders.text_dim, distance=models.Distance.COSINE)
-    return {
-        IMAGE_VECTOR: photos,
-        TEXT_VECTOR: text,
-        ADAPTED_VECTORS[IMAGE_VECTOR]: photos,
-        ADAPTED_VECTORS[TEXT_VECTOR]: text,
-    }
 
 
 def open_client(settings: Settings) -> QdrantClient:
@@ -146,8 +43,6 @@ def open_client(settings: Settings) -> QdrantClient:
     path.mkdir(parents=True, exist_ok=True)
     claim_folder(path, settings.store_backend)
     if settings.store_backend == "edge":
-        from retrieval.edge_client import EdgeClient  # edge.py imports this module
-
         return cast(QdrantClient, EdgeClient(path))  # the part of the client's interface the project calls
     try:
         return QdrantClient(path=str(path))
@@ -158,39 +53,6 @@ def open_client(settings: Settings) -> QdrantClient:
                 "stop it and retry, set QDRANT_PATH to another folder, or run a Qdrant server and set QDRANT_URL"
             ) from exc
         raise
-
-
-ENGINE_FILE = "ENGINE"  # in an embedded store folder: which engine wrote it ('local' or 'edge')
-STORE_BACKEND_VARIABLE = {"local": "STORE_BACKEND=local (the default)", "edge": "STORE_BACKEND=edge"}
-
-
-def folder_engine(path: Path) -> str | None:
-    """Which engine wrote an embedded store folder: its ENGINE file, else what the folder holds (qdrant-client
-    local mode writes meta.json and collection/, the edge engine a shard folder per catalogue), else None."""
-    marker = path / ENGINE_FILE
-    if marker.is_file():
-        return marker.read_text(encoding="utf-8").strip() or None
-    if (path / "meta.json").is_file() or (path / "collection").is_dir():
-        return "local"
-    from retrieval.edge import SHARD_DIR  # edge.py imports this module
-
-    if any((child / SHARD_DIR).is_dir() for child in path.iterdir() if child.is_dir()):
-        return "edge"
-    return None
-
-
-def claim_folder(path: Path, engine: str) -> None:
-    """Record `engine` as the folder's writer, or refuse a folder another engine wrote: opened by the other
-    engine it would look empty, and a user would take their catalogues for lost."""
-    found = folder_engine(path)
-    if found is not None and found != engine:
-        raise StoreError(
-            f"the embedded store {path} was written by the {found!r} engine, not {engine!r}: set "
-            f"{STORE_BACKEND_VARIABLE.get(found, 'STORE_BACKEND=' + found)} to open it, or set QDRANT_PATH to "
-            "another folder"
-        )
-    if found is None or not (path / ENGINE_FILE).is_file():
-        (path / ENGINE_FILE).write_text(engine + "\n", encoding="utf-8")
 
 
 # Called after every client call with (client method, seconds waiting for the store lock, seconds running).

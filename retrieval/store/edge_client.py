@@ -14,8 +14,9 @@ from typing import Any
 from qdrant_client import models
 from qdrant_client.http.models import QueryResponse
 
-from retrieval.edge import SHARD_DIR, EdgeStore, FolderLock
-from retrieval.store import IMAGE_VECTOR, TEXT_VECTOR, CatalogueNotFound, StoreError
+from retrieval.store.edge import EdgeStore, FolderLock
+from retrieval.store.errors import CatalogueNotFound, StoreError
+from retrieval.store.layout import IMAGE_VECTOR, SHARD_DIR, TEXT_VECTOR
 
 
 @dataclass

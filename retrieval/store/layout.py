@@ -1,0 +1,109 @@
+"""One catalogue's collection layout, which both engines are configured from: vector names, payload indexes,
+the encoder fingerprint kept in the collection's metadata (a leaf: no client, no engine)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+from qdrant_client import models
+
+IMAGE_VECTOR = "image"
+TEXT_VECTOR = "text"
+LEXICAL_VECTOR = "lexical"
+# An adaptation head's output for the raw vector of the same modality (retrieval/adapters.py).
+ADAPTED_VECTORS = {IMAGE_VECTOR: "image_adapted", TEXT_VECTOR: "text_adapted"}
+LAYOUT_VERSION = 3  # 2: + the `lexical` sparse vector; 3: + the adapted vectors
+READABLE_LAYOUTS = (2, 3)  # layout 2 searches as before; only adaptation needs 3
+HIDDEN_PREFIX = "_"  # collections of the tool's own (adaptation heads); a catalogue name cannot start so
+
+# Every field a query can filter on gets an index (a server needs them; local mode ignores them).
+PAYLOAD_INDEXES: dict[str, models.PayloadSchemaType] = {
+    "product_id": models.PayloadSchemaType.KEYWORD,
+    "retailer": models.PayloadSchemaType.KEYWORD,
+    "brand": models.PayloadSchemaType.KEYWORD,
+    "gtin": models.PayloadSchemaType.KEYWORD,
+    "mpn": models.PayloadSchemaType.KEYWORD,
+    "category_path": models.PayloadSchemaType.KEYWORD,
+    "category_prefixes": models.PayloadSchemaType.KEYWORD,
+    "currency": models.PayloadSchemaType.KEYWORD,
+    "price": models.PayloadSchemaType.FLOAT,
+    "image_hashes": models.PayloadSchemaType.KEYWORD,
+}
+
+
+# Qdrant's RRF constant: 1 / (k + 0-based rank) on a server and in local mode; edge's Fusion.Rrf has no
+# default, so the request builder and the edge adapter both spell it out, to rank alike on every engine.
+RRF_K = 2
+SHARD_DIR = "shard"  # the edge engine's shard, one sub-folder of the catalogue's folder
+
+
+class Encoder(Protocol):
+    """What a fingerprint needs of an encoder (both encoder protocols have it)."""
+
+    name: str
+    dim: int
+
+
+class StoredState(NamedTuple):
+    """A stored product as incremental ingest sees it."""
+
+    content_hash: str
+    files: dict[tuple[str, str], str]  # (local photo path, 'size:mtime_ns') -> sha256 of its bytes
+
+
+@dataclass(frozen=True)
+class CatalogueInfo:
+    """What a catalogue's collection metadata says: its encoders, layout and active adaptation heads."""
+
+    fingerprint: EncoderFingerprint
+    layout: int
+    adapters: dict[str, int]  # modality (`image`, `text`) -> version of the head queries go through
+
+
+@dataclass(frozen=True)
+class EncoderFingerprint:
+    """Which encoders (name = model + weights) produced a collection's vectors, and their widths."""
+
+    image: str
+    image_dim: int
+    text: str
+    text_dim: int
+
+    def as_metadata(self) -> dict[str, Any]:
+        return {
+            "layout_version": LAYOUT_VERSION,
+            "image_encoder": self.image,
+            "image_dim": self.image_dim,
+            "text_encoder": self.text,
+            "text_dim": self.text_dim,
+        }
+
+    @classmethod
+    def of(cls, image_encoder: Encoder, text_encoder: Encoder) -> EncoderFingerprint:
+        return cls(image_encoder.name, image_encoder.dim, text_encoder.name, text_encoder.dim)
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, Any] | None) -> EncoderFingerprint | None:
+        try:
+            meta = metadata or {}
+            return cls(meta["image_encoder"], int(meta["image_dim"]), meta["text_encoder"], int(meta["text_dim"]))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+def layout_vectors(encoders: EncoderFingerprint) -> dict[str, models.VectorParams]:
+    """The dense named vectors of a catalogue: photos as one multivector per product (MAX_SIM: the best
+    photo counts), the product text, and each one's adapted twin (filled only while a head is active)."""
+    photos = models.VectorParams(
+        size=encoders.image_dim,
+        distance=models.Distance.COSINE,
+        multivector_config=models.MultiVectorConfig(comparator=models.MultiVectorComparator.MAX_SIM),
+    )
+    text = models.VectorParams(size=encoders.text_dim, distance=models.Distance.COSINE)
+    return {
+        IMAGE_VECTOR: photos,
+        TEXT_VECTOR: text,
+        ADAPTED_VECTORS[IMAGE_VECTOR]: photos,
+        ADAPTED_VECTORS[TEXT_VECTOR]: text,
+    }
