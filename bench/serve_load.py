@@ -71,21 +71,15 @@ def build_store(folder: Path) -> dict[str, str]:
 
 def in_process_costs(env: dict[str, str], repeats: int = 20) -> dict[str, float]:
     """Median ms of the parts of one query, measured in this process on the same store (before serving)."""
-    from retrieval.encoders import load_image_encoder, load_text_encoder
     from retrieval.images import decode_image
-    from retrieval.query import SearchEngine
+    from retrieval.runtime import open_runtime
     from retrieval.settings import Settings
-    from retrieval.store import ProductStore, open_client
     from schemas.search import SearchOptions
 
     settings = Settings(qdrant_path=Path(env["QDRANT_PATH"]), default_catalogue="grocery")
-    store = ProductStore(open_client(settings))
+    runtime = open_runtime(settings)
+    store, engine = runtime.store, runtime.engine
     try:
-        engine = SearchEngine(
-            store,
-            load_image_encoder(settings.image_model, settings.image_precision),
-            load_text_encoder(settings.text_model, settings.text_precision),
-        )
         photo, text = (SAMPLE / "queries" / QUERIES[0][0]).read_bytes(), QUERIES[0][1]
         parts: dict[str, list[float]] = {"decode": [], "image": [], "text": [], "store": []}
         for _ in range(repeats + 2):

@@ -13,9 +13,10 @@ from pydantic import ValidationError
 
 from ingest.pipeline import Ingestor
 from ingest.readers import CatalogueError
-from retrieval.encoders import EncoderError, load_image_encoder, load_text_encoder
+from retrieval.encoders import EncoderError
+from retrieval.runtime import load_encoders, open_store
 from retrieval.settings import Settings
-from retrieval.store import ProductStore, StoreError, open_client
+from retrieval.store import StoreError
 from schemas.report import IngestReport
 from schemas.search import CATALOGUE_PATTERN
 
@@ -113,18 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: catalogue name {catalogue!r} must be letters, digits, '_', '-', '.' (max 63)", file=sys.stderr)
         return 2
     try:
-        store = ProductStore(open_client(settings))
+        store = open_store(settings)
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
         log.info("loading encoders %s and %s", settings.image_model, settings.text_model)
-        ingestor = Ingestor(
-            settings,
-            store,
-            load_image_encoder(settings.image_model, settings.image_precision),
-            load_text_encoder(settings.text_model, settings.text_precision),
-        )
+        ingestor = Ingestor(settings, store, *load_encoders(settings))
         log.info("ingesting %s into %s (%s)", args.path, catalogue, settings.describe_store())
         report = ingestor.run(
             args.path,

@@ -9,10 +9,10 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from retrieval.calibration import DEFAULT_DEPTH, DEFAULT_FUSION, fit, labelled_candidates
-from retrieval.encoders import EncoderError, load_image_encoder, load_text_encoder
-from retrieval.query import SearchEngine
+from retrieval.encoders import EncoderError
+from retrieval.runtime import open_runtime, open_store
 from retrieval.settings import Settings
-from retrieval.store import ProductStore, StoreError, open_client
+from retrieval.store import StoreError
 from schemas.search import LabelledPair
 
 
@@ -49,16 +49,12 @@ def main(argv: list[str]) -> int:
     try:
         settings = Settings()
         pairs = read_pairs(args.pairs)
-        store = ProductStore(open_client(settings))
+        store = open_store(settings)
     except (ValidationError, ValueError, OSError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        engine = SearchEngine(
-            store,
-            load_image_encoder(settings.image_model, settings.image_precision),
-            load_text_encoder(settings.text_model, settings.text_precision),
-        )
+        engine = open_runtime(settings, store=store).engine
         data = labelled_candidates(engine, args.catalogue, pairs, depth=args.depth, fusion=args.fusion)
         calibration = fit(
             data,

@@ -14,10 +14,10 @@ from tqdm import tqdm
 
 from retrieval.batch import NO_CANDIDATE, as_csv, done_products, match_retailer
 from retrieval.calibration import usable
-from retrieval.encoders import EncoderError, load_image_encoder, load_text_encoder
-from retrieval.query import SearchEngine
+from retrieval.encoders import EncoderError
+from retrieval.runtime import open_runtime, open_store
 from retrieval.settings import Settings
-from retrieval.store import ProductStore, StoreError, open_client
+from retrieval.store import StoreError
 
 SYNC_EVERY = 50  # products between fsyncs of the output file
 
@@ -56,17 +56,13 @@ def main(argv: list[str]) -> int:
     try:
         settings = Settings()
         done = done_products(args.out) if args.resume and args.out.exists() else set()
-        store = ProductStore(open_client(settings))
+        store = open_store(settings)
     except (ValidationError, ValueError, OSError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     started, matched, decided, empty = time.perf_counter(), 0, 0, 0
     try:
-        engine = SearchEngine(
-            store,
-            load_image_encoder(settings.image_model, settings.image_precision),
-            load_text_encoder(settings.text_model, settings.text_precision),
-        )
+        engine = open_runtime(settings, store=store).engine
         info = store.check_encoders(args.catalogue, engine.fingerprint)
         ids = list(store.product_ids(args.catalogue, args.retailer))
         if not ids:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from retrieval.encoders import load_image_encoder, load_text_encoder
 from retrieval.query import SearchEngine
+from retrieval.runtime import open_runtime, open_store
 from retrieval.settings import Settings
-from retrieval.store import ProductStore, open_client
+from retrieval.store import ProductStore
 from service.jobs import Jobs, sweep_uploads
 from service.uploads import UPLOADS
 
@@ -34,7 +34,7 @@ def build_state(settings: Settings) -> AppState:
 
     Raises StoreBusy / StoreError / EncoderError with a message that says what to do.
     """
-    store = ProductStore(open_client(settings))
+    store = open_store(settings)
     jobs: Jobs | None = None
     try:
         jobs = Jobs(settings.jobs_file)  # marks what a crashed process left running as interrupted
@@ -42,11 +42,10 @@ def build_state(settings: Settings) -> AppState:
             log.warning("removed %d uploads that a stopped process left behind", swept)
         log.info("store: %s; catalogues: %s", settings.describe_store(), ", ".join(store.catalogues()) or "none")
         log.info("loading encoders %s and %s", settings.image_model, settings.text_model)
-        image_encoder = load_image_encoder(settings.image_model, settings.image_precision)
-        text_encoder = load_text_encoder(settings.text_model, settings.text_precision)
+        runtime = open_runtime(settings, store=store)
     except BaseException:
         if jobs is not None:
             jobs.close(0)
         store.close()
         raise
-    return AppState(settings, store, SearchEngine(store, image_encoder, text_encoder), jobs)
+    return AppState(settings, store, runtime.engine, jobs)

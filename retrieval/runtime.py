@@ -1,0 +1,65 @@
+"""Settings -> store -> encoders -> engine, wired once for every command, the service and the benches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import TracebackType
+
+from retrieval.encoders import ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
+from retrieval.query import SearchEngine
+from retrieval.settings import Settings
+from retrieval.store import ProductStore, open_client
+
+
+def open_store(settings: Settings) -> ProductStore:
+    """The store of the settings (a server at QDRANT_URL, else the embedded folder); StoreBusy / StoreError
+    with what to do when it cannot be opened."""
+    return ProductStore(open_client(settings))
+
+
+def load_encoders(settings: Settings) -> tuple[ImageEncoder, TextEncoder]:
+    """Both encoders of the settings (cached per spec: a second call loads nothing)."""
+    return (
+        load_image_encoder(settings.image_model, settings.image_precision),
+        load_text_encoder(settings.text_model, settings.text_precision),
+    )
+
+
+@dataclass
+class Runtime:
+    """What a command works with; closing it closes the store."""
+
+    settings: Settings
+    store: ProductStore
+    engine: SearchEngine
+
+    @property
+    def image_encoder(self) -> ImageEncoder:
+        return self.engine.image_encoder
+
+    @property
+    def text_encoder(self) -> TextEncoder:
+        return self.engine.text_encoder
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def open_runtime(settings: Settings, *, store: ProductStore | None = None) -> Runtime:
+    """Open the store first (a busy store fails in a moment, not after the models have loaded), then load the
+    encoders; the store is closed again when they cannot be loaded. `store`: one already opened."""
+    store = store or open_store(settings)
+    try:
+        image_encoder, text_encoder = load_encoders(settings)
+    except BaseException:
+        store.close()
+        raise
+    return Runtime(settings, store, SearchEngine(store, image_encoder, text_encoder))
