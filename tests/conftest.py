@@ -55,14 +55,37 @@ def text_encoder() -> TextEncoder:
     return load_text_encoder(DEFAULT_TEXT_MODEL)
 
 
-@pytest.fixture(scope="session")
-def sample_store_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("sample-store")
+# The search, matching and store suites run on both embedded engines: the same calls, the same answers
+# expected (qdrant-client's congruence tests are the model). Other modules use the default engine.
+BOTH_ENGINES = (
+    "tests.test_search",
+    "tests.test_calibration",
+    "tests.test_batch",
+    "tests.test_lexical",
+    "tests.test_ingest",
+    "tests.test_incremental",
+)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.module.__name__ in BOTH_ENGINES and "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", ["local", "edge"], indirect=True, scope="session")
 
 
 @pytest.fixture(scope="session")
-def sample_settings(sample_store_path: Path) -> Settings:
-    return Settings(qdrant_path=sample_store_path, default_catalogue="grocery")
+def backend(request: pytest.FixtureRequest) -> str:
+    """The embedded engine of the session's sample store (`local` unless a module runs on both)."""
+    return str(getattr(request, "param", "local"))
+
+
+@pytest.fixture(scope="session")
+def sample_store_path(tmp_path_factory: pytest.TempPathFactory, backend: str) -> Path:
+    return tmp_path_factory.mktemp(f"sample-store-{backend}")
+
+
+@pytest.fixture(scope="session")
+def sample_settings(sample_store_path: Path, backend: str) -> Settings:
+    return Settings(qdrant_path=sample_store_path, default_catalogue="grocery", store_backend=backend)
 
 
 @pytest.fixture(scope="session")
@@ -88,16 +111,19 @@ def engine(
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[ProductStore]:
+def store(tmp_path: Path, backend: str) -> Iterator[ProductStore]:
     """A fresh embedded store per test, for tests that write."""
-    s = ProductStore(open_client(Settings(qdrant_path=tmp_path / "qdrant")))
+    s = ProductStore(open_client(Settings(qdrant_path=tmp_path / "qdrant", store_backend=backend)))
     yield s
     s.close()
 
 
 @pytest.fixture
-def ingestor(store: ProductStore, image_encoder: ImageEncoder, text_encoder: TextEncoder, tmp_path: Path) -> Ingestor:
-    return Ingestor(Settings(qdrant_path=tmp_path / "qdrant"), store, image_encoder, text_encoder)
+def ingestor(
+    store: ProductStore, image_encoder: ImageEncoder, text_encoder: TextEncoder, tmp_path: Path, backend: str
+) -> Ingestor:
+    settings = Settings(qdrant_path=tmp_path / "qdrant", store_backend=backend)
+    return Ingestor(settings, store, image_encoder, text_encoder)
 
 
 @pytest.fixture
@@ -120,10 +146,11 @@ def two_shops(engine: SearchEngine, sample_settings: Settings, tmp_path_factory:
 
 
 @pytest.fixture
-def cli_shops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def cli_shops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str) -> Path:
     """The CLI's environment pointed at a fresh store holding catalogue `shops`: 12 sample products in
     `hemkop` and their twins (ids `o-<id>`) in `other-shop`. Returns the test's folder."""
     monkeypatch.setenv("QDRANT_PATH", str(tmp_path / "store"))
+    monkeypatch.setenv("STORE_BACKEND", backend)
     for key in ("QDRANT_URL", "IMAGE_MODEL", "TEXT_MODEL"):
         monkeypatch.delenv(key, raising=False)
     from ingest.__main__ import main as ingest_main

@@ -157,9 +157,14 @@ def test_cli_summary_rejects_file_and_exit_codes(
 
 
 def test_store_held_by_another_process_is_a_clear_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], store: ProductStore
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    store: ProductStore,
+    backend: str,
 ) -> None:
     # `store` holds tmp_path/qdrant open in this process, as a running service would.
     path = write_catalogue(tmp_path / "feed", sample_rows(1))
-    code, _, err = run_cli([str(path)], monkeypatch, {"QDRANT_PATH": str(tmp_path / "qdrant")}, capsys)
+    env = {"QDRANT_PATH": str(tmp_path / "qdrant"), "STORE_BACKEND": backend}
+    code, _, err = run_cli([str(path)], monkeypatch, env, capsys)
     assert code == 2 and "in use by another process" in err and "QDRANT_URL" in err

@@ -105,8 +105,9 @@ class FolderLock:
             holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)
             raise EdgeStoreBusy(
-                f"the embedded store {self.path.parent} is already open (lock {self.path} held by process "
-                f"{holder}); close that store or stop that process first, or use another folder"
+                f"the embedded store {self.path.parent} is already open, in use by another process (lock "
+                f"{self.path} held by process {holder}): stop it and retry, set QDRANT_PATH to another folder, or "
+                "run a Qdrant server and set QDRANT_URL"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
