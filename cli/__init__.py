@@ -1,0 +1,1 @@
+"""`product-match COMMAND ...`: every command of the project under one name (the `python -m` forms stay)."""
