@@ -193,26 +193,18 @@ def catalogue_embeddings(store: ProductStore, catalogue: str) -> dict[str, tuple
     """Every stored vector (first photo for images) with its product's category, for the 2-D map."""
     rows: dict[str, list[np.ndarray]] = defaultdict(list)
     labels: dict[str, list[str]] = defaultdict(list)
-    offset = None
-    while True:
-        points, offset = store.client.scroll(
-            catalogue,
-            limit=256,
-            offset=offset,
-            with_vectors=[IMAGE_VECTOR, TEXT_VECTOR],
-            with_payload=["category_path", "retailer"],
-        )
-        for point in points:
-            vectors = point.vector if isinstance(point.vector, dict) else {}
-            label = str((point.payload or {}).get("category_path") or (point.payload or {}).get("retailer"))
-            for name, value in vectors.items():
-                if not isinstance(value, list):
-                    continue  # the sparse lexical vector has no place on a 2-D map
-                array = np.asarray(value, dtype=np.float32)
-                rows[name].append(array[0] if array.ndim == 2 else array)
-                labels[name].append(label)
-        if offset is None:
-            break
+    pages = store.scroll_pages(
+        catalogue, with_vectors=[IMAGE_VECTOR, TEXT_VECTOR], with_payload=["category_path", "retailer"]
+    )
+    for point in (point for points in pages for point in points):
+        vectors = point.vector if isinstance(point.vector, dict) else {}
+        label = str((point.payload or {}).get("category_path") or (point.payload or {}).get("retailer"))
+        for name, value in vectors.items():
+            if not isinstance(value, list):
+                continue  # the sparse lexical vector has no place on a 2-D map
+            array = np.asarray(value, dtype=np.float32)
+            rows[name].append(array[0] if array.ndim == 2 else array)
+            labels[name].append(label)
     return {name: (np.vstack(vectors), labels[name]) for name, vectors in rows.items()}
 
 

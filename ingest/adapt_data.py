@@ -53,30 +53,22 @@ def read_catalogue(store: ProductStore, catalogue: str, modality: str, condition
     ids: list[tuple[str, str]] = []
     values: list[Any] = []
     titles: list[str] = []
-    offset = None
-    while True:
-        points, offset = store.client.scroll(
-            catalogue,
-            limit=PAGE,
-            offset=offset,
-            with_payload=["retailer", "product_id", "title", root],
-            with_vectors=[modality],
-        )
-        for point in points:
-            payload = point.payload or {}
-            vector = (point.vector if isinstance(point.vector, dict) else {}).get(modality)
-            if not vector:
-                continue
-            matrix = np.asarray(vector, dtype=np.float32)
-            matrix = matrix if matrix.ndim == 2 else matrix[None, :]
-            index = len(ids)
-            ids.append((str(payload.get("retailer")), str(payload.get("product_id"))))
-            values.append(None if condition == "product" else _value(payload, key))
-            titles.append(str(payload.get("title") or payload.get("product_id")))
-            rows.append(matrix)
-            owners += [index] * len(matrix)
-        if offset is None:
-            break
+    pages = store.scroll_pages(
+        catalogue, page=PAGE, with_payload=["retailer", "product_id", "title", root], with_vectors=[modality]
+    )
+    for point in (point for points in pages for point in points):
+        payload = point.payload or {}
+        vector = (point.vector if isinstance(point.vector, dict) else {}).get(modality)
+        if not vector:
+            continue
+        matrix = np.asarray(vector, dtype=np.float32)
+        matrix = matrix if matrix.ndim == 2 else matrix[None, :]
+        index = len(ids)
+        ids.append((str(payload.get("retailer")), str(payload.get("product_id"))))
+        values.append(None if condition == "product" else _value(payload, key))
+        titles.append(str(payload.get("title") or payload.get("product_id")))
+        rows.append(matrix)
+        owners += [index] * len(matrix)
     if not ids:
         raise ValueError(f"catalogue {catalogue!r} has no stored {modality} vectors to adapt")
     return Stored(np.vstack(rows), np.asarray(owners, dtype=np.int64), ids, values, titles)

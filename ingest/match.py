@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from tqdm import tqdm
 
 from retrieval.batch import NO_CANDIDATE, as_csv, done_products, match_retailer
-from retrieval.calibration import usable
+from retrieval.calibration import active_calibration
 from retrieval.encoders import EncoderError
 from retrieval.runtime import open_runtime, open_store
 from retrieval.settings import Settings
@@ -63,12 +63,12 @@ def main(argv: list[str]) -> int:
     started, matched, decided, empty = time.perf_counter(), 0, 0, 0
     try:
         engine = open_runtime(settings, store=store).engine
-        info = store.check_encoders(args.catalogue, engine.fingerprint)
+        store.check_encoders(args.catalogue, engine.fingerprint)
         ids = list(store.product_ids(args.catalogue, args.retailer))
         if not ids:
             print(f"error: catalogue {args.catalogue!r} has no products of retailer {args.retailer!r}", file=sys.stderr)
             return 2
-        calibrated = usable(store.calibration(args.catalogue), info.adapters) is not None
+        calibrated = active_calibration(store, args.catalogue) is not None
         fresh = not done
         with args.out.open("w" if fresh else "a", encoding="utf-8", newline="") as out:
             if fresh:

@@ -113,15 +113,8 @@ class Adapters:
         self.store.info(catalogue)  # CatalogueNotFound for an unknown catalogue
         if not self.store.client.collection_exists(name):
             return []
-        found = []
-        offset = None
-        while True:
-            points, offset = self.store.client.scroll(
-                name, limit=PAGE, offset=offset, with_payload=list(AdapterRecord.model_fields)
-            )
-            found += [AdapterRecord.model_validate(p.payload) for p in points]
-            if offset is None:
-                break
+        pages = self.store.scroll_pages(name, page=PAGE, with_payload=list(AdapterRecord.model_fields))
+        found = [AdapterRecord.model_validate(p.payload) for points in pages for p in points]
         return sorted(found, key=lambda r: (r.modality, r.version))
 
     def save(self, record: AdapterRecord, head: Head) -> AdapterRecord:
@@ -251,9 +244,7 @@ def rewrite_adapted(
     read and the write is not undone)."""
     total = store.count(catalogue)
     done = 0
-    offset = None
-    while True:
-        points, offset = store.client.scroll(catalogue, limit=PAGE, offset=offset, with_vectors=[modality])
+    for points in store.scroll_pages(catalogue, page=PAGE, with_payload=False, with_vectors=[modality]):
         batch = []
         for point in points:
             twin = adapted_vectors(point.vector if isinstance(point.vector, dict) else {}, {modality: head})
@@ -263,5 +254,4 @@ def rewrite_adapted(
         done += len(points)
         if progress:
             progress(done, total)
-        if offset is None:
-            return done
+    return done

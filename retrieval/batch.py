@@ -8,7 +8,7 @@ import io
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
-from retrieval.calibration import find_matches, usable
+from retrieval.calibration import active_calibration, find_matches
 from retrieval.query import SearchEngine
 from schemas.payload import Product
 from schemas.search import Fusion, MatchResult, SearchFilters
@@ -73,7 +73,7 @@ def match_retailer(
 ) -> Iterator[list[Row]]:
     """For each product of `retailer` (or of `product_ids`), its best `limit` candidates in the other
     retailers (only those in `against` when given), re-ranked and decided by the catalogue's calibration."""
-    calibration = usable(engine.store.calibration(catalogue), engine.store.info(catalogue).adapters)
+    calibration = active_calibration(engine.store, catalogue)
     filters = SearchFilters(retailer=list(against))
     for product_id in engine.store.product_ids(catalogue, retailer) if product_ids is None else product_ids:
         if skip(product_id):

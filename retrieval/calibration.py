@@ -20,6 +20,7 @@ import numpy as np
 
 from retrieval.lexical import code_stem, codes, tokens
 from retrieval.query import ImageUrl, SearchEngine, ref_as_url
+from retrieval.store import ProductStore
 from schemas.payload import Product
 from schemas.search import Calibration, Decision, Fusion, LabelledPair, MatchResult, SearchFilters, SearchOptions
 
@@ -274,6 +275,11 @@ def usable(calibration: Calibration | None, adapters: dict[str, int]) -> Calibra
     if calibration is None or calibration.version != MODEL_VERSION or calibration.features != list(FEATURES):
         return None
     return calibration if calibration.adapters == adapters else None
+
+
+def active_calibration(store: ProductStore, catalogue: str) -> Calibration | None:
+    """The catalogue's stored match model when this version can apply it under the active heads, else None."""
+    return usable(store.calibration(catalogue), store.info(catalogue).adapters)
 
 
 def find_matches(

@@ -254,20 +254,39 @@ class ProductStore:
         having = models.Filter(
             must=[models.FieldCondition(key="image_hashes", match=models.MatchAny(any=sorted(wanted - out.keys())))]
         )
-        offset = None
-        while wanted - out.keys():
-            points, offset = self.client.scroll(
-                catalogue,
-                scroll_filter=having,
-                limit=256,
-                offset=offset,
-                with_payload=["image_hashes"],
-                with_vectors=[IMAGE_VECTOR],
+        if wanted - out.keys():
+            pages = self.scroll_pages(
+                catalogue, scroll_filter=having, with_payload=["image_hashes"], with_vectors=[IMAGE_VECTOR]
             )
-            _collect(points, wanted, out)
-            if offset is None:
-                break
+            for points in pages:
+                _collect(points, wanted, out)
+                if not wanted - out.keys():
+                    break
         return out
+
+    def scroll_pages(
+        self,
+        collection: str,
+        *,
+        scroll_filter: models.Filter | None = None,
+        page: int = 256,
+        with_payload: bool | Sequence[str] = True,
+        with_vectors: bool | Sequence[str] = False,
+    ) -> Iterator[list[models.Record]]:
+        """Every point of a collection (or those the filter keeps), a page at a time, in a stable order."""
+        offset = None
+        while True:
+            points, offset = self.client.scroll(
+                collection,
+                scroll_filter=scroll_filter,
+                limit=page,
+                offset=offset,
+                with_payload=with_payload if isinstance(with_payload, bool) else list(with_payload),
+                with_vectors=with_vectors if isinstance(with_vectors, bool) else list(with_vectors),
+            )
+            yield points
+            if offset is None:
+                return
 
     def delete(self, catalogue: str, ids: Sequence[str]) -> None:
         if ids:
@@ -303,14 +322,8 @@ class ProductStore:
     def product_ids(self, catalogue: str, retailer: str) -> Iterator[str]:
         """Every product id of one retailer, in a stable order (by point id), page by page."""
         only = models.Filter(must=[models.FieldCondition(key="retailer", match=models.MatchValue(value=retailer))])
-        offset = None
-        while True:
-            points, offset = self.client.scroll(
-                catalogue, scroll_filter=only, limit=256, offset=offset, with_payload=["product_id"]
-            )
+        for points in self.scroll_pages(catalogue, scroll_filter=only, with_payload=["product_id"]):
             yield from (str((p.payload or {})["product_id"]) for p in points)
-            if offset is None:
-                return
 
     def facet_counts(self, catalogue: str, key: str, *, limit: int = 1_000) -> dict[str, int]:
         response = self.client.facet(catalogue, key=key, limit=limit, exact=True)

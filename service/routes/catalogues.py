@@ -14,7 +14,7 @@ from fastapi.responses import RedirectResponse, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from retrieval.calibration import find_matches, usable
+from retrieval.calibration import active_calibration, find_matches
 from retrieval.images import IMAGE_SUFFIXES, LocalFileError, is_url, read_regular_file
 from retrieval.query import ImageUrl, to_product
 from schemas.payload import Product
@@ -109,7 +109,7 @@ async def product_matches(
         raise HTTPException(422, "category: " + exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
     def run() -> tuple[Product, list[MatchResult], bool]:
-        calibration = usable(state.store.calibration(catalogue), state.store.info(catalogue).adapters)
+        calibration = active_calibration(state.store, catalogue)
         product, matches = find_matches(
             state.engine,
             catalogue,
