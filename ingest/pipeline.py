@@ -35,7 +35,7 @@ from retrieval.images import ImageDecodeError, decode_image
 from retrieval.lexical import document_vector
 from retrieval.records import build_payload, content_hash, point_id, product_text
 from retrieval.settings import Settings
-from retrieval.store import IMAGE_VECTOR, LEXICAL_VECTOR, TEXT_VECTOR, EncoderFingerprint, ProductStore
+from retrieval.store import IMAGE_VECTOR, LEXICAL_VECTOR, TEXT_VECTOR, EncoderFingerprint, ProductStore, StoreError
 from schemas.catalogue import CatalogueRecord
 from schemas.report import IngestReport, Rejection
 
@@ -178,13 +178,22 @@ class Ingestor:
                 f"stopped after {report.read} rows; run it again to finish (stored rows are kept)"
             ) from None
         finally:
-            if report.created_catalogue and report.written == 0:  # a refused feed leaves no empty catalogue
-                self.store.drop_catalogue(catalogue)
+            if report.created_catalogue and report.written == 0:
+                self._drop_if_empty(catalogue)
             if source.extracted is not None and report.written == 0:
                 shutil.rmtree(source.extracted, ignore_errors=True)
                 with contextlib.suppress(OSError):  # the catalogue's sources folder, when nothing else is there
                     source.extracted.parent.rmdir()
         return report
+
+    def _drop_if_empty(self, catalogue: str) -> None:
+        """Remove a catalogue this run created and stored nothing in (a refused feed leaves none behind);
+        one that another writer filled meanwhile stays. A store that cannot answer now is left alone."""
+        try:
+            if self.store.count(catalogue) == 0:
+                self.store.drop_catalogue(catalogue)
+        except StoreError as exc:
+            log.warning("could not remove the empty catalogue %s: %s", catalogue, exc)
 
     def _run(
         self,
