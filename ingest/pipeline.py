@@ -68,7 +68,7 @@ class Photo:
 
 
 @dataclass
-class Product:
+class Listing:
     """A validated record on its way to the store."""
 
     record: CatalogueRecord
@@ -96,7 +96,7 @@ class Prepared:
     read: int
     rejected: list[Rejection]
     unchanged: int
-    work: list[Product]
+    work: list[Listing]
 
 
 class PhotoCache:
@@ -286,7 +286,7 @@ class Ingestor:
         """Read and hash the images, leave out unchanged products, reuse known photo vectors (this run's,
         or stored ones with the same bytes), and decode + preprocess the rest."""
         readers, decoders = pools
-        products = [Product(r, point_id(r.retailer, r.id)) for r in chunk if isinstance(r, CatalogueRecord)]
+        products = [Listing(r, point_id(r.retailer, r.id)) for r in chunk if isinstance(r, CatalogueRecord)]
         stored = self.store.stored_hashes(catalogue, [p.point_id for p in products])
         known_files = {key: digest for state in stored.values() for key, digest in state.files.items()}
         list(readers.map(lambda p: self._read_images(p, access, http, known_files), products))
@@ -367,7 +367,7 @@ class Ingestor:
         )
 
     def _read_images(
-        self, product: Product, access: PhotoAccess, http: UrlFetcher, known_files: dict[tuple[str, str], str]
+        self, product: Listing, access: PhotoAccess, http: UrlFetcher, known_files: dict[tuple[str, str], str]
     ) -> None:
         """Hash each photo's bytes; a local file whose size and modification time are those stored with its
         hash is not read (as git and rsync trust a file's stat): re-ingesting an unchanged feed reads no photo.
@@ -403,7 +403,7 @@ class Ingestor:
             digests.append(digest)
         product.digest = content_hash(product.record, digests)
 
-    def _decode(self, product: Product, access: PhotoAccess, http: UrlFetcher) -> None:
+    def _decode(self, product: Listing, access: PhotoAccess, http: UrlFetcher) -> None:
         for photo in product.photos:
             blob, photo.blob = photo.blob, None  # the bytes are not needed after this
             if photo.vector is not None:
@@ -421,7 +421,7 @@ class Ingestor:
             photo.tensor = self.image_encoder.preprocess(image)
 
     def _embed(
-        self, products: list[Product], cache: PhotoCache, heads: dict[str, Head], report: IngestReport
+        self, products: list[Listing], cache: PhotoCache, heads: dict[str, Head], report: IngestReport
     ) -> list[models.PointStruct]:
         batch = self.settings.batch_size
         to_embed: list[Photo] = []

@@ -28,7 +28,7 @@ from qdrant_client import models
 from retrieval.store import (
     ADAPTED_VECTORS,
     HIDDEN_PREFIX,
-    CatalogueInfo,
+    CollectionMeta,
     ProductStore,
     StoreError,
     layout_vectors,
@@ -155,7 +155,7 @@ class Adapters:
         versions = self.store.info(catalogue).adapters if active is None else active
         return {modality: self.load(catalogue, modality, version) for modality, version in versions.items()}
 
-    def require_slots(self, catalogue: str) -> CatalogueInfo:
+    def require_slots(self, catalogue: str) -> CollectionMeta:
         info = self.store.info(catalogue)
         if info.layout < 3:
             raise AdapterError(

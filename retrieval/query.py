@@ -19,7 +19,7 @@ from retrieval.store import (
     IMAGE_VECTOR,
     LEXICAL_VECTOR,
     TEXT_VECTOR,
-    CatalogueInfo,
+    CollectionMeta,
     EncoderFingerprint,
     ProductStore,
 )
@@ -200,7 +200,7 @@ class SearchEngine:
         options: SearchOptions | None = None,
         image_url: ImageUrl = ref_as_url,
         exclude_points: Sequence[str] = (),
-        info: CatalogueInfo | None = None,
+        info: CollectionMeta | None = None,
     ) -> SearchResponse:
         """The store side of `search`, for vectors already encoded (benchmarks reuse one encoding). Raw
         query vectors go through the catalogue's active heads here (`info`: the catalogue, read already)."""

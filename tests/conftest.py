@@ -19,6 +19,8 @@ from retrieval.query import SearchEngine
 from retrieval.settings import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, Settings
 from retrieval.store import ProductStore, open_client
 from schemas.report import IngestReport
+from service.app import create_app
+from service.state import AppState
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "sample" / "grocery" / "catalogue.csv"
@@ -170,3 +172,13 @@ def wait_for_job(client: TestClient, job_id: str, *, seconds: float = 60) -> dic
             return job
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} did not finish in {seconds:g} s")
+
+
+@pytest.fixture(scope="module")
+def client(engine: SearchEngine, sample_settings: Settings, request: pytest.FixtureRequest) -> Iterator[TestClient]:
+    """The app over the session's sample store and encoders, its lifespan run; a module changes the
+    service's settings with a `SERVICE_SETTINGS` dict. A 500 comes back as a response, as a client sees it."""
+    settings = sample_settings.model_copy(update=getattr(request.module, "SERVICE_SETTINGS", {}))
+    state = AppState(settings, engine.store, engine)
+    with TestClient(create_app(settings, state=state), raise_server_exceptions=False) as test_client:
+        yield test_client

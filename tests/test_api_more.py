@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -11,20 +10,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from retrieval.query import SearchEngine
-from retrieval.settings import Settings
 from schemas.search import SearchFilters, SearchOptions
-from service.app import create_app
-from service.state import AppState
 from tests.conftest import SAMPLE, sample_rows
 
 PHOTO = SAMPLE.parent / "images" / "Arla-Standard-Milk_Iconic.jpg"
-
-
-@pytest.fixture(scope="module")
-def client(engine: SearchEngine, sample_settings: Settings) -> Iterator[TestClient]:
-    state = AppState(sample_settings, engine.store, engine)
-    with TestClient(create_app(sample_settings, state=state), raise_server_exceptions=False) as test_client:
-        yield test_client
 
 
 def query_photo() -> Image.Image:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,10 +10,6 @@ from fastapi.testclient import TestClient
 
 from ingest.__main__ import main as ingest_main
 from retrieval.batch import COLUMNS, done_products
-from retrieval.query import SearchEngine
-from retrieval.settings import Settings
-from service.app import create_app
-from service.state import AppState
 from tests.conftest import wait_for_job
 
 
@@ -62,11 +57,7 @@ def test_match_refuses_what_it_cannot_do(cli_shops: Path, capsys: pytest.Capture
     assert "not a matches file" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def client(engine: SearchEngine, sample_settings: Settings) -> Iterator[TestClient]:
-    state = AppState(sample_settings.model_copy(update={"max_job_products": 40}), engine.store, engine)
-    with TestClient(create_app(sample_settings, state=state), raise_server_exceptions=False) as test_client:
-        yield test_client
+SERVICE_SETTINGS = {"max_job_products": 40}  # read by the `client` fixture (conftest)
 
 
 def test_match_job_over_http(client: TestClient, two_shops: str) -> None:

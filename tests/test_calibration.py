@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +23,8 @@ from retrieval.calibration import (
     probabilities,
 )
 from retrieval.query import SearchEngine
-from retrieval.settings import Settings
 from schemas.payload import Product
 from schemas.search import LabelledPair, ProductRef
-from service.app import create_app
-from service.state import AppState
 from tests.conftest import sample_rows
 
 
@@ -89,13 +85,6 @@ def test_fit_on_real_candidates_and_rerank(engine: SearchEngine, two_shops: str)
 def test_too_few_labels_is_refused() -> None:
     with pytest.raises(ValueError, match="at least 10 candidates"):
         fit(Labelled([[0.5] * len(FEATURES)] * 4, [True, False, True, False], [0, 1, 2, 3], 2))
-
-
-@pytest.fixture
-def client(engine: SearchEngine, sample_settings: Settings) -> Iterator[TestClient]:
-    state = AppState(sample_settings, engine.store, engine)
-    with TestClient(create_app(sample_settings, state=state)) as test_client:
-        yield test_client
 
 
 def test_matches_endpoint_uses_the_stored_calibration(

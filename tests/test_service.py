@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
@@ -13,19 +12,12 @@ from PIL import Image
 from ingest.pipeline import Ingestor
 from retrieval.query import SearchEngine
 from retrieval.settings import Settings
-from service.app import create_app
-from service.state import AppState
 from tests.conftest import SAMPLE, SHARED_DATA
 
 PHOTO = SAMPLE.parent / "images" / "Arla-Standard-Milk_Iconic.jpg"
 
 
-@pytest.fixture(scope="module")
-def client(engine: SearchEngine, sample_settings: Settings) -> Iterator[TestClient]:
-    settings = sample_settings.model_copy(update={"max_upload_bytes": 2 * 1024 * 1024})
-    state = AppState(settings, engine.store, engine)
-    with TestClient(create_app(settings, state=state), raise_server_exceptions=False) as test_client:
-        yield test_client
+SERVICE_SETTINGS = {"max_upload_bytes": 2 * 1024 * 1024}  # read by the `client` fixture (conftest)
 
 
 def png_bytes(size: tuple[int, int] = (64, 48), mode: str = "RGB") -> bytes:

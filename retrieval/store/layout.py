@@ -53,7 +53,7 @@ class StoredState(NamedTuple):
 
 
 @dataclass(frozen=True)
-class CatalogueInfo:
+class CollectionMeta:
     """What a catalogue's collection metadata says: its encoders, layout and active adaptation heads."""
 
     fingerprint: EncoderFingerprint

@@ -27,7 +27,7 @@ from retrieval.store.layout import (
     LEXICAL_VECTOR,
     PAYLOAD_INDEXES,
     READABLE_LAYOUTS,
-    CatalogueInfo,
+    CollectionMeta,
     EncoderFingerprint,
     StoredState,
     layout_vectors,
@@ -130,7 +130,7 @@ class ProductStore:
         except (UnexpectedResponse, ResponseHandlingException) as exc:
             raise StoreError(f"cannot reach Qdrant: {exc}") from exc
 
-    def info(self, catalogue: str) -> CatalogueInfo:
+    def info(self, catalogue: str) -> CollectionMeta:
         """A catalogue's encoders, layout and active heads; CatalogueNotFound if it does not exist."""
         if not self.client.collection_exists(catalogue):
             raise CatalogueNotFound(catalogue, self.catalogues())
@@ -146,13 +146,13 @@ class ProductStore:
             )
         adapters = metadata.get("adapters") or {}
         active = {str(k): int(v) for k, v in adapters.items() if isinstance(v, int) and k in ADAPTED_VECTORS}
-        return CatalogueInfo(found, int(version), active)
+        return CollectionMeta(found, int(version), active)
 
     def fingerprint(self, catalogue: str) -> EncoderFingerprint:
         """The encoders a catalogue was built with; CatalogueNotFound if it does not exist."""
         return self.info(catalogue).fingerprint
 
-    def check_encoders(self, catalogue: str, expected: EncoderFingerprint) -> CatalogueInfo:
+    def check_encoders(self, catalogue: str, expected: EncoderFingerprint) -> CollectionMeta:
         info = self.info(catalogue)
         found = info.fingerprint
         if found != expected:
