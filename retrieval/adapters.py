@@ -31,7 +31,6 @@ from retrieval.store import (
     CollectionMeta,
     ProductStore,
     StoreError,
-    layout_vectors,
 )
 from schemas.adapters import AdapterRecord, HeadKind
 
@@ -111,7 +110,7 @@ class Adapters:
     def records(self, catalogue: str) -> list[AdapterRecord]:
         name = head_collection(catalogue)
         self.store.info(catalogue)  # CatalogueNotFound for an unknown catalogue
-        if not self.store.client.collection_exists(name):
+        if not self.store.has_collection(name):
             return []
         pages = self.store.scroll_pages(name, page=PAGE, with_payload=list(AdapterRecord.model_fields))
         found = [AdapterRecord.model_validate(p.payload) for points in pages for p in points]
@@ -121,10 +120,7 @@ class Adapters:
         """Store a head as the next version of its modality (the record's version is replaced)."""
         info = self.require_slots(record.catalogue)
         name = head_collection(record.catalogue)
-        if not self.store.client.collection_exists(name):
-            self.store.client.create_collection(
-                name, vectors_config=layout_vectors(info.fingerprint), metadata={"adapters_of": record.catalogue}
-            )
+        self.store.ensure_side_collection(name, info.fingerprint, owner=record.catalogue)
         taken = [r.version for r in self.records(record.catalogue) if r.modality == record.modality]
         saved = record.model_copy(update={"version": max(taken, default=0) + 1})
         payload = {**saved.model_dump(mode="json"), "weights": head.encode()}
@@ -140,8 +136,8 @@ class Adapters:
                 return self._heads[key]
         name = head_collection(catalogue)
         found = []
-        if self.store.client.collection_exists(name):
-            found = self.store.client.retrieve(name, ids=[_head_id(modality, version)], with_payload=True)
+        if self.store.has_collection(name):
+            found = self.store.retrieve(name, [_head_id(modality, version)])
         if not found or not found[0].payload:
             raise AdapterError(f"catalogue {catalogue!r} has no {modality} head version {version}")
         payload = found[0].payload

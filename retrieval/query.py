@@ -305,16 +305,18 @@ class SearchEngine:
         fused query the modality rankings are the prefetches, asked again in the same batch request."""
         names = [name for name, _ in rankings]
         if len(rankings) == 1:
-            points = self.store.client.query_points(
-                catalogue,
-                query=rankings[0][1],
-                using=rankings[0][0],
-                query_filter=query_filter,
+            (name, query), *_ = rankings
+            nearest = models.QueryRequest(
+                query=query,
+                using=name,
+                filter=query_filter,
                 limit=options.limit,
                 offset=options.offset,
                 score_threshold=options.score_threshold,
-                with_vectors=names,
-            ).points
+                with_payload=True,
+                with_vector=names,
+            )
+            points = self.store.query(catalogue, nearest)
             return points, {names[0]: {str(p.id): options.offset + i for i, p in enumerate(points, start=1)}}
         depth = max(PREFETCH_MIN, PREFETCH_FACTOR * (options.offset + options.limit))
         fused = ranked_request(
@@ -332,12 +334,13 @@ class SearchEngine:
             for n, q in rankings
             if options.ranks
         ]
-        first, *each = self.store.client.query_batch_points(catalogue, requests=[fused, *single])
+        first, *each = self.store.query_batch(catalogue, [fused, *single])
         asked = names if options.ranks else []
         ranks = {
-            name: {str(p.id): i for i, p in enumerate(r.points, start=1)} for name, r in zip(asked, each, strict=True)
+            name: {str(p.id): i for i, p in enumerate(points, start=1)}
+            for name, points in zip(asked, each, strict=True)
         }
-        return first.points, ranks
+        return first, ranks
 
 
 VectorQuery = Sequence[float] | Sequence[Sequence[float]] | models.SparseVector

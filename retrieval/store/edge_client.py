@@ -192,9 +192,11 @@ class EdgeClient:
         score_threshold: float | None = None,
         with_payload: bool | Sequence[str] = True,
         with_vectors: bool | Sequence[str] = False,
+        search_params: models.SearchParams | None = None,
         **_: Any,
     ) -> QueryResponse:
         request = models.QueryRequest(
+            params=search_params,
             prefetch=prefetch,
             query=query,
             using=using,

@@ -288,6 +288,39 @@ class ProductStore:
             if offset is None:
                 return
 
+    def query(self, catalogue: str, request: models.QueryRequest) -> list[models.ScoredPoint]:
+        """One Query API request (a nearest query, or prefetches fused), as `query_points` runs it."""
+        return self.client.query_points(
+            catalogue,
+            query=request.query,
+            using=request.using,
+            prefetch=request.prefetch,
+            query_filter=request.filter,
+            search_params=request.params,
+            limit=request.limit or 10,
+            offset=request.offset,
+            score_threshold=request.score_threshold,
+            with_payload=True if request.with_payload is None else request.with_payload,
+            with_vectors=False if request.with_vector is None else request.with_vector,
+        ).points
+
+    def query_batch(self, catalogue: str, requests: Sequence[models.QueryRequest]) -> list[list[models.ScoredPoint]]:
+        """Several requests in one call (the engines plan them together)."""
+        return [answer.points for answer in self.client.query_batch_points(catalogue, requests=list(requests))]
+
+    def has_collection(self, name: str) -> bool:
+        """Whether a collection exists: a catalogue, or one of the tool's own (HIDDEN_PREFIX)."""
+        return self.client.collection_exists(name)
+
+    def ensure_side_collection(self, name: str, layout: EncoderFingerprint, *, owner: str) -> None:
+        """A collection of the tool's own beside catalogue `owner` (its adaptation heads), with its layout."""
+        if not self.client.collection_exists(name):
+            self.client.create_collection(name, vectors_config=layout_vectors(layout), metadata={"adapters_of": owner})
+
+    def retrieve(self, collection: str, ids: Sequence[str]) -> list[models.Record]:
+        """The points with these ids that exist, with their payloads."""
+        return list(self.client.retrieve(collection, ids=list(ids), with_payload=True))
+
     def delete(self, catalogue: str, ids: Sequence[str]) -> None:
         if ids:
             self.client.delete(catalogue, points_selector=models.PointIdsList(points=list(ids)), wait=True)
