@@ -125,24 +125,26 @@ class EdgeClient:
         return True
 
     def create_payload_index(
-        self, collection_name: str, field_name: str, field_schema: models.PayloadSchemaType, **_: Any
+        self, collection_name: str, field_name: str, field_schema: models.PayloadSchemaType
     ) -> None:
         self._store(collection_name).ensure_payload_indexes({field_name: field_schema})
 
-    def update_collection(self, collection_name: str, metadata: dict[str, Any] | None = None, **_: Any) -> bool:
+    def update_collection(self, collection_name: str, metadata: dict[str, Any] | None = None) -> bool:
         if metadata:
             self._store(collection_name).update_metadata(metadata)
         return True
 
     # -- points ------------------------------------------------------------------------------------------
 
-    def upsert(self, collection_name: str, points: Sequence[models.PointStruct], **_: Any) -> None:
+    # The edge engine applies a write before it returns: every write is a `wait=True` write.
+
+    def upsert(self, collection_name: str, points: Sequence[models.PointStruct], wait: bool = True) -> None:
         self._store(collection_name).upsert(points)
 
-    def update_vectors(self, collection_name: str, points: Sequence[models.PointVectors], **_: Any) -> None:
+    def update_vectors(self, collection_name: str, points: Sequence[models.PointVectors], wait: bool = True) -> None:
         self._store(collection_name).update_vectors(points)
 
-    def delete(self, collection_name: str, points_selector: models.PointIdsList, **_: Any) -> None:
+    def delete(self, collection_name: str, points_selector: models.PointIdsList, wait: bool = True) -> None:
         self._store(collection_name).delete([str(p) if not isinstance(p, int) else p for p in points_selector.points])
 
     def retrieve(
@@ -151,7 +153,6 @@ class EdgeClient:
         ids: Sequence[Any],
         with_payload: bool | Sequence[str] = True,
         with_vectors: bool | Sequence[str] = False,
-        **_: Any,
     ) -> list[models.Record]:
         return self._store(collection_name).retrieve(ids, with_payload=with_payload, with_vectors=with_vectors)
 
@@ -163,7 +164,6 @@ class EdgeClient:
         offset: Any = None,
         with_payload: bool | Sequence[str] = True,
         with_vectors: bool | Sequence[str] = False,
-        **_: Any,
     ) -> tuple[list[models.Record], Any]:
         return self._store(collection_name).scroll(
             scroll_filter=scroll_filter,
@@ -173,10 +173,12 @@ class EdgeClient:
             with_vectors=with_vectors,
         )
 
-    def count(self, collection_name: str, count_filter: models.Filter | None = None, **_: Any) -> _Count:
+    def count(self, collection_name: str, count_filter: models.Filter | None = None, exact: bool = True) -> _Count:
+        """Always exact on this engine (`exact` is accepted for the client's signature)."""
         return _Count(self._store(collection_name).count(count_filter))
 
-    def facet(self, collection_name: str, key: str, limit: int = 10, **_: Any) -> _Facets:
+    def facet(self, collection_name: str, key: str, limit: int = 10, exact: bool = True) -> _Facets:
+        """Always exact on this engine (`exact` is accepted for the client's signature)."""
         counts = self._store(collection_name).facet(key, limit=limit)
         return _Facets([_Hit(value, n) for value, n in counts.items()])
 
@@ -193,7 +195,6 @@ class EdgeClient:
         with_payload: bool | Sequence[str] = True,
         with_vectors: bool | Sequence[str] = False,
         search_params: models.SearchParams | None = None,
-        **_: Any,
     ) -> QueryResponse:
         request = models.QueryRequest(
             params=search_params,
@@ -209,7 +210,5 @@ class EdgeClient:
         )
         return QueryResponse(points=self._store(collection_name).query(request))
 
-    def query_batch_points(
-        self, collection_name: str, requests: Sequence[models.QueryRequest], **_: Any
-    ) -> list[QueryResponse]:
+    def query_batch_points(self, collection_name: str, requests: Sequence[models.QueryRequest]) -> list[QueryResponse]:
         return [QueryResponse(points=p) for p in self._store(collection_name).query_batch(requests)]
