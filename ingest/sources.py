@@ -28,10 +28,9 @@ from typing import Any
 import httpcore
 import httpx
 
-from retrieval.images import LocalFileError, is_url, read_regular_file
+from retrieval.images import MAX_IMAGE_BYTES, LocalFileError, is_url, read_regular_file
 from retrieval.settings import Settings
 
-MAX_IMAGE_BYTES = 50 * 1024 * 1024
 URL_TIMEOUT_S = 15.0
 MAX_REDIRECTS = 5
 MAX_BACKOFF_S = 8.0

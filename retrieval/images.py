@@ -10,6 +10,8 @@ from urllib.parse import urlparse
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+MAX_IMAGE_BYTES = 50 * 1024 * 1024  # the largest photo ingest reads (file or URL) and the photo endpoint serves
+
 # Files read as photos in a folder layout at ingest (the service serves stored local photos with these suffixes).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal, cast
+from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -23,7 +23,7 @@ from retrieval.store import (
     EncoderFingerprint,
     ProductStore,
 )
-from retrieval.store.layout import RRF_K
+from retrieval.store.layout import RRF_K, plain_vector
 from schemas.catalogue import category_path, parse_category
 from schemas.payload import Product
 from schemas.search import (
@@ -305,15 +305,13 @@ class SearchEngine:
         fused query the modality rankings are the prefetches, asked again in the same batch request."""
         names = [name for name, _ in rankings]
         if len(rankings) == 1:
-            (name, query), *_ = rankings
-            nearest = models.QueryRequest(
-                query=query,
-                using=name,
-                filter=query_filter,
+            nearest = ranked_request(
+                rankings,
+                fusion_query(options, names),  # unused: one ranking is a plain nearest query
+                query_filter=query_filter,
                 limit=options.limit,
                 offset=options.offset,
                 score_threshold=options.score_threshold,
-                with_payload=True,
                 with_vector=names,
             )
             points = self.store.query(catalogue, nearest)
@@ -375,7 +373,10 @@ def fused_request(
     else:
         fuse = models.FusionQuery(fusion=models.Fusion.RRF)
     return ranked_request(
-        [(name, _query_input(vector)) for name, vector in rankings],
+        [
+            (name, vector if isinstance(vector, models.SparseVector) else plain_vector(vector))
+            for name, vector in rankings
+        ],
         fuse,
         query_filter=query_filter,
         limit=limit,
@@ -386,15 +387,6 @@ def fused_request(
         with_vector=with_vectors,
         params=models.SearchParams(exact=True) if exact else None,
     )
-
-
-def _query_input(vector: VectorQuery) -> models.VectorInput:
-    """Plain float lists from lists, tuples or numpy arrays (rows make a multivector); sparse as it is."""
-    if isinstance(vector, models.SparseVector):
-        return vector
-    if len(vector) and hasattr(vector[0], "__len__"):
-        return [[float(x) for x in row] for row in cast(Sequence[Sequence[float]], vector)]
-    return [float(x) for x in cast(Sequence[float], vector)]
 
 
 def ranked_request(

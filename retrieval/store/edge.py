@@ -39,6 +39,7 @@ from retrieval.store.layout import (
     RRF_K,
     SHARD_DIR,
     TEXT_VECTOR,
+    plain_vector,
 )
 
 LOCK_FILE = "edge.lock"
@@ -417,7 +418,7 @@ def _edge_query(q: Any, using: str | None) -> edge.ScoringQueryType:
     if isinstance(q, models.SparseVector):
         return edge.Query.Nearest(edge.SparseVector(list(q.indices), list(q.values)), using=using)
     if isinstance(q, list | tuple) or hasattr(q, "tolist"):  # a dense vector or a multivector (rows)
-        return edge.Query.Nearest(_dense(q), using=using)
+        return edge.Query.Nearest(plain_vector(q), using=using)
     # The stub's ScoringQueryType names `Fusion`, but fusions are its nested classes Rrf / Dbsf (no subclasses).
     if isinstance(q, models.FusionQuery):
         if q.fusion == models.Fusion.DBSF:
@@ -434,13 +435,6 @@ def _params(p: models.SearchParams | None) -> edge.SearchParams | None:
     if p is None:
         return None
     return edge.SearchParams(hnsw_ef=p.hnsw_ef, exact=bool(p.exact), indexed_only=bool(p.indexed_only))
-
-
-def _dense(v: Sequence[float] | Sequence[Sequence[float]]) -> list[float] | list[list[float]]:
-    """Plain float lists from lists, tuples or numpy arrays; rows make a multivector."""
-    if len(v) and hasattr(v[0], "__len__"):
-        return [[float(x) for x in row] for row in cast(Sequence[Sequence[float]], v)]
-    return [float(x) for x in cast(Sequence[float], v)]
 
 
 def _with_payload(value: Any) -> edge.WithPayloadType:

@@ -3,8 +3,9 @@ the encoder fingerprint kept in the collection's metadata (a leaf: no client, no
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 
 from qdrant_client import models
 
@@ -36,6 +37,13 @@ PAYLOAD_INDEXES: dict[str, models.PayloadSchemaType] = {
 # default, so the request builder and the edge adapter both spell it out, to rank alike on every engine.
 RRF_K = 2
 SHARD_DIR = "shard"  # the edge engine's shard, one sub-folder of the catalogue's folder
+
+
+def plain_vector(v: Sequence[float] | Sequence[Sequence[float]]) -> list[float] | list[list[float]]:
+    """Plain float lists from lists, tuples or numpy arrays; rows make a multivector."""
+    if len(v) and hasattr(v[0], "__len__"):
+        return [[float(x) for x in row] for row in cast(Sequence[Sequence[float]], v)]
+    return [float(x) for x in cast(Sequence[float], v)]
 
 
 class Encoder(Protocol):

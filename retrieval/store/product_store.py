@@ -289,20 +289,8 @@ class ProductStore:
                 return
 
     def query(self, catalogue: str, request: models.QueryRequest) -> list[models.ScoredPoint]:
-        """One Query API request (a nearest query, or prefetches fused), as `query_points` runs it."""
-        return self.client.query_points(
-            catalogue,
-            query=request.query,
-            using=request.using,
-            prefetch=request.prefetch,
-            query_filter=request.filter,
-            search_params=request.params,
-            limit=request.limit or 10,
-            offset=request.offset,
-            score_threshold=request.score_threshold,
-            with_payload=True if request.with_payload is None else request.with_payload,
-            with_vectors=False if request.with_vector is None else request.with_vector,
-        ).points
+        """One Query API request (a nearest query, or prefetches fused)."""
+        return self.query_batch(catalogue, [request])[0]
 
     def query_batch(self, catalogue: str, requests: Sequence[models.QueryRequest]) -> list[list[models.ScoredPoint]]:
         """Several requests in one call (the engines plan them together)."""

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from retrieval.calibration import active_calibration, find_matches
-from retrieval.images import IMAGE_SUFFIXES, LocalFileError, is_url, read_regular_file
+from retrieval.images import IMAGE_SUFFIXES, MAX_IMAGE_BYTES, LocalFileError, is_url, read_regular_file
 from retrieval.query import ImageUrl, to_product
 from schemas.payload import Product
 from schemas.search import (
@@ -33,7 +33,6 @@ from service.state import AppState
 from service.validation import StrictJsonRoute
 
 router = APIRouter(tags=["catalogues"], route_class=StrictJsonRoute)
-MAX_SERVED_BYTES = 50 * 1024 * 1024  # ingest reads no larger photo (ingest/sources.py MAX_IMAGE_BYTES)
 Catalogue = Annotated[str, PathParam(pattern=CATALOGUE_PATTERN)]
 Retailer = Annotated[str, PathParam(min_length=1, max_length=128)]
 ProductId = Annotated[str, PathParam(min_length=1, max_length=256)]
@@ -159,7 +158,7 @@ async def product_image(
     if suffix not in IMAGE_SUFFIXES or index >= len(hashes):
         raise gone
     try:
-        data = await run_in_threadpool(read_regular_file, ref, max_bytes=MAX_SERVED_BYTES)
+        data = await run_in_threadpool(read_regular_file, ref, max_bytes=MAX_IMAGE_BYTES)
     except LocalFileError:
         raise gone from None
     if hashlib.sha256(data).hexdigest() != hashes[index]:
