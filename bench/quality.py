@@ -21,7 +21,7 @@ from ingest.pipeline import Ingestor
 from retrieval.encoders import ImageEncoder, TextEncoder
 from retrieval.query import QueryVectors, SearchEngine
 from retrieval.settings import Settings
-from retrieval.store import IMAGE_VECTOR, TEXT_VECTOR, ProductStore, open_client
+from retrieval.store import IMAGE_VECTOR, TEXT_VECTOR, ProductStore
 from schemas.report import IngestReport
 from schemas.search import SearchFilters, SearchOptions, SearchResponse
 
@@ -177,7 +177,7 @@ def ingested(
     """The set's catalogue ingested, as collection `evalset.name`, into a throw-away embedded store."""
     with tempfile.TemporaryDirectory(prefix="bench-store-") as folder:
         run_settings = (settings or Settings()).model_copy(update={"qdrant_path": Path(folder), "qdrant_url": None})
-        store = ProductStore(open_client(run_settings))
+        store = ProductStore.open(run_settings)
         try:
             report = Ingestor(run_settings, store, image_encoder, text_encoder).run(
                 evalset.catalogue, evalset.name, progress=False, photo_roots=evalset.photo_roots

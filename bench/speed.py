@@ -26,7 +26,7 @@ from retrieval.encoders import ImageEncoder, TextEncoder, load_image_encoder
 from retrieval.encoders.factory import parse_spec
 from retrieval.encoders.timm_backbone import TimmImageEncoder
 from retrieval.settings import Settings
-from retrieval.store import ProductStore, open_client
+from retrieval.store import ProductStore
 from schemas.report import IngestReport
 
 
@@ -177,7 +177,7 @@ def run_ingest(
             )
             for backend in backends
         }
-        stores = {backend: ProductStore(open_client(run_settings[backend])) for backend in backends}
+        stores = {backend: ProductStore.open(run_settings[backend]) for backend in backends}
         try:
             (folder / "a").mkdir()
             throughput = write_catalogue(folder / "a", sample, len(sample))

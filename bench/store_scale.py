@@ -33,7 +33,7 @@ import numpy as np
 from qdrant_client import QdrantClient, models
 
 from retrieval.query import fused_request
-from retrieval.store import IMAGE_VECTOR, LEXICAL_VECTOR, TEXT_VECTOR, EncoderFingerprint, ProductStore
+from retrieval.store import IMAGE_VECTOR, LEXICAL_VECTOR, TEXT_VECTOR, EncoderFingerprint, ProductStore, QdrantBackend
 from retrieval.store.edge import EdgeStore
 
 IMAGE_DIM = 1280
@@ -209,7 +209,9 @@ def local_client(path: Path) -> QdrantClient:
 
 def load_local(path: Path, seed: int, points: int) -> dict[str, Any]:
     client = local_client(path)
-    ProductStore(client).ensure_catalogue(COLLECTION, EncoderFingerprint("synthetic", IMAGE_DIM, "synthetic", TEXT_DIM))
+    ProductStore(QdrantBackend(client)).ensure_catalogue(
+        COLLECTION, EncoderFingerprint("synthetic", IMAGE_DIM, "synthetic", TEXT_DIM)
+    )
     spent = 0.0
     for batch in catalogue(seed, points):
         started = time.perf_counter()

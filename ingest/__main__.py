@@ -14,9 +14,9 @@ from pydantic import ValidationError
 from ingest.pipeline import Ingestor
 from ingest.readers import CatalogueError
 from retrieval.encoders import EncoderError
-from retrieval.runtime import load_encoders, open_store
+from retrieval.runtime import load_encoders
 from retrieval.settings import Settings
-from retrieval.store import StoreError
+from retrieval.store import ProductStore, StoreError
 from schemas.report import IngestReport
 from schemas.search import CATALOGUE_PATTERN
 
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: catalogue name {catalogue!r} must be letters, digits, '_', '-', '.' (max 63)", file=sys.stderr)
         return 2
     try:
-        store = open_store(settings)
+        store = ProductStore.open(settings)
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ from retrieval.adapt_train import Examples, Fit, fit_spread, fit_supervised, spl
 from retrieval.adapters import AdapterError, Adapters
 from retrieval.encoders import EncoderError, load_image_encoder, load_text_encoder
 from retrieval.settings import Settings
-from retrieval.store import IMAGE_VECTOR, ProductStore, StoreError, open_client
+from retrieval.store import IMAGE_VECTOR, ProductStore, StoreError
 from schemas.adapters import AdapterRecord, HoldOut
 
 log = logging.getLogger("ingest.adapt")
@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     try:
         settings = Settings()
-        store = ProductStore(open_client(settings))
+        store = ProductStore.open(settings)
     except (ValidationError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

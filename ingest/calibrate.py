@@ -10,9 +10,9 @@ from pydantic import ValidationError
 
 from retrieval.calibration import DEFAULT_DEPTH, DEFAULT_FUSION, fit, labelled_candidates
 from retrieval.encoders import EncoderError
-from retrieval.runtime import open_runtime, open_store
+from retrieval.runtime import open_runtime
 from retrieval.settings import Settings
-from retrieval.store import StoreError
+from retrieval.store import ProductStore, StoreError
 from schemas.search import LabelledPair
 
 
@@ -49,7 +49,7 @@ def main(argv: list[str]) -> int:
     try:
         settings = Settings()
         pairs = read_pairs(args.pairs)
-        store = open_store(settings)
+        store = ProductStore.open(settings)
     except (ValidationError, ValueError, OSError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

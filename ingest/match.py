@@ -15,9 +15,9 @@ from tqdm import tqdm
 from retrieval.batch import NO_CANDIDATE, as_csv, done_products, match_retailer
 from retrieval.calibration import active_calibration
 from retrieval.encoders import EncoderError
-from retrieval.runtime import open_runtime, open_store
+from retrieval.runtime import open_runtime
 from retrieval.settings import Settings
-from retrieval.store import StoreError
+from retrieval.store import ProductStore, StoreError
 
 SYNC_EVERY = 50  # products between fsyncs of the output file
 
@@ -56,7 +56,7 @@ def main(argv: list[str]) -> int:
     try:
         settings = Settings()
         done = done_products(args.out) if args.resume and args.out.exists() else set()
-        store = open_store(settings)
+        store = ProductStore.open(settings)
     except (ValidationError, ValueError, OSError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

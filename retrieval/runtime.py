@@ -8,13 +8,13 @@ from types import TracebackType
 from retrieval.encoders import ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
 from retrieval.query import SearchEngine
 from retrieval.settings import Settings
-from retrieval.store import ProductStore, open_client
+from retrieval.store import ProductStore
 
 
 def open_store(settings: Settings) -> ProductStore:
     """The store of the settings (a server at QDRANT_URL, else the embedded folder); StoreBusy / StoreError
     with what to do when it cannot be opened."""
-    return ProductStore(open_client(settings))
+    return ProductStore.open(settings)
 
 
 def load_encoders(settings: Settings) -> tuple[ImageEncoder, TextEncoder]:
@@ -56,7 +56,7 @@ class Runtime:
 def open_runtime(settings: Settings, *, store: ProductStore | None = None) -> Runtime:
     """Open the store first (a busy store fails in a moment, not after the models have loaded), then load the
     encoders; the store is closed again when they cannot be loaded. `store`: one already opened."""
-    store = store or open_store(settings)
+    store = store or ProductStore.open(settings)
     try:
         image_encoder, text_encoder = load_encoders(settings)
     except BaseException:

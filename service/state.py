@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, field
 
 from retrieval.query import SearchEngine
-from retrieval.runtime import open_runtime, open_store
+from retrieval.runtime import open_runtime
 from retrieval.settings import Settings
 from retrieval.store import ProductStore
 from service.jobs import Jobs, sweep_uploads
@@ -34,7 +34,7 @@ def build_state(settings: Settings) -> AppState:
 
     Raises StoreBusy / StoreError / EncoderError with a message that says what to do.
     """
-    store = open_store(settings)
+    store = ProductStore.open(settings)
     jobs: Jobs | None = None
     try:
         jobs = Jobs(settings.jobs_file)  # marks what a crashed process left running as interrupted

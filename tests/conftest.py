@@ -17,7 +17,7 @@ from ingest.pipeline import Ingestor
 from retrieval.encoders import ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
 from retrieval.query import SearchEngine
 from retrieval.settings import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, Settings
-from retrieval.store import ProductStore, open_client
+from retrieval.store import ProductStore
 from schemas.report import IngestReport
 from service.app import create_app
 from service.state import AppState
@@ -93,7 +93,7 @@ def sample_settings(sample_store_path: Path, backend: str) -> Settings:
 @pytest.fixture(scope="session")
 def sample_store(sample_settings: Settings) -> Iterator[ProductStore]:
     """One embedded store for the whole session, holding the sample catalogue as `grocery` (read-only use)."""
-    store = ProductStore(open_client(sample_settings))
+    store = ProductStore.open(sample_settings)
     yield store
     store.close()
 
@@ -115,7 +115,7 @@ def engine(
 @pytest.fixture
 def store(tmp_path: Path, backend: str) -> Iterator[ProductStore]:
     """A fresh embedded store per test, for tests that write."""
-    s = ProductStore(open_client(Settings(qdrant_path=tmp_path / "qdrant", store_backend=backend)))
+    s = ProductStore.open(Settings(qdrant_path=tmp_path / "qdrant", store_backend=backend))
     yield s
     s.close()
 

@@ -30,7 +30,7 @@ from retrieval.encoders.base import embed_images
 from retrieval.images import decode_image
 from retrieval.query import QueryVectors, SearchEngine
 from retrieval.settings import Settings
-from retrieval.store import ProductStore, open_client
+from retrieval.store import ProductStore
 from schemas.adapters import HeadKind
 from schemas.search import Calibration, SearchOptions
 from tests.conftest import GROCERY
@@ -128,7 +128,7 @@ class Env:
     @contextmanager
     def store(self) -> Iterator[ProductStore]:
         """The embedded store is one process's: open it between CLI calls, never across one."""
-        store = ProductStore(open_client(Settings(qdrant_path=self.path, store_backend=self.backend)))
+        store = ProductStore.open(Settings(qdrant_path=self.path, store_backend=self.backend))
         try:
             yield store
         finally:
@@ -169,7 +169,7 @@ def head_of(store: ProductStore, version: int = 1) -> Head:
 
 def twins_match_head(store: ProductStore, head: Head) -> int:
     """Every point's `image_adapted` rows are head(its raw `image` rows); returns the points checked."""
-    points, _ = store.client.scroll(CATALOGUE, limit=100, with_payload=True, with_vectors=True)
+    points = list(store.points(CATALOGUE, with_vectors=True))
     for point in points:
         vectors = point.vector if isinstance(point.vector, dict) else {}
         raw = np.asarray(vectors["image"], dtype=np.float32)
@@ -238,7 +238,7 @@ def test_activation_stores_the_head_and_its_adapted_vectors(env: Env, tiny: Tiny
         info = store.info(CATALOGUE)
         assert info.adapters == {"image": 1}
         assert store.catalogues() == [CATALOGUE]  # the heads' collection stays hidden
-        assert store.client.collection_exists(head_collection(CATALOGUE)) and head_collection(CATALOGUE).startswith("_")
+        assert store.has_collection(head_collection(CATALOGUE)) and head_collection(CATALOGUE).startswith("_")
         (record,) = Adapters(store).records(CATALOGUE)
         assert (record.version, record.modality, record.method, record.kind) == (1, "image", "supervised", "linear")
         assert record.condition == "product" and record.examples == len(PRODUCTS) * PER_PRODUCT
@@ -404,7 +404,7 @@ def test_requests_that_cannot_be_done_exit_2_with_a_message(env: Env, tiny: Tiny
     assert (code, out) == (2, "")
     assert "layout 2" in err and "ingest it again" in err and "Traceback" not in err
     with env.store() as store:
-        assert not store.client.collection_exists(head_collection(CATALOGUE))  # nothing stored
+        assert not store.has_collection(head_collection(CATALOGUE))  # nothing stored
         assert store.info(CATALOGUE).adapters == {}
 
 
@@ -485,7 +485,7 @@ def test_edge_backend_adapts_and_searches(
     code, out, _ = env.adapt("--list")
     assert code == 0 and out.startswith("* image v1:")
     with env.store() as store:
-        assert type(store.client._wrapped).__name__ == "EdgeClient"  # type: ignore[attr-defined]
+        assert store.engine == "edge"
         assert store.info(CATALOGUE).adapters == {"image": 1}
         assert store.catalogues() == [CATALOGUE]
         assert twins_match_head(store, head_of(store)) == len(PRODUCTS)

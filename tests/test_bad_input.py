@@ -67,7 +67,7 @@ def write_feed(folder: Path, rows: list[dict[str, str]], files: dict[str, bytes]
 
 
 def image_vectors(store: ProductStore, catalogue: str, product_id: str) -> np.ndarray:
-    (point,) = store.client.retrieve(catalogue, [point_id(SHOP, product_id)], with_vectors=True)
+    (point,) = store.retrieve(catalogue, [point_id(SHOP, product_id)], with_vectors=True)
     assert isinstance(point.vector, dict)
     vectors = np.asarray(point.vector.get("image", []), dtype=np.float64)
     return vectors.reshape(-1, vectors.shape[-1]) if vectors.size else vectors

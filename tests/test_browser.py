@@ -30,7 +30,7 @@ from retrieval.calibration import fit, labelled_candidates
 from retrieval.encoders import ImageEncoder, TextEncoder
 from retrieval.query import SearchEngine
 from retrieval.settings import Settings
-from retrieval.store import ProductStore, open_client
+from retrieval.store import ProductStore
 from schemas.search import LabelledPair, ProductRef
 from service.app import create_app
 from service.state import AppState
@@ -73,7 +73,7 @@ def service_url(
     """The service (real app, real store, real encoders) on a loopback port, in a thread of this process."""
     root = tmp_path_factory.mktemp("browser")
     settings = Settings(qdrant_path=root / "qdrant", default_catalogue="grocery", max_upload_bytes=UPLOAD_CAP)
-    store = ProductStore(open_client(settings))
+    store = ProductStore.open(settings)
     try:
         ingestor = Ingestor(settings, store, image_encoder, text_encoder)
         assert ingestor.run(SAMPLE, "grocery", progress=False).new == 81

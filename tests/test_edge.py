@@ -22,6 +22,7 @@ from retrieval.store import (
     TEXT_VECTOR,
     EncoderFingerprint,
     ProductStore,
+    QdrantBackend,
     StoreError,
 )
 from retrieval.store.edge import EdgeStore, EdgeStoreBusy, EdgeUnsupported
@@ -88,7 +89,7 @@ def edge_store(tmp_path_factory: pytest.TempPathFactory, points: list[models.Poi
 def local(points: list[models.PointStruct]) -> Iterator[QdrantClient]:
     """The same data in qdrant-client local mode, with the layout ProductStore creates: exact search."""
     client = QdrantClient(":memory:")
-    ProductStore(client).ensure_catalogue("c", EncoderFingerprint("image", IMAGE_DIM, "text", TEXT_DIM))
+    ProductStore(QdrantBackend(client)).ensure_catalogue("c", EncoderFingerprint("image", IMAGE_DIM, "text", TEXT_DIM))
     client.upsert("c", points=points)
     yield client
     client.close()

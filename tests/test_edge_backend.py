@@ -14,7 +14,7 @@ from retrieval.calibration import find_matches, fit, labelled_candidates
 from retrieval.encoders import ImageEncoder, TextEncoder
 from retrieval.query import SearchEngine
 from retrieval.settings import Settings
-from retrieval.store import ProductStore, StoreBusy, open_client
+from retrieval.store import ProductStore, StoreBusy, open_backend
 from schemas.search import LabelledPair, ProductRef, SearchFilters, SearchOptions
 from tests.conftest import SAMPLE, sample_rows, write_catalogue
 
@@ -24,7 +24,7 @@ def edge_engine(
     tmp_path_factory: pytest.TempPathFactory, image_encoder: ImageEncoder, text_encoder: TextEncoder
 ) -> Iterator[tuple[SearchEngine, Ingestor, Settings]]:
     settings = Settings(qdrant_path=tmp_path_factory.mktemp("edge") / "store", store_backend="edge")
-    store = ProductStore(open_client(settings))
+    store = ProductStore.open(settings)
     try:
         ingestor = Ingestor(settings, store, image_encoder, text_encoder)
         rows = sample_rows(30)
@@ -88,4 +88,4 @@ def test_a_second_process_cannot_open_an_edge_store_in_use(
 ) -> None:
     _, _, settings = edge_engine
     with pytest.raises(StoreBusy):
-        open_client(settings)
+        open_backend(settings)

@@ -21,7 +21,7 @@ from retrieval.encoders.timm_backbone import TimmImageEncoder
 from retrieval.images import decode_image
 from retrieval.query import SearchEngine
 from retrieval.settings import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, Settings
-from retrieval.store import ProductStore, open_client
+from retrieval.store import ProductStore
 from schemas.search import SearchOptions
 from tests.conftest import GROCERY, sample_rows, write_catalogue
 
@@ -131,7 +131,7 @@ def test_a_clip_catalogue_answers_a_text_with_its_photos_too(tmp_path: Path) -> 
     config.write_text(json.dumps(TINY_CLIP))
     clip = load_image_encoder(f"open_clip:{config}/random")
     settings = Settings(qdrant_path=tmp_path / "store")
-    store = ProductStore(open_client(settings))
+    store = ProductStore.open(settings)
     try:
         Ingestor(settings, store, clip, load_text_encoder(DEFAULT_TEXT_MODEL)).run(
             write_catalogue(tmp_path / "feed", sample_rows(6)), "clip", progress=False

@@ -39,7 +39,7 @@ def fuzzed_app(
     yield create_app(settings, state=state)
     state.jobs.close(timeout=120)
     for name in set(engine.store.catalogues()) - before:  # catalogues a fuzzed ingest created
-        engine.store.client.delete_collection(name)
+        engine.store.drop_catalogue(name)
 
 
 @schema.parametrize()

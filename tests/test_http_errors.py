@@ -16,7 +16,7 @@ from ingest.__main__ import main as ingest_main
 from retrieval.encoders import ImageEncoder, TextEncoder
 from retrieval.query import SearchEngine
 from retrieval.settings import Settings
-from retrieval.store import EncoderFingerprint, ProductStore, open_client
+from retrieval.store import EncoderFingerprint, ProductStore
 from service.app import create_app
 from service.state import AppState
 from tests.conftest import SAMPLE, sample_rows, wait_for_job, write_catalogue
@@ -28,7 +28,7 @@ PHOTO = (SAMPLE.parent / "images" / "Arla-Standard-Milk_Iconic.jpg").read_bytes(
 def service(tmp_path: Path, image_encoder: ImageEncoder, text_encoder: TextEncoder) -> Iterator[TestClient]:
     """The service over a store of its own holding `shop`: 8 sample products."""
     settings = Settings(qdrant_path=tmp_path / "qdrant", sources_path=tmp_path / "sources", default_catalogue="shop")
-    store = ProductStore(open_client(settings))
+    store = ProductStore.open(settings)
     state = AppState(settings, store, SearchEngine(store, image_encoder, text_encoder))
     with TestClient(create_app(state=state), raise_server_exceptions=False) as client:
         write_catalogue(tmp_path / "feed", sample_rows(8))
@@ -90,7 +90,7 @@ def test_prune_through_the_cli_and_the_endpoint(
     assert ingest_main([str(whole), "--catalogue", "shop", "--no-progress"]) == 0
     part = write_catalogue(tmp_path / "part", rows[2:])
     assert ingest_main([str(part), "--catalogue", "shop", "--no-progress", "--prune"]) == 0
-    store = ProductStore(open_client(Settings(qdrant_path=tmp_path / "cli-store")))
+    store = ProductStore.open(Settings(qdrant_path=tmp_path / "cli-store"))
     try:
         assert sorted(store.product_ids("shop", "hemkop")) == sorted(r["id"] for r in rows[2:])
     finally:

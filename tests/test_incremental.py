@@ -19,7 +19,7 @@ import pytest
 from ingest.__main__ import main as ingest_main
 from ingest.pipeline import Ingestor
 from retrieval.settings import Settings
-from retrieval.store import IMAGE_VECTOR, TEXT_VECTOR, ProductStore, open_client
+from retrieval.store import IMAGE_VECTOR, TEXT_VECTOR, ProductStore
 from tests.conftest import GROCERY, ROOT, sample_rows, write_catalogue
 
 
@@ -38,15 +38,10 @@ def grocery_feed(folder: Path, products: int) -> Path:
 
 def snapshot(settings: Settings, catalogue: str) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
     """point id -> (payload without its write time, vectors)."""
-    store = ProductStore(open_client(settings))
+    store = ProductStore.open(settings)
     try:
-        points, offset, out = [], None, {}
-        while True:
-            page, offset = store.client.scroll(catalogue, limit=256, offset=offset, with_vectors=True)
-            points += page
-            if offset is None:
-                break
-        for point in points:
+        out = {}
+        for point in store.points(catalogue, with_vectors=True):
             payload = {k: v for k, v in (point.payload or {}).items() if k != "ingested_at"}
             out[str(point.id)] = (payload, point.vector if isinstance(point.vector, dict) else {})
         return out
@@ -66,7 +61,7 @@ def test_changed_fields_reuse_the_stored_photo_vectors(ingestor: Ingestor, catal
     rows[3]["image"] = rows[4]["image"]  # product 3 now shows product 4's photo: its vector is reused
     third = ingestor.run(write_catalogue(tmp_path / "c", rows), catalogue_name, progress=False)
     assert (third.updated, third.images_embedded) == (1, 0)
-    stored = ingestor.store.client.scroll(catalogue_name, limit=100, with_vectors=[IMAGE_VECTOR], with_payload=True)[0]
+    stored = list(ingestor.store.points(catalogue_name, with_vectors=[IMAGE_VECTOR]))
     by_id = {p.payload["product_id"]: p for p in stored if p.payload}
     three, four = (by_id[rows[i]["id"]].vector for i in (3, 4))
     assert isinstance(three, dict) and isinstance(four, dict)
@@ -100,7 +95,7 @@ def test_photo_files_with_their_stored_size_and_time_are_not_read_again(
     photo.write_bytes(replacement.read_bytes())  # another size and a new modification time
     edited = ingestor.run(feed, catalogue_name, progress=False)
     assert (edited.unchanged, edited.updated, edited.skipped_images) == (5, 1, [])
-    stored = {p.payload["product_id"]: p.payload for p in ingestor.store.client.scroll(catalogue_name)[0] if p.payload}
+    stored = {p.payload["product_id"]: p.payload for p in ingestor.store.points(catalogue_name) if p.payload}
     assert stored[rows[0]["id"]]["image_hashes"] == stored[rows[1]["id"]]["image_hashes"]
     assert stored[rows[0]["id"]]["image_files"] == [f"{photo.stat().st_size}:{photo.stat().st_mtime_ns}"]
 
@@ -115,7 +110,7 @@ def test_prune_deletes_what_left_the_feed_and_keeps_rejected_rows(
     broken = {**rows[6], "price": "not a price"}  # rejected this time: must not be pruned for it
     report = ingestor.run(write_catalogue(tmp_path / "b", [*kept, broken]), catalogue_name, progress=False, prune=True)
     assert (report.unchanged, len(report.rejected_rows), report.pruned) == (6, 1, 3)  # rows 7, 8, 9 left
-    left = {p.payload["product_id"] for p in ingestor.store.client.scroll(catalogue_name, limit=100)[0] if p.payload}
+    left = {p.payload["product_id"] for p in ingestor.store.points(catalogue_name) if p.payload}
     assert left == {r["id"] for r in rows[:7]} | {r["id"] for r in other}  # other-shop was not in the feed
 
 

@@ -81,10 +81,10 @@ def test_bad_rows_and_images_are_reported_and_the_rest_lands(
     assert "file not found" in skipped[(10, "p5")]
 
     assert report.new == 6 and store.count(catalogue_name) == 6
-    two = store.client.retrieve(catalogue_name, [point_id("hemkop", "p4")], with_vectors=True)[0]
+    two = store.retrieve(catalogue_name, [point_id("hemkop", "p4")], with_vectors=True)[0]
     assert isinstance(two.vector, dict) and isinstance(two.vector["image"], list)
     assert len(two.vector["image"]) == 1  # the readable photo only
-    broken = store.client.retrieve(catalogue_name, [point_id("hemkop", "p1")], with_vectors=True)[0]
+    broken = store.retrieve(catalogue_name, [point_id("hemkop", "p1")], with_vectors=True)[0]
     assert isinstance(broken.vector, dict) and "image" not in broken.vector and "text" in broken.vector
 
 

@@ -19,7 +19,7 @@ from ingest.inputs import UPLOAD_LOCAL
 from retrieval.encoders import ImageEncoder, TextEncoder
 from retrieval.query import SearchEngine
 from retrieval.settings import Settings
-from retrieval.store import ProductStore, open_client
+from retrieval.store import ProductStore
 from service.app import create_app
 from service.state import AppState
 from tests.conftest import SAMPLE, sample_rows
@@ -43,7 +43,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
 @pytest.fixture(scope="module")
 def state(settings: Settings, image_encoder: ImageEncoder, text_encoder: TextEncoder) -> Iterator[AppState]:
     """A store of its own (these tests write), the session's encoders."""
-    store = ProductStore(open_client(settings))
+    store = ProductStore.open(settings)
     app_state = AppState(settings, store, SearchEngine(store, image_encoder, text_encoder))
     yield app_state
     app_state.close()

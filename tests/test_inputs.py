@@ -24,7 +24,7 @@ from ingest.sources import BlockedAddress, SourceError, UrlFetcher
 from retrieval.encoders import ImageEncoder, TextEncoder
 from retrieval.records import point_id
 from retrieval.settings import Settings
-from retrieval.store import ProductStore, open_client
+from retrieval.store import ProductStore
 from tests.conftest import SAMPLE
 from tests.test_ingest import run_cli
 
@@ -37,7 +37,7 @@ def photo_bytes(name: str) -> bytes:
 
 
 def image_count(store: ProductStore, catalogue: str, retailer: str, product_id: str) -> int:
-    (point,) = store.client.retrieve(catalogue, [point_id(retailer, product_id)], with_vectors=True)
+    (point,) = store.retrieve(catalogue, [point_id(retailer, product_id)], with_vectors=True)
     assert isinstance(point.vector, dict)
     photos = point.vector.get("image", [])
     assert isinstance(photos, list)
@@ -48,7 +48,7 @@ def image_vectors_equal(store: ProductStore, catalogue: str, *products: tuple[st
     """Whether the listed products' first photos have the very same stored vector."""
     vectors = []
     for retailer, product_id in products:
-        (point,) = store.client.retrieve(catalogue, [point_id(retailer, product_id)], with_vectors=True)
+        (point,) = store.retrieve(catalogue, [point_id(retailer, product_id)], with_vectors=True)
         assert isinstance(point.vector, dict) and isinstance(point.vector["image"], list)
         vectors.append(point.vector["image"][0])
     return all(vector == vectors[0] for vector in vectors)
@@ -126,7 +126,7 @@ def test_product_folders_and_retailer_option_through_the_cli(
     code, out, _ = run_cli(args, monkeypatch, env, capsys)
     assert code == 0 and "new 3, updated 0, unchanged 0, rejected rows 0, skipped images 0, images embedded 5" in out
 
-    store = ProductStore(open_client(Settings(qdrant_path=tmp_path / "store")))  # the CLI has closed it
+    store = ProductStore.open(Settings(qdrant_path=tmp_path / "store"))  # the CLI has closed it
     try:
         sneaker = payload(store, "shoes", "shoe-shop", "Shoes/Sneakers/AB-123")
         assert sneaker["title"] == "AB 123" and sneaker["category_path"] == "Shoes > Sneakers"

@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from qdrant_client import models
+from qdrant_client import QdrantClient, models
 
 from ingest.pipeline import Ingestor
 from retrieval.lexical import document_vector, query_terms, term_index, tokens
 from retrieval.query import SearchEngine
 from retrieval.settings import Settings
-from retrieval.store import EncoderFingerprint, ProductStore, StoreError, open_client
+from retrieval.store import EncoderFingerprint, ProductStore, StoreError
 from schemas.catalogue import CatalogueRecord
 from schemas.search import SearchOptions
 from tests.conftest import sample_rows, write_catalogue
@@ -71,12 +71,14 @@ def test_an_identical_gtin_finds_the_product_among_lookalikes(
 
 
 def test_a_collection_of_an_older_layout_is_refused_with_what_to_do(tmp_path: Path) -> None:
-    # Layout 1 existed only in qdrant-client's local mode (the edge adapter creates today's layout alone).
-    store = ProductStore(open_client(Settings(qdrant_path=tmp_path / "old-store")))
+    # Layout 1 existed only in qdrant-client's local mode: an old folder written by the client directly.
     old = EncoderFingerprint("timm:x/y", 4, "sentence-transformers:z", 3).as_metadata() | {"layout_version": 1}
-    store.client.create_collection(
+    writer = QdrantClient(path=str(tmp_path / "old-store"))
+    writer.create_collection(
         "old", vectors_config={"text": models.VectorParams(size=3, distance=models.Distance.COSINE)}, metadata=old
     )
+    writer.close()
+    store = ProductStore.open(Settings(qdrant_path=tmp_path / "old-store"))
     with pytest.raises(StoreError, match="layout 1, this version needs 3: ingest the catalogue again"):
         store.fingerprint("old")
     store.close()

@@ -167,7 +167,7 @@ def test_readiness(engine: SearchEngine, sample_settings: Settings, plain: TestC
         with client_for(engine, sample_settings.model_copy(update={"default_catalogue": "other-encoders"})) as client:
             mismatch = client.get("/readyz")
     finally:
-        engine.store.client.delete_collection("other-encoders")
+        engine.store.drop_catalogue("other-encoders")
     assert mismatch.status_code == 503 and "was built with image encoder timm:other" in mismatch.json()["reason"]
 
     loading = TestClient(create_app(sample_settings))  # no lifespan has run: nothing loaded yet
@@ -210,7 +210,7 @@ def test_metrics_by_route_template_and_status(plain: TestClient) -> None:
         "missing": sample("http_requests_total", **product, status="404"),
         "search": sample("http_request_duration_seconds_count", **search, status="200"),
         "unmatched": sample("http_requests_total", method="GET", route="unmatched", status="404"),
-        "store": sample("store_query_seconds_count", operation="query_batch_points"),
+        "store": sample("store_query_seconds_count", operation="query_batch"),
         "text_batches": sample("encoder_batch_size_count", modality="text"),
     }
     for product_id in ("41", "42", "nope"):
@@ -225,7 +225,7 @@ def test_metrics_by_route_template_and_status(plain: TestClient) -> None:
     assert sample("http_requests_total", **product, status="404") == before["missing"] + 1
     assert sample("http_request_duration_seconds_count", **search, status="200") == before["search"] + 1
     assert sample("http_requests_total", method="GET", route="unmatched", status="404") == before["unmatched"] + 1
-    assert sample("store_query_seconds_count", operation="query_batch_points") > before["store"]
+    assert sample("store_query_seconds_count", operation="query_batch") > before["store"]
     series = 'method="GET",route="/catalogues/{catalogue}/products/{retailer}/{product_id}",status="200"'
     assert f"http_requests_total{{{series}}}" in text
     assert 'http_request_duration_seconds_bucket{le="0.5",method="POST",route="/search",status="200"}' in text

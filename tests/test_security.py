@@ -24,7 +24,7 @@ from ingest.pipeline import Ingestor
 from retrieval.encoders import ImageEncoder, TextEncoder
 from retrieval.query import SearchEngine
 from retrieval.settings import Settings
-from retrieval.store import ProductStore, open_client
+from retrieval.store import ProductStore
 from schemas.search import SearchFilters
 from service.app import create_app
 from service.logs import TextFormatter
@@ -55,7 +55,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
 
 @pytest.fixture(scope="module")
 def client(settings: Settings, image_encoder: ImageEncoder, text_encoder: TextEncoder) -> Iterator[TestClient]:
-    store = ProductStore(open_client(settings))
+    store = ProductStore.open(settings)
     state = AppState(settings, store, SearchEngine(store, image_encoder, text_encoder))
     with TestClient(create_app(state=state), raise_server_exceptions=False) as test_client:
         yield test_client
@@ -257,7 +257,7 @@ def test_forged_log_lines_stay_inside_their_record(client: TestClient) -> None:
     try:
         forged = "x\nCRITICAL service.auth: admin login OK\n.csv"
         body = (  # by hand: HTTP clients escape a newline in a file name, an attacker does not
-            b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"" + forged.encode() + b"\"\r\n\r\n"
+            b'--b\r\nContent-Disposition: form-data; name="file"; filename="' + forged.encode() + b'"\r\n\r\n'
             b"id,retailer,title\n\r\n--b--\r\n"
         )
         headers = {"content-type": "multipart/form-data; boundary=b"}

@@ -13,7 +13,7 @@ from ingest.pipeline import Ingestor
 from retrieval.encoders import ImageEncoder, TextEncoder
 from retrieval.query import SearchEngine
 from retrieval.settings import Settings
-from retrieval.store import ProductStore, open_client
+from retrieval.store import ProductStore
 from schemas.search import SearchFilters, SearchOptions
 from tests.conftest import SAMPLE
 
@@ -25,7 +25,7 @@ pytestmark = [
 
 def test_ingest_and_search_on_a_server(image_encoder: ImageEncoder, text_encoder: TextEncoder) -> None:
     settings = Settings(qdrant_url=os.environ["QDRANT_URL"], qdrant_api_key=os.environ.get("QDRANT_API_KEY"))
-    store = ProductStore(open_client(settings))
+    store = ProductStore.open(settings)
     name = f"test-{uuid.uuid4().hex[:8]}"
     try:
         report = Ingestor(settings, store, image_encoder, text_encoder).run(SAMPLE, name, progress=False)
@@ -42,5 +42,5 @@ def test_ingest_and_search_on_a_server(image_encoder: ImageEncoder, text_encoder
         )
         assert {r.product.category_path for r in juice.results} == {"Packages > Juice"}
     finally:
-        store.client.delete_collection(name)
+        store.drop_catalogue(name)
         store.close()

@@ -22,7 +22,7 @@ import pytest
 
 from ingest.sources import FetchCancelled, SourceError, UrlFetcher
 from retrieval.settings import Settings
-from retrieval.store import ProductStore, open_client
+from retrieval.store import ProductStore
 from tests.conftest import ROOT, SAMPLE
 from tests.test_processes import env_for, start_service
 
@@ -147,9 +147,9 @@ class Service:
 
 def points(store: Path) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
     """Every stored point of catalogue `shop`: payload (less the write time) and vectors."""
-    products = ProductStore(open_client(Settings(qdrant_path=store)))
+    products = ProductStore.open(Settings(qdrant_path=store))
     try:
-        found, _ = products.client.scroll("shop", limit=100, with_payload=True, with_vectors=True)
+        found = list(products.points("shop", with_vectors=True))
     finally:
         products.close()
     out = {}

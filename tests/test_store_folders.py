@@ -9,29 +9,29 @@ import pytest
 from pydantic import ValidationError
 
 from retrieval.settings import Settings
-from retrieval.store import ENGINE_FILE, ProductStore, StoreError, open_client
+from retrieval.store import ENGINE_FILE, ProductStore, StoreError, open_backend
 from service.__main__ import main as service_main
 
 
 @pytest.mark.parametrize(("writer", "reader"), [("local", "edge"), ("edge", "local")])
 def test_the_other_engine_refuses_a_folder(tmp_path: Path, writer: str, reader: str) -> None:
-    store = ProductStore(open_client(Settings(qdrant_path=tmp_path, store_backend=writer)))
+    store = ProductStore.open(Settings(qdrant_path=tmp_path, store_backend=writer))
     store.close()
     assert (tmp_path / ENGINE_FILE).read_text().strip() == writer
     with pytest.raises(StoreError, match=f"written by the '{writer}' engine, not '{reader}'.*STORE_BACKEND={writer}"):
-        open_client(Settings(qdrant_path=tmp_path, store_backend=reader))
-    again = ProductStore(open_client(Settings(qdrant_path=tmp_path, store_backend=writer)))
+        open_backend(Settings(qdrant_path=tmp_path, store_backend=reader))
+    again = ProductStore.open(Settings(qdrant_path=tmp_path, store_backend=writer))
     assert again.catalogues() == []
     again.close()
 
 
 def test_a_folder_from_before_the_marker_is_recognised(tmp_path: Path) -> None:
-    store = ProductStore(open_client(Settings(qdrant_path=tmp_path)))
+    store = ProductStore.open(Settings(qdrant_path=tmp_path))
     store.close()
     (tmp_path / ENGINE_FILE).unlink()  # as a store written before folders were marked
     with pytest.raises(StoreError, match="written by the 'local' engine"):
-        open_client(Settings(qdrant_path=tmp_path, store_backend="edge"))
-    open_client(Settings(qdrant_path=tmp_path)).close()
+        open_backend(Settings(qdrant_path=tmp_path, store_backend="edge"))
+    open_backend(Settings(qdrant_path=tmp_path)).close()
     assert (tmp_path / ENGINE_FILE).read_text().strip() == "local"  # marked from now on
 
 

@@ -1,10 +1,12 @@
 """The store layer, the bottom of the engine: the only package that holds a Qdrant backend.
 
-`errors` and `layout` are leaves; `edge` (qdrant-edge-py behind the shapes of qdrant-client's models) and
-`edge_client` (the client calls the project makes, on the edge engine) are one backend; `folders` records
-which engine wrote an embedded folder; `product_store` opens the backend from settings and is the one object
-the layers above talk to. The names below are what those layers import."""
+`errors` and `layout` (the one layout spec both engines are configured from) are leaves; `backend` is the
+port (`StoreBackend`) and its qdrant-client adapter (a server, or the client's local mode); `edge` (the
+qdrant-edge-py engine behind the shapes of qdrant-client's models) and `edge_backend` are the edge engine's
+adapter; `folders` records which engine wrote an embedded folder; `product_store` opens a backend from
+settings and is the one object the layers above talk to. The names below are what those layers import."""
 
+from retrieval.store.backend import QdrantBackend, StoreBackend
 from retrieval.store.errors import CatalogueNotFound, EncoderMismatch, ProductNotFound, StoreBusy, StoreError
 from retrieval.store.folders import ENGINE_FILE, claim_folder, folder_engine
 from retrieval.store.layout import (
@@ -22,7 +24,7 @@ from retrieval.store.layout import (
     StoredState,
     layout_vectors,
 )
-from retrieval.store.product_store import ProductStore, StoreObserver, is_embedded, open_client
+from retrieval.store.product_store import ProductStore, StoreObserver, open_backend
 
 __all__ = [
     "ADAPTED_VECTORS",
@@ -41,13 +43,14 @@ __all__ = [
     "EncoderMismatch",
     "ProductNotFound",
     "ProductStore",
+    "QdrantBackend",
     "StoreBusy",
+    "StoreBackend",
     "StoreError",
     "StoreObserver",
     "StoredState",
     "claim_folder",
     "folder_engine",
-    "is_embedded",
     "layout_vectors",
-    "open_client",
+    "open_backend",
 ]

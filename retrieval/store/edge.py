@@ -32,13 +32,12 @@ from qdrant_client import models
 
 from retrieval.store.errors import StoreBusy, StoreError
 from retrieval.store.layout import (
-    ADAPTED_VECTORS,
-    IMAGE_VECTOR,
-    LEXICAL_VECTOR,
     PAYLOAD_INDEXES,
     RRF_K,
     SHARD_DIR,
-    TEXT_VECTOR,
+    EncoderFingerprint,
+    layout_sparse,
+    layout_vectors,
     plain_vector,
 )
 
@@ -48,6 +47,9 @@ METADATA_FILE = "metadata.json"
 PointId = str | int
 P = ParamSpec("P")
 T = TypeVar("T")
+
+_DISTANCES = {models.Distance.COSINE: edge.Distance.Cosine, models.Distance.DOT: edge.Distance.Dot}
+_MODIFIERS = {models.Modifier.IDF: edge.Modifier.Idf, models.Modifier.NONE: getattr(edge.Modifier, "None")}
 
 _SCHEMA_TYPES: dict[models.PayloadSchemaType, edge.PayloadSchemaType] = {
     models.PayloadSchemaType.KEYWORD: edge.PayloadSchemaType.Keyword,
@@ -70,23 +72,29 @@ class EdgeUnsupported(StoreError):
 
 
 def edge_config(image_dim: int, text_dim: int) -> edge.EdgeConfig:
-    """Our collection layout as an edge shard config: `image` multivector (MAX_SIM, cosine), `text` (cosine),
-    their adapted twins, `lexical` sparse with the IDF modifier. Everything else keeps edge's defaults
-    (vectors cached in RAM, payload on disk, no HNSW until `optimize()`)."""
-    photos = edge.EdgeVectorParams(
-        size=image_dim,
-        distance=edge.Distance.Cosine,
-        multivector_config=edge.MultiVectorConfig(edge.MultiVectorComparator.MaxSim),
-    )
-    text = edge.EdgeVectorParams(size=text_dim, distance=edge.Distance.Cosine)
+    """Our collection layout (`layout_vectors`, `layout_sparse`: the one spec both engines are configured
+    from) as an edge shard config. Everything else keeps edge's defaults (vectors cached in RAM, payload on
+    disk, no HNSW until `optimize()`)."""
+    dense = layout_vectors(EncoderFingerprint("", image_dim, "", text_dim))
     return edge.EdgeConfig(
-        vectors={
-            IMAGE_VECTOR: photos,
-            TEXT_VECTOR: text,
-            ADAPTED_VECTORS[IMAGE_VECTOR]: photos,
-            ADAPTED_VECTORS[TEXT_VECTOR]: text,
+        vectors={name: _edge_params(params) for name, params in dense.items()},
+        sparse_vectors={
+            name: edge.EdgeSparseVectorParams(modifier=_MODIFIERS[params.modifier or models.Modifier.NONE])
+            for name, params in layout_sparse().items()
         },
-        sparse_vectors={LEXICAL_VECTOR: edge.EdgeSparseVectorParams(modifier=edge.Modifier.Idf)},
+    )
+
+
+def _edge_params(params: models.VectorParams) -> edge.EdgeVectorParams:
+    if params.distance not in _DISTANCES:
+        raise EdgeUnsupported(f"distance {params.distance} is not translated for the edge engine")
+    multi = params.multivector_config
+    if multi is not None and multi.comparator != models.MultiVectorComparator.MAX_SIM:
+        raise EdgeUnsupported(f"multivector comparator {multi.comparator} is not translated for the edge engine")
+    return edge.EdgeVectorParams(
+        size=params.size,
+        distance=_DISTANCES[params.distance],
+        multivector_config=edge.MultiVectorConfig(edge.MultiVectorComparator.MaxSim) if multi else None,
     )
 
 

@@ -100,6 +100,12 @@ class EncoderFingerprint:
             return None
 
 
+def layout_sparse() -> dict[str, models.SparseVectorParams]:
+    """The sparse named vectors of a catalogue: `lexical` terms, which the engine weighs by inverse
+    document frequency (kept up to date as data changes)."""
+    return {LEXICAL_VECTOR: models.SparseVectorParams(modifier=models.Modifier.IDF)}
+
+
 def layout_vectors(encoders: EncoderFingerprint) -> dict[str, models.VectorParams]:
     """The dense named vectors of a catalogue: photos as one multivector per product (MAX_SIM: the best
     photo counts), the product text, and each one's adapted twin (filled only while a head is active)."""

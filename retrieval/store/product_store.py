@@ -1,22 +1,21 @@
-"""The one holder of a Qdrant backend: `ProductStore` (scroll, query, metadata, head collections) over the
-client for a server, qdrant-client's local mode, or the edge engine's adapter (`edge_client.py`)."""
+"""The one holder of a store backend: `ProductStore` (scroll, query, metadata, head collections) over the
+port (`backend.py`) whose adapters are qdrant-client (a server or its local mode) and the edge engine."""
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
-from typing import Any, cast
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
 
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from retrieval.records import point_id
 from retrieval.settings import Settings
-from retrieval.store.edge_client import EdgeClient
+from retrieval.store.backend import PointId, QdrantBackend, Selection, StoreBackend
+from retrieval.store.edge_backend import EdgeBackend
 from retrieval.store.errors import CatalogueNotFound, EncoderMismatch, ProductNotFound, StoreBusy, StoreError
 from retrieval.store.folders import claim_folder
 from retrieval.store.layout import (
@@ -24,28 +23,27 @@ from retrieval.store.layout import (
     HIDDEN_PREFIX,
     IMAGE_VECTOR,
     LAYOUT_VERSION,
-    LEXICAL_VECTOR,
     PAYLOAD_INDEXES,
     READABLE_LAYOUTS,
     CollectionMeta,
     EncoderFingerprint,
     StoredState,
-    layout_vectors,
 )
 from schemas.search import Calibration
 
 
-def open_client(settings: Settings) -> QdrantClient:
-    """A client for the server at QDRANT_URL, else for the embedded store folder (one process at a time)."""
+def open_backend(settings: Settings) -> StoreBackend:
+    """The server at QDRANT_URL, else the embedded store folder (one process at a time) on the engine of
+    STORE_BACKEND; a folder written by the other engine is refused (StoreError)."""
     if settings.qdrant_url:
-        return QdrantClient(url=settings.qdrant_url, api_key=settings.qdrant_api_key, timeout=30)
+        return QdrantBackend(QdrantClient(url=settings.qdrant_url, api_key=settings.qdrant_api_key, timeout=30))
     path = settings.store_path
     path.mkdir(parents=True, exist_ok=True)
     claim_folder(path, settings.store_backend)
     if settings.store_backend == "edge":
-        return cast(QdrantClient, EdgeClient(path))  # the part of the client's interface the project calls
+        return EdgeBackend(path)
     try:
-        return QdrantClient(path=str(path))
+        return QdrantBackend(QdrantClient(path=str(path)))
     except RuntimeError as exc:
         if "already accessed" in str(exc):
             raise StoreBusy(
@@ -55,43 +53,8 @@ def open_client(settings: Settings) -> QdrantClient:
         raise
 
 
-# Called after every client call with (client method, seconds waiting for the store lock, seconds running).
+# Called after every backend call with (backend method, seconds waiting for the store lock, seconds running).
 StoreObserver = Callable[[str, float, float], None]
-
-
-def is_embedded(client: QdrantClient) -> bool:
-    """True for qdrant-client's local mode (a folder, or ':memory:'), False for a server."""
-    options = getattr(client, "init_options", None) or {}
-    return options.get("path") is not None or options.get("location") == ":memory:"
-
-
-class _GuardedClient:
-    """The Qdrant client seen through its store: every method call holds the store's lock (when the store
-    serialises access) and is reported to the store's observer. Other attributes pass through unchanged."""
-
-    def __init__(self, client: QdrantClient, store: ProductStore) -> None:
-        self._wrapped = client
-        self._store = store
-
-    def __getattr__(self, name: str) -> Any:
-        attribute = getattr(self._wrapped, name)
-        if not callable(attribute):
-            return attribute
-        store = self._store
-
-        @functools.wraps(attribute)
-        def call(*args: Any, **kwargs: Any) -> Any:
-            asked = time.perf_counter()
-            guard: AbstractContextManager[Any] = store.lock if store.serialised else nullcontext()
-            with guard:
-                began = time.perf_counter()
-                try:
-                    return attribute(*args, **kwargs)
-                finally:
-                    if store.observer is not None:
-                        store.observer(name, began - asked, time.perf_counter() - began)
-
-        return call
 
 
 def _collect(points: Sequence[models.Record], wanted: set[str], out: dict[str, list[float]]) -> None:
@@ -108,33 +71,80 @@ def _collect(points: Sequence[models.Record], wanted: set[str], out: dict[str, l
 class ProductStore:
     """One collection per catalogue: named vectors `image` (multivector, one row per photo) and `text`.
 
-    qdrant-client's local mode is not safe for reads during writes (nor for concurrent writes), and in the
-    service an ingest job writes while requests search. So for an embedded store every client call, made
-    here or through `store.client` (the query code), holds `store.lock`, a re-entrant lock: hold it
-    yourself to make several calls one step. A server serialises nothing (`serialise=True` forces it)."""
+    The embedded engines are not safe for reads during writes (nor for concurrent writes), and in the
+    service an ingest job writes while requests search. So for an embedded backend every call holds
+    `store.lock`, a re-entrant lock: hold it yourself to make several calls one step. A server serialises
+    nothing (`serialise=True` forces it). Every call is reported to `observer` when one is set."""
 
-    def __init__(self, client: QdrantClient, *, serialise: bool | None = None) -> None:
+    def __init__(self, backend: StoreBackend, *, serialise: bool | None = None) -> None:
         self.lock = threading.RLock()
-        self.serialised = is_embedded(client) if serialise is None else serialise
+        self._backend = backend
+        self.serialised = backend.embedded if serialise is None else serialise
         self.observer: StoreObserver | None = None
-        # Typed as the client it stands for: it has every attribute of it, its methods guarded.
-        self.client = cast(QdrantClient, _GuardedClient(client, self))
+
+    @classmethod
+    def open(cls, settings: Settings) -> ProductStore:
+        """The store of the settings; StoreBusy / StoreError with what to do when it cannot be opened."""
+        return cls(open_backend(settings))
+
+    @property
+    def engine(self) -> str:
+        """Which engine holds the data: `server`, `local` (qdrant-client's local mode) or `edge`."""
+        if isinstance(self._backend, EdgeBackend):
+            return "edge"
+        return "local" if self._backend.embedded else "server"
+
+    @contextmanager
+    def _call(self, name: str) -> Iterator[StoreBackend]:
+        """The backend for one call: under the lock when calls are serialised, reported to the observer."""
+        asked = time.perf_counter()
+        guard: AbstractContextManager[Any] = self.lock if self.serialised else nullcontext()
+        with guard:
+            began = time.perf_counter()
+            try:
+                yield self._backend
+            finally:
+                if self.observer is not None:
+                    self.observer(name, began - asked, time.perf_counter() - began)
+
+    def __enter__(self) -> ProductStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
-        self.client.close()
+        with self._call("close") as backend:
+            backend.close()
 
     def catalogues(self) -> list[str]:
         try:
-            names = (c.name for c in self.client.get_collections().collections)
-            return sorted(name for name in names if not name.startswith(HIDDEN_PREFIX))
+            with self._call("collection_names") as backend:
+                names = backend.collection_names()
         except (UnexpectedResponse, ResponseHandlingException) as exc:
             raise StoreError(f"cannot reach Qdrant: {exc}") from exc
+        return [name for name in names if not name.startswith(HIDDEN_PREFIX)]
+
+    def has_collection(self, name: str) -> bool:
+        """Whether a collection exists: a catalogue, or one of the tool's own (HIDDEN_PREFIX)."""
+        with self._call("collection_exists") as backend:
+            return backend.collection_exists(name)
+
+    def metadata(self, catalogue: str) -> dict[str, Any]:
+        """A collection's metadata; CatalogueNotFound if it does not exist."""
+        with self._call("collection_metadata") as backend:
+            if not backend.collection_exists(catalogue):
+                raise CatalogueNotFound(catalogue, self.catalogues())
+            return backend.collection_metadata(catalogue)
+
+    def update_metadata(self, catalogue: str, values: dict[str, Any]) -> None:
+        """Set top-level metadata keys (keys merge: a key to drop is written as null)."""
+        with self._call("update_metadata") as backend:
+            backend.update_metadata(catalogue, values)
 
     def info(self, catalogue: str) -> CollectionMeta:
         """A catalogue's encoders, layout and active heads; CatalogueNotFound if it does not exist."""
-        if not self.client.collection_exists(catalogue):
-            raise CatalogueNotFound(catalogue, self.catalogues())
-        metadata = self.client.get_collection(catalogue).config.metadata or {}
+        metadata = self.metadata(catalogue)
         found = EncoderFingerprint.from_metadata(metadata)
         if found is None:
             raise StoreError(f"collection {catalogue!r} was not made by this tool (no encoder metadata)")
@@ -166,62 +176,46 @@ class ProductStore:
 
     def ensure_catalogue(self, catalogue: str, encoders: EncoderFingerprint) -> bool:
         """Create the collection if missing (True), else check its encoders; payload indexes either way."""
-        created = False
-        if self.client.collection_exists(catalogue):
+        with self._call("create_collection") as backend:
+            created = not backend.collection_exists(catalogue)
+            if created:
+                backend.create_collection(catalogue, encoders, metadata=encoders.as_metadata())
+        if not created:
             self.check_encoders(catalogue, encoders)
-        else:
-            self.client.create_collection(
-                catalogue,
-                vectors_config=layout_vectors(encoders),
-                # Qdrant weighs each term by its inverse document frequency, kept up to date as data changes.
-                sparse_vectors_config={LEXICAL_VECTOR: models.SparseVectorParams(modifier=models.Modifier.IDF)},
-                metadata=encoders.as_metadata(),
-            )
-            created = True
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Payload indexes have no effect in the local Qdrant")
-            for field, schema in PAYLOAD_INDEXES.items():
-                self.client.create_payload_index(catalogue, field, field_schema=schema)
+        with self._call("create_payload_indexes") as backend:
+            backend.create_payload_indexes(catalogue, PAYLOAD_INDEXES)
         return created
 
+    def ensure_side_collection(self, name: str, layout: EncoderFingerprint, *, owner: str) -> None:
+        """A collection of the tool's own beside catalogue `owner` (its adaptation heads), with its layout."""
+        with self._call("create_collection") as backend:
+            if not backend.collection_exists(name):
+                backend.create_collection(name, layout, metadata={"adapters_of": owner}, lexical=False)
+
     def drop_catalogue(self, catalogue: str) -> None:
-        """Delete a catalogue's collection and every point in it."""
-        self.client.delete_collection(catalogue)
+        """Delete a collection (a catalogue, or one of the tool's own) and every point in it."""
+        with self._call("delete_collection") as backend:
+            backend.delete_collection(catalogue)
 
     def calibration(self, catalogue: str) -> Calibration | None:
         """The match model fitted for a catalogue, if any (kept in its collection metadata)."""
-        if not self.client.collection_exists(catalogue):
-            raise CatalogueNotFound(catalogue, self.catalogues())
-        stored = (self.client.get_collection(catalogue).config.metadata or {}).get("calibration")
+        stored = self.metadata(catalogue).get("calibration")
         return Calibration.model_validate(stored) if stored else None
 
     def save_calibration(self, catalogue: str, calibration: Calibration | None) -> None:
-        """Store (or with None, drop) a catalogue's match model. Metadata updates merge keys, so dropping
-        writes null rather than leaving the key out."""
-        calibration_data = calibration.model_dump() if calibration else None
-        self.client.update_collection(catalogue, metadata={"calibration": calibration_data})
-
-    def metadata(self, catalogue: str) -> dict[str, Any]:
-        return dict(self.client.get_collection(catalogue).config.metadata or {})
-
-    def update_metadata(self, catalogue: str, values: dict[str, Any]) -> None:
-        """Set top-level metadata keys (a server merges keys: a key to drop is written as null)."""
-        self.client.update_collection(catalogue, metadata=values)
+        """Store (or with None, drop) a catalogue's match model."""
+        self.update_metadata(catalogue, {"calibration": calibration.model_dump() if calibration else None})
 
     def count(self, catalogue: str) -> int:
-        return self.client.count(catalogue, exact=True).count
+        with self._call("count") as backend:
+            return backend.count(catalogue)
 
     def stored_hashes(self, catalogue: str, ids: Sequence[str]) -> dict[str, StoredState]:
         """What incremental ingest compares, per point id, for the ids that exist: the content hash and each
         local photo file's (path, 'size:mtime_ns') -> hash."""
         if not ids:
             return {}
-        points = self.client.retrieve(
-            catalogue,
-            ids=list(ids),
-            with_payload=["content_hash", "image_hashes", "images", "image_files"],
-            with_vectors=False,
-        )
+        points = self.retrieve(catalogue, ids, with_payload=["content_hash", "image_hashes", "images", "image_files"])
         out = {}
         for point in points:
             payload = point.payload or {}
@@ -247,9 +241,7 @@ class ProductStore:
         if not wanted:
             return out
         if first_from:
-            points = self.client.retrieve(
-                catalogue, ids=list(first_from), with_payload=["image_hashes"], with_vectors=[IMAGE_VECTOR]
-            )
+            points = self.retrieve(catalogue, first_from, with_payload=["image_hashes"], with_vectors=[IMAGE_VECTOR])
             _collect(points, wanted, out)
         having = models.Filter(
             must=[models.FieldCondition(key="image_hashes", match=models.MatchAny(any=sorted(wanted - out.keys())))]
@@ -274,16 +266,17 @@ class ProductStore:
         with_vectors: bool | Sequence[str] = False,
     ) -> Iterator[list[models.Record]]:
         """Every point of a collection (or those the filter keeps), a page at a time, in a stable order."""
-        offset = None
+        offset: PointId | None = None
         while True:
-            points, offset = self.client.scroll(
-                collection,
-                scroll_filter=scroll_filter,
-                limit=page,
-                offset=offset,
-                with_payload=with_payload if isinstance(with_payload, bool) else list(with_payload),
-                with_vectors=with_vectors if isinstance(with_vectors, bool) else list(with_vectors),
-            )
+            with self._call("scroll") as backend:
+                points, offset = backend.scroll(
+                    collection,
+                    scroll_filter=scroll_filter,
+                    limit=page,
+                    offset=offset,
+                    with_payload=with_payload,
+                    with_vectors=with_vectors,
+                )
             yield points
             if offset is None:
                 return
@@ -294,38 +287,48 @@ class ProductStore:
 
     def query_batch(self, catalogue: str, requests: Sequence[models.QueryRequest]) -> list[list[models.ScoredPoint]]:
         """Several requests in one call (the engines plan them together)."""
-        return [answer.points for answer in self.client.query_batch_points(catalogue, requests=list(requests))]
+        with self._call("query_batch") as backend:
+            return backend.query_batch(catalogue, requests)
 
-    def has_collection(self, name: str) -> bool:
-        """Whether a collection exists: a catalogue, or one of the tool's own (HIDDEN_PREFIX)."""
-        return self.client.collection_exists(name)
+    def points(
+        self, collection: str, *, with_payload: Selection = True, with_vectors: Selection = False
+    ) -> Iterator[models.Record]:
+        """Every point of a collection, one at a time (`scroll_pages` flattened)."""
+        for page in self.scroll_pages(collection, with_payload=with_payload, with_vectors=with_vectors):
+            yield from page
 
-    def ensure_side_collection(self, name: str, layout: EncoderFingerprint, *, owner: str) -> None:
-        """A collection of the tool's own beside catalogue `owner` (its adaptation heads), with its layout."""
-        if not self.client.collection_exists(name):
-            self.client.create_collection(name, vectors_config=layout_vectors(layout), metadata={"adapters_of": owner})
-
-    def retrieve(self, collection: str, ids: Sequence[str]) -> list[models.Record]:
-        """The points with these ids that exist, with their payloads."""
-        return list(self.client.retrieve(collection, ids=list(ids), with_payload=True))
+    def retrieve(
+        self,
+        collection: str,
+        ids: Sequence[PointId],
+        *,
+        with_payload: Selection = True,
+        with_vectors: Selection = False,
+    ) -> list[models.Record]:
+        """The points with these ids that exist."""
+        with self._call("retrieve") as backend:
+            return backend.retrieve(collection, ids, with_payload=with_payload, with_vectors=with_vectors)
 
     def delete(self, catalogue: str, ids: Sequence[str]) -> None:
         if ids:
-            self.client.delete(catalogue, points_selector=models.PointIdsList(points=list(ids)), wait=True)
+            with self._call("delete") as backend:
+                backend.delete(catalogue, ids)
 
     def upsert(self, catalogue: str, points: Iterable[models.PointStruct]) -> None:
         batch = list(points)
         if batch:
-            self.client.upsert(catalogue, points=batch, wait=True)
+            with self._call("upsert") as backend:
+                backend.upsert(catalogue, batch)
 
     def update_vectors(self, catalogue: str, points: Iterable[models.PointVectors]) -> None:
         """Set some named vectors of existing points, leaving their other vectors and payload alone."""
         batch = list(points)
         if batch:
-            self.client.update_vectors(catalogue, points=batch, wait=True)
+            with self._call("update_vectors") as backend:
+                backend.update_vectors(catalogue, batch)
 
     def get(self, catalogue: str, point: str, *, with_vectors: bool = False) -> models.Record | None:
-        found = self.client.retrieve(catalogue, ids=[point], with_payload=True, with_vectors=with_vectors)
+        found = self.retrieve(catalogue, [point], with_vectors=with_vectors)
         return found[0] if found else None
 
     def product(
@@ -347,5 +350,5 @@ class ProductStore:
             yield from (str((p.payload or {})["product_id"]) for p in points)
 
     def facet_counts(self, catalogue: str, key: str, *, limit: int = 1_000) -> dict[str, int]:
-        response = self.client.facet(catalogue, key=key, limit=limit, exact=True)
-        return {str(hit.value): hit.count for hit in response.hits}
+        with self._call("facet") as backend:
+            return backend.facet(catalogue, key, limit=limit)
