@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 from PIL import Image
@@ -144,6 +145,50 @@ class QueryVectors:
         return {IMAGE_VECTOR: self.image_using != IMAGE_VECTOR, TEXT_VECTOR: self.text_using != TEXT_VECTOR}
 
 
+class QueryEmbedder(Protocol):
+    """Where a query's rows are computed. Each call starts one row and returns at once, so a query's photo
+    and text can be embedded side by side; `SearchEngine.encode_query` is the one place that decides which
+    rows a query needs. The engine's own (`DirectEmbedder`) runs the models in the caller's thread; the
+    service injects one that shares model calls between concurrent requests (service/batching.py)."""
+
+    def photo(self, image: Image.Image) -> Future[np.ndarray]:
+        """The photo in the image encoder's space."""
+        ...
+
+    def text(self, text: str) -> Future[np.ndarray]:
+        """The text in the text encoder's space."""
+        ...
+
+    def text_as_photo(self, text: str) -> Future[np.ndarray]:
+        """The text in the image encoder's space (only asked of an image encoder that embeds texts: CLIP)."""
+        ...
+
+
+def _done(row: np.ndarray) -> Future[np.ndarray]:
+    future: Future[np.ndarray] = Future()
+    future.set_result(row)
+    return future
+
+
+@dataclass(frozen=True)
+class DirectEmbedder:
+    """Each row computed at once, in the caller's thread."""
+
+    image_encoder: ImageEncoder
+    text_encoder: TextEncoder
+
+    def photo(self, image: Image.Image) -> Future[np.ndarray]:
+        return _done(embed_images(self.image_encoder, [image])[0])
+
+    def text(self, text: str) -> Future[np.ndarray]:
+        return _done(self.text_encoder.embed_texts([text])[0])
+
+    def text_as_photo(self, text: str) -> Future[np.ndarray]:
+        if not isinstance(self.image_encoder, TextEncoder):
+            raise TypeError(f"{self.image_encoder.name} does not embed texts")
+        return _done(self.image_encoder.embed_texts([text])[0])
+
+
 @dataclass
 class SearchEngine:
     """Encodes queries with the loaded encoders and runs them against a catalogue's collection."""
@@ -160,15 +205,20 @@ class SearchEngine:
     def fingerprint(self) -> EncoderFingerprint:
         return EncoderFingerprint.of(self.image_encoder, self.text_encoder)
 
-    def encode_query(self, image: Image.Image | None, text: str | None) -> QueryVectors:
+    def encode_query(
+        self, image: Image.Image | None, text: str | None, *, embedder: QueryEmbedder | None = None
+    ) -> QueryVectors:
         """Query vectors: the photo through the image encoder, the text through the text encoder and into
         lexical terms. With an image encoder that also embeds texts (CLIP) and no photo, the text searches
-        the photos too (cross-modal)."""
-        text_vector = self.text_encoder.embed_texts([text])[0] if text else None
-        image_vector = embed_images(self.image_encoder, [image])[0] if image is not None else None
+        the photos too (cross-modal). `embedder`: where the rows are computed (default: here, now)."""
+        embedder = embedder or DirectEmbedder(self.image_encoder, self.text_encoder)
+        photo_row = embedder.photo(image) if image is not None else None  # both started before either is awaited
+        text_row = embedder.text(text) if text else None
+        image_vector = photo_row.result() if photo_row is not None else None
+        text_vector = text_row.result() if text_row is not None else None
         if image_vector is None and text and isinstance(self.image_encoder, TextEncoder):
             same_model = self.image_encoder is self.text_encoder
-            image_vector = text_vector if same_model else self.image_encoder.embed_texts([text])[0]
+            image_vector = text_vector if same_model else embedder.text_as_photo(text).result()
         return QueryVectors(image=image_vector, text=text_vector, lexical=query_vector(text) if text else None)
 
     def search(
@@ -180,11 +230,13 @@ class SearchEngine:
         filters: SearchFilters | None = None,
         options: SearchOptions | None = None,
         image_url: ImageUrl = ref_as_url,
+        embedder: QueryEmbedder | None = None,
     ) -> SearchResponse:
-        """Search by a decoded PIL image and/or text; several rankings are fused in Qdrant."""
+        """Search by a decoded PIL image and/or text; several rankings are fused in Qdrant. The catalogue is
+        checked before any model runs (an unknown catalogue or other encoders cost nothing)."""
         started = time.perf_counter()
         info = self.store.check_encoders(catalogue, self.fingerprint)
-        vectors = self.encode_query(image, text)
+        vectors = self.encode_query(image, text, embedder=embedder)
         response = self.search_vectors(
             catalogue, vectors, filters=filters, options=options, image_url=image_url, info=info
         )

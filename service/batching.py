@@ -18,7 +18,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -27,8 +27,6 @@ import torch
 from PIL import Image
 
 from retrieval.encoders.base import ImageEncoder, TextEncoder
-from retrieval.lexical import query_vector
-from retrieval.query import QueryVectors
 from service.metrics import encoder_batch_observer
 from service.state import AppState
 
@@ -141,8 +139,9 @@ class MicroBatcher(Generic[Item]):
 
 
 class BatchedEncoders:
-    """The service's query encoders behind micro-batchers: photos are preprocessed by the caller (in the
-    request's thread) and batched as tensors; texts are batched as strings."""
+    """The service's `QueryEmbedder`: query rows computed by micro-batchers on the app's event loop. Called
+    from a request's worker thread (the search runs off the loop): photos are preprocessed there and
+    batched as tensors, texts batched as strings; each call returns a future of the row at once."""
 
     def __init__(
         self,
@@ -157,6 +156,7 @@ class BatchedEncoders:
     ) -> None:
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
+        self._loop = asyncio.get_running_loop()  # made on the app's loop, where the batchers run
 
         def batcher(name: str, embed: Callable[[Sequence[Item]], np.ndarray]) -> MicroBatcher[Item]:
             return MicroBatcher(
@@ -179,23 +179,25 @@ class BatchedEncoders:
             clip = image_encoder
             self.cross_modal = batcher("image-text", lambda texts: clip.embed_texts(list(texts)))
 
-    async def encode(self, image: Image.Image | None, text: str | None) -> QueryVectors:
-        """The same vectors as SearchEngine.encode_query, with the model calls shared between requests."""
-        tensor = await asyncio.to_thread(self.image_encoder.preprocess, image) if image is not None else None
-        jobs = []
-        if tensor is not None:
-            jobs.append(self.images.embed(tensor))
-        if text:
-            jobs.append(self.texts.embed(text))
-        rows = list(await asyncio.gather(*jobs))
-        image_row = rows.pop(0) if tensor is not None else None
-        text_row = rows.pop(0) if text else None
-        if image_row is None and text and isinstance(self.image_encoder, TextEncoder):
-            if self.cross_modal is None:
-                image_row = text_row  # one CLIP model in both roles: the text row is in the image space
-            else:
-                image_row = await self.cross_modal.embed(text)
-        return QueryVectors(image=image_row, text=text_row, lexical=query_vector(text) if text else None)
+    def _submit(self, batcher: MicroBatcher[Item], item: Item) -> Future[np.ndarray]:
+        try:
+            on_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:  # no loop runs in this thread: a worker thread, as it should be
+            on_loop = False
+        if on_loop:  # waiting for the row here would block the loop that computes it
+            raise RuntimeError("BatchedEncoders is called from a worker thread, not from the event loop")
+        return asyncio.run_coroutine_threadsafe(batcher.embed(item), self._loop)
+
+    def photo(self, image: Image.Image) -> Future[np.ndarray]:
+        return self._submit(self.images, self.image_encoder.preprocess(image))
+
+    def text(self, text: str) -> Future[np.ndarray]:
+        return self._submit(self.texts, text)
+
+    def text_as_photo(self, text: str) -> Future[np.ndarray]:
+        if self.cross_modal is None:
+            raise TypeError(f"{self.image_encoder.name} does not embed texts apart from the text encoder")
+        return self._submit(self.cross_modal, text)
 
     async def close(self) -> None:
         for batcher in (self.images, self.texts, self.cross_modal):

@@ -34,8 +34,9 @@ def test_concurrent_queries_share_batches_and_get_their_own_vectors(engine: Sear
             timeout_s=60,
             observe=lambda modality: lambda size, waited: batches.append(size),
         )
-        try:
-            return list(await asyncio.gather(*(encoders.encode(image, text) for image, text in queries)))
+        try:  # as the service runs them: each query's encoding in a worker thread of its own
+            jobs = (asyncio.to_thread(engine.encode_query, image, text, embedder=encoders) for image, text in queries)
+            return list(await asyncio.gather(*jobs))
         finally:
             await encoders.close()
 

@@ -73,27 +73,20 @@ async def _run(
     picture: Image.Image | None = None
     if data is not None:
         picture = await run_in_threadpool(decode_image, data, max_pixels=state.settings.max_image_pixels)
-    encoders: BatchedEncoders | None = request.app.state.encoders
-    engine = state.engine
-    if encoders is None:  # MICRO_BATCHING=false: each request runs the models on its own
-        return await run_in_threadpool(
-            lambda: engine.search(
-                catalogue,
-                image=picture,
-                text=text,
-                filters=filters,
-                options=options,
-                image_url=photo_url_for(catalogue),
-            )
-        )
-    info = await run_in_threadpool(state.store.check_encoders, catalogue, engine.fingerprint)
-    vectors = await encoders.encode(picture, text)
+    # MICRO_BATCHING=false: None, each request runs the models in its own thread.
+    embedder: BatchedEncoders | None = request.app.state.encoders
     response = await run_in_threadpool(
-        lambda: engine.search_vectors(
-            catalogue, vectors, filters=filters, options=options, image_url=photo_url_for(catalogue), info=info
+        lambda: state.engine.search(
+            catalogue,
+            image=picture,
+            text=text,
+            filters=filters,
+            options=options,
+            image_url=photo_url_for(catalogue),
+            embedder=embedder,
         )
     )
-    response.took_ms = round((time.perf_counter() - started) * 1000, 2)
+    response.took_ms = round((time.perf_counter() - started) * 1000, 2)  # the photo's decoding included
     return response
 
 
