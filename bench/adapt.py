@@ -17,10 +17,10 @@ import numpy as np
 from bench.evalset import EvalSet
 from bench.metrics import Tally
 from bench.quality import RowKey, SetRun, catalogue_embeddings, ingested, run_set, table
-from ingest.adapt_data import PhotoEmbedder, Stored, labelled_examples, read_catalogue, read_examples
-from retrieval.adapt_train import Examples, Fit, fit_spread, fit_supervised, split
+from retrieval.adapt.data import PhotoEmbedder, Stored, labelled_examples, read_catalogue, read_examples
+from retrieval.adapt.train import Examples, Fit, fit_spread, fit_supervised, split
 from retrieval.encoders import ImageEncoder, TextEncoder
-from retrieval.query import SearchEngine
+from retrieval.search import SearchEngine
 from retrieval.settings import Settings
 from schemas.adapters import AdapterRecord, HeadKind, Loss, Method
 

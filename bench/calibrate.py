@@ -7,8 +7,8 @@ import numpy as np
 
 from bench.evalset import EvalSet
 from bench.quality import ingested
-from retrieval.calibration import Labelled, fit, labelled_candidates, probabilities
 from retrieval.encoders import ImageEncoder, TextEncoder
+from retrieval.match.model import Labelled, fit, labelled_candidates, probabilities
 from schemas.search import Calibration, LabelledPair
 
 

@@ -19,7 +19,7 @@ from bench.evalset import EvalQuery, EvalSet
 from bench.metrics import KS, Outcome, Tally
 from ingest.pipeline import Ingestor
 from retrieval.encoders import ImageEncoder, TextEncoder
-from retrieval.query import QueryVectors, SearchEngine
+from retrieval.search import QueryVectors, SearchEngine
 from retrieval.settings import Settings
 from retrieval.store import IMAGE_VECTOR, TEXT_VECTOR, ProductStore
 from schemas.report import IngestReport

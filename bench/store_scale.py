@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from qdrant_client import QdrantClient, models
 
-from retrieval.query import fused_request
+from retrieval.search import fused_request
 from retrieval.store import IMAGE_VECTOR, LEXICAL_VECTOR, TEXT_VECTOR, EncoderFingerprint, ProductStore, QdrantBackend
 from retrieval.store.edge import EdgeStore
 

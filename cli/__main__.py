@@ -14,9 +14,9 @@ from collections.abc import Callable
 # command -> (module with main(argv), what it does)
 COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("ingest.__main__", "load a catalogue file, folder or zip into a catalogue"),
-    "calibrate": ("ingest.calibrate", "fit the match model on labelled pairs, store it with the catalogue"),
-    "match": ("ingest.match", "match a retailer's products against the others, to a resumable CSV"),
-    "adapt": ("ingest.adapt", "fit, list, switch or roll back a catalogue's adaptation heads"),
+    "calibrate": ("cli.calibrate", "fit the match model on labelled pairs, store it with the catalogue"),
+    "match": ("cli.match", "match a retailer's products against the others, to a resumable CSV"),
+    "adapt": ("cli.adapt", "fit, list, switch or roll back a catalogue's adaptation heads"),
     "serve": ("service.__main__", "serve the HTTP API and the web page"),
     "bench": ("bench", "quality and speed benchmarks (from a checkout of the project)"),
 }

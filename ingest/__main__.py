@@ -92,15 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["calibrate"]:
-        from ingest.calibrate import main as calibrate
+        from cli.calibrate import main as calibrate
 
         return calibrate(argv[1:])
     if argv[:1] == ["adapt"]:
-        from ingest.adapt import main as adapt
+        from cli.adapt import main as adapt
 
         return adapt(argv[1:])
     if argv[:1] == ["match"]:
-        from ingest.match import main as match
+        from cli.match import main as match
 
         return match(argv[1:])
     args = parse_args(argv)

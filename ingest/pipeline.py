@@ -29,7 +29,7 @@ from tqdm import tqdm
 from ingest.inputs import CatalogueInput, open_input
 from ingest.readers import validate_rows
 from ingest.sources import FetchCancelled, OutsideRoot, PhotoAccess, SourceError, UrlFetcher, file_signature
-from retrieval.adapters import Adapters, Head, adapted_vectors
+from retrieval.adapt.heads import Adapters, Head, adapted_vectors
 from retrieval.encoders.base import ImageEncoder, TextEncoder
 from retrieval.images import ImageDecodeError, decode_image
 from retrieval.lexical import document_vector

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from retrieval.encoders import ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
-from retrieval.query import SearchEngine
+from retrieval.search import SearchEngine
 from retrieval.settings import Settings
 from retrieval.store import ProductStore
 

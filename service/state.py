@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from retrieval.query import SearchEngine
 from retrieval.runtime import open_runtime
+from retrieval.search import SearchEngine
 from retrieval.settings import Settings
 from retrieval.store import ProductStore
 from service.jobs import Jobs, sweep_uploads

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from ingest.pipeline import Ingestor
 from retrieval.encoders import ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
-from retrieval.query import SearchEngine
+from retrieval.search import SearchEngine
 from retrieval.settings import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, Settings
 from retrieval.store import ProductStore
 from schemas.report import IngestReport

@@ -22,13 +22,13 @@ from PIL import Image
 from bench.prepare import GROCERY_COLUMNS, grocery_products
 from bench.prepare import write_catalogue as write_feed
 from ingest.__main__ import main as ingest_main
-from retrieval.adapt_train import new_module
-from retrieval.adapters import Adapters, Head, head_collection
-from retrieval.calibration import FEATURES, MODEL_VERSION, usable
+from retrieval.adapt.heads import Adapters, Head, head_collection
+from retrieval.adapt.train import new_module
 from retrieval.encoders import ImageEncoder, TextEncoder
 from retrieval.encoders.base import embed_images
 from retrieval.images import decode_image
-from retrieval.query import QueryVectors, SearchEngine
+from retrieval.match.model import FEATURES, MODEL_VERSION, usable
+from retrieval.search import QueryVectors, SearchEngine
 from retrieval.settings import Settings
 from retrieval.store import ProductStore
 from schemas.adapters import HeadKind

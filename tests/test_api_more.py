@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from retrieval.query import SearchEngine
+from retrieval.search import SearchEngine
 from schemas.search import SearchFilters, SearchOptions
 from tests.conftest import SAMPLE, sample_rows
 

@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from ingest.__main__ import main as ingest_main
-from retrieval.batch import COLUMNS, done_products
+from retrieval.match.batch import COLUMNS, done_products
 from tests.conftest import wait_for_job
 
 

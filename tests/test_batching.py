@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval.query import QueryVectors, SearchEngine
+from retrieval.search import QueryVectors, SearchEngine
 from service.batching import BatchedEncoders, MicroBatcher, Overloaded, torch_threads_for
 from tests.conftest import SAMPLE
 

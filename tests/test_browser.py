@@ -26,9 +26,9 @@ except ImportError:  # pragma: no cover - a setup problem, said plainly
     pytest.fail("playwright is not installed: run `make test` (or pip install -e '.[dev]')", pytrace=False)
 
 from ingest.pipeline import Ingestor
-from retrieval.calibration import fit, labelled_candidates
 from retrieval.encoders import ImageEncoder, TextEncoder
-from retrieval.query import SearchEngine
+from retrieval.match.model import fit, labelled_candidates
+from retrieval.search import SearchEngine
 from retrieval.settings import Settings
 from retrieval.store import ProductStore
 from schemas.search import LabelledPair, ProductRef

@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from ingest.__main__ import main as ingest_main
-from retrieval.calibration import (
+from retrieval.match.model import (
     FEATURES,
     Candidate,
     Labelled,
@@ -22,7 +22,7 @@ from retrieval.calibration import (
     lowest_threshold,
     probabilities,
 )
-from retrieval.query import SearchEngine
+from retrieval.search import SearchEngine
 from schemas.payload import Product
 from schemas.search import LabelledPair, ProductRef
 from tests.conftest import sample_rows

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from qdrant_client import QdrantClient, models
 
-from retrieval.query import build_filter, fused_request, fusion_query
+from retrieval.search import build_filter, fused_request, fusion_query
 from retrieval.store import (
     IMAGE_VECTOR,
     LEXICAL_VECTOR,
@@ -196,7 +196,7 @@ def test_free_conditions_count_like_local_mode(
 def test_fused_query_agrees_with_local_mode(
     edge_store: EdgeStore, local: QdrantClient, fusion: str, filters: SearchFilters
 ) -> None:
-    """The product's own filter and fusion builders (retrieval.query) run unchanged on both backends."""
+    """The product's own filter and fusion builders (retrieval.search) run unchanged on both backends."""
     options = SearchOptions.model_validate(
         {"fusion": fusion, "image_weight": 2, "text_weight": 1, "lexical_weight": 0.5, "limit": 8}
     )

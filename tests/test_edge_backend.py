@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from ingest.pipeline import Ingestor
-from retrieval.calibration import find_matches, fit, labelled_candidates
 from retrieval.encoders import ImageEncoder, TextEncoder
-from retrieval.query import SearchEngine
+from retrieval.match.model import find_matches, fit, labelled_candidates
+from retrieval.search import SearchEngine
 from retrieval.settings import Settings
 from retrieval.store import ProductStore, StoreBusy, open_backend
 from schemas.search import LabelledPair, ProductRef, SearchFilters, SearchOptions

@@ -19,7 +19,7 @@ from retrieval.encoders.base import ResizeCrop, embed_images
 from retrieval.encoders.factory import parse_spec
 from retrieval.encoders.timm_backbone import TimmImageEncoder
 from retrieval.images import decode_image
-from retrieval.query import SearchEngine
+from retrieval.search import SearchEngine
 from retrieval.settings import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, Settings
 from retrieval.store import ProductStore
 from schemas.search import SearchOptions

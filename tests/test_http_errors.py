@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from ingest.__main__ import main as ingest_main
 from retrieval.encoders import ImageEncoder, TextEncoder
-from retrieval.query import SearchEngine
+from retrieval.search import SearchEngine
 from retrieval.settings import Settings
 from retrieval.store import EncoderFingerprint, ProductStore
 from service.app import create_app

@@ -17,7 +17,7 @@ from pydantic import SecretStr
 
 from ingest.inputs import UPLOAD_LOCAL
 from retrieval.encoders import ImageEncoder, TextEncoder
-from retrieval.query import SearchEngine
+from retrieval.search import SearchEngine
 from retrieval.settings import Settings
 from retrieval.store import ProductStore
 from service.app import create_app

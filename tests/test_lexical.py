@@ -9,7 +9,7 @@ from qdrant_client import QdrantClient, models
 
 from ingest.pipeline import Ingestor
 from retrieval.lexical import document_vector, query_terms, term_index, tokens
-from retrieval.query import SearchEngine
+from retrieval.search import SearchEngine
 from retrieval.settings import Settings
 from retrieval.store import EncoderFingerprint, ProductStore, StoreError
 from schemas.catalogue import CatalogueRecord

@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY
 from pydantic import SecretStr
 
 import service.__main__ as service_main
-from retrieval.query import SearchEngine
+from retrieval.search import SearchEngine
 from retrieval.settings import Settings
 from retrieval.store import EncoderFingerprint
 from service.app import create_app

@@ -19,10 +19,10 @@ from bench.evalset import EvalSet, load_set
 from bench.metrics import Tally
 from bench.prepare import write_grocery_set, write_text_pairs_set
 from bench.quality import RowKey, ingested, run_set
-from retrieval.adapt_train import fit_supervised
-from retrieval.calibration import fit, labelled_candidates
+from retrieval.adapt.train import fit_supervised
 from retrieval.encoders import ImageEncoder, TextEncoder
-from retrieval.query import SearchEngine
+from retrieval.match.model import fit, labelled_candidates
+from retrieval.search import SearchEngine
 from retrieval.settings import Settings
 from tests.conftest import GROCERY, SHARED_DATA
 

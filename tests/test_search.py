@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from ingest.pipeline import Ingestor
-from retrieval.query import SearchEngine
+from retrieval.search import SearchEngine
 from retrieval.store import CatalogueNotFound, ProductStore
 from schemas.search import SearchFilters, SearchOptions
 from tests.conftest import GROCERY, SAMPLE, sample_rows, write_catalogue

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from ingest.inputs import UPLOAD_LOCAL, ZIP_OUTSIDE, InputError, archive_cap, extract_zip
 from ingest.pipeline import Ingestor
 from retrieval.encoders import ImageEncoder, TextEncoder
-from retrieval.query import SearchEngine
+from retrieval.search import SearchEngine
 from retrieval.settings import Settings
 from retrieval.store import ProductStore
 from schemas.search import SearchFilters

@@ -11,7 +11,7 @@ from PIL import Image
 
 from ingest.pipeline import Ingestor
 from retrieval.encoders import ImageEncoder, TextEncoder
-from retrieval.query import SearchEngine
+from retrieval.search import SearchEngine
 from retrieval.settings import Settings
 from retrieval.store import ProductStore
 from schemas.search import SearchFilters, SearchOptions

@@ -12,7 +12,7 @@ from qdrant_client import models
 IMAGE_VECTOR = "image"
 TEXT_VECTOR = "text"
 LEXICAL_VECTOR = "lexical"
-# An adaptation head's output for the raw vector of the same modality (retrieval/adapters.py).
+# An adaptation head's output for the raw vector of the same modality (retrieval/adapt/heads.py).
 ADAPTED_VECTORS = {IMAGE_VECTOR: "image_adapted", TEXT_VECTOR: "text_adapted"}
 LAYOUT_VERSION = 3  # 2: + the `lexical` sparse vector; 3: + the adapted vectors
 READABLE_LAYOUTS = (2, 3)  # layout 2 searches as before; only adaptation needs 3

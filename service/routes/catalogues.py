@@ -14,9 +14,9 @@ from fastapi.responses import RedirectResponse, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from retrieval.calibration import active_calibration, find_matches
 from retrieval.images import IMAGE_SUFFIXES, MAX_IMAGE_BYTES, LocalFileError, is_url, read_regular_file
-from retrieval.query import ImageUrl, to_product
+from retrieval.match.model import active_calibration, find_matches
+from retrieval.search import ImageUrl, to_product
 from schemas.payload import Product
 from schemas.search import (
     CATALOGUE_PATTERN,

@@ -11,7 +11,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
-from retrieval.batch import Row, as_csv, match_retailer
+from retrieval.match.batch import Row, as_csv, match_retailer
 from schemas.jobs import Job, MatchJobRequest
 from schemas.search import CATALOGUE_PATTERN, ErrorResponse
 from service.deps import StateDep

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.adapt_train import Examples, Transform
+from retrieval.adapt.train import Examples, Transform
 
 COLOURED = 10  # the labels with most anchors get a colour; the rest are grey
 SAMPLE = 2_000

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 import numpy as np
 
 from retrieval.lexical import code_stem, codes, tokens
-from retrieval.query import ImageUrl, SearchEngine, ref_as_url
+from retrieval.search import ImageUrl, SearchEngine, ref_as_url
 from retrieval.store import ProductStore
 from schemas.payload import Product
 from schemas.search import Calibration, Decision, Fusion, LabelledPair, MatchResult, SearchFilters, SearchOptions

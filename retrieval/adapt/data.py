@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
-from retrieval.adapt_train import Examples
+from retrieval.adapt.train import Examples
 from retrieval.encoders.base import ImageEncoder, TextEncoder
 from retrieval.images import MAX_IMAGE_BYTES, ImageDecodeError, LocalFileError, decode_image, read_regular_file
 from retrieval.store import IMAGE_VECTOR, ProductStore

@@ -12,9 +12,9 @@ from pathlib import Path
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from retrieval.batch import NO_CANDIDATE, as_csv, done_products, match_retailer
-from retrieval.calibration import active_calibration
 from retrieval.encoders import EncoderError
+from retrieval.match.batch import NO_CANDIDATE, as_csv, done_products, match_retailer
+from retrieval.match.model import active_calibration
 from retrieval.runtime import open_runtime
 from retrieval.settings import Settings
 from retrieval.store import ProductStore, StoreError

@@ -8,8 +8,8 @@ import io
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
-from retrieval.calibration import active_calibration, find_matches
-from retrieval.query import SearchEngine
+from retrieval.match.model import active_calibration, find_matches
+from retrieval.search import SearchEngine
 from schemas.payload import Product
 from schemas.search import Fusion, MatchResult, SearchFilters
 

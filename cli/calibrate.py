@@ -8,8 +8,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from retrieval.calibration import DEFAULT_DEPTH, DEFAULT_FUSION, fit, labelled_candidates
 from retrieval.encoders import EncoderError
+from retrieval.match.model import DEFAULT_DEPTH, DEFAULT_FUSION, fit, labelled_candidates
 from retrieval.runtime import open_runtime
 from retrieval.settings import Settings
 from retrieval.store import ProductStore, StoreError

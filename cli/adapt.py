@@ -10,15 +10,15 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from ingest.adapt_data import PhotoEmbedder, Stored, labelled_examples, read_catalogue, read_examples
-from retrieval.adapt_train import Examples, Fit, fit_spread, fit_supervised, split
-from retrieval.adapters import AdapterError, Adapters
+from retrieval.adapt.data import PhotoEmbedder, Stored, labelled_examples, read_catalogue, read_examples
+from retrieval.adapt.heads import AdapterError, Adapters
+from retrieval.adapt.train import Examples, Fit, fit_spread, fit_supervised, split
 from retrieval.encoders import EncoderError, load_image_encoder, load_text_encoder
 from retrieval.settings import Settings
 from retrieval.store import IMAGE_VECTOR, ProductStore, StoreError
 from schemas.adapters import AdapterRecord, HoldOut
 
-log = logging.getLogger("ingest.adapt")
+log = logging.getLogger("cli.adapt")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -183,7 +183,7 @@ def fit_and_store(args: argparse.Namespace, settings: Settings, store: ProductSt
     saved = adapters.save(record, fit.head)
     print(describe(saved, fit))
     if args.plot:
-        from ingest.adapt_plot import plot_adaptation
+        from cli.adapt_plot import plot_adaptation
 
         title = f"{catalogue}: {modality} head v{saved.version} ({args.method}, condition {args.condition})"
         plot_adaptation(examples, fit.head, args.plot, title=title, names=_label_names(stored, examples))

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from retrieval.adapters import Head
+from retrieval.adapt.heads import Head
 from schemas.adapters import HeadKind, Loss
 
 log = logging.getLogger(__name__)
