@@ -45,7 +45,7 @@ test: lint browser
 
 # Refresh the README's picture of the page (the browser test writes it to a temporary folder otherwise).
 screenshot: install browser
-	SCREENSHOT_OUT=docs/screenshot.png $(PY) -m pytest tests/test_browser.py -k same_product_elsewhere
+	SCREENSHOT_OUT=docs/screenshot.png $(PY) -m pytest tests/service/test_browser.py -k same_product_elsewhere
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache .hypothesis

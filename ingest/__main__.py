@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         log.info("loading encoders %s and %s", settings.image_model, settings.text_model)
         ingestor = Ingestor(settings, store, *load_encoders(settings))
-        log.info("ingesting %s into %s (%s)", args.path, catalogue, settings.describe_store())
+        log.info("ingesting %s into %s (%s)", args.path, catalogue, settings.describe_store(store.engine))
         report = ingestor.run(
             args.path,
             catalogue,

@@ -20,9 +20,12 @@ class Settings(BaseSettings):
     qdrant_url: str | None = Field(default=None, description="Qdrant server URL, e.g. http://localhost:6333")
     qdrant_api_key: str | None = Field(default=None, description="API key for the Qdrant server")
     qdrant_path: Path | None = Field(default=None, description="folder of the embedded store (default: ./data/qdrant)")
-    store_backend: Literal["local", "edge"] = Field(
-        default="local",
-        description="embedded store engine: qdrant-client local mode, or qdrant-edge-py (large catalogues)",
+    store_backend: Literal["auto", "local", "edge"] = Field(
+        default="auto",
+        description=(
+            "embedded store engine: qdrant-edge-py (edge) or qdrant-client local mode (local); auto: the engine "
+            "that wrote the folder, edge for a new one"
+        ),
     )
     image_model: str = Field(default=DEFAULT_IMAGE_MODEL, description="image encoder spec")
     text_model: str = Field(default=DEFAULT_TEXT_MODEL, description="text encoder spec")
@@ -98,9 +101,10 @@ class Settings(BaseSettings):
                 "both QDRANT_URL and QDRANT_PATH are set: unset QDRANT_PATH to use the server, "
                 "or unset QDRANT_URL to use the embedded store"
             )
-        if self.qdrant_url and "store_backend" in self.model_fields_set and self.store_backend == "edge":
+        if self.qdrant_url and self.store_backend != "auto":
             raise ValueError(
-                "STORE_BACKEND=edge chooses an embedded engine, but QDRANT_URL points at a server: unset one of them"
+                f"STORE_BACKEND={self.store_backend} chooses an embedded engine, but QDRANT_URL points at a server: "
+                "unset one of them"
             )
         if self.qdrant_api_key and not self.qdrant_url:
             raise ValueError("QDRANT_API_KEY is set without QDRANT_URL: the embedded store takes no key")
@@ -122,9 +126,10 @@ class Settings(BaseSettings):
     def cors_origin_list(self) -> list[str]:
         return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
-    def describe_store(self, *, public: bool = False) -> str:
-        """Which store, for logs and the command line; `public`: for HTTP clients, naming no path or host."""
+    def describe_store(self, engine: str, *, public: bool = False) -> str:
+        """Which store, for logs and the command line (`engine`: the opened store's, `ProductStore.engine`);
+        `public`: for HTTP clients, naming no path or host."""
         if self.qdrant_url:
             return "Qdrant server" if public else f"Qdrant server {self.qdrant_url}"
-        engine = "qdrant-edge" if self.store_backend == "edge" else "qdrant-client local mode"
-        return f"embedded Qdrant ({engine})" if public else f"embedded Qdrant at {self.store_path}"
+        name = {"edge": "qdrant-edge", "local": "qdrant-client local mode"}.get(engine, engine)
+        return f"embedded Qdrant ({name})" if public else f"embedded Qdrant ({name}) at {self.store_path}"

@@ -40,7 +40,8 @@ def build_state(settings: Settings) -> AppState:
         jobs = Jobs(settings.jobs_file)  # marks what a crashed process left running as interrupted
         if swept := sweep_uploads(settings.sources_root / UPLOADS):
             log.warning("removed %d uploads that a stopped process left behind", swept)
-        log.info("store: %s; catalogues: %s", settings.describe_store(), ", ".join(store.catalogues()) or "none")
+        catalogues = ", ".join(store.catalogues()) or "none"
+        log.info("store: %s; catalogues: %s", settings.describe_store(store.engine), catalogues)
         log.info("loading encoders %s and %s", settings.image_model, settings.text_model)
         runtime = open_runtime(settings, store=store)
     except BaseException:

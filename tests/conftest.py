@@ -60,12 +60,12 @@ def text_encoder() -> TextEncoder:
 # The search, matching and store suites run on both embedded engines: the same calls, the same answers
 # expected (qdrant-client's congruence tests are the model). Other modules use the default engine.
 BOTH_ENGINES = (
-    "tests.test_search",
-    "tests.test_calibration",
-    "tests.test_batch",
-    "tests.test_lexical",
-    "tests.test_ingest",
-    "tests.test_incremental",
+    "tests.search.test_search",
+    "tests.search.test_lexical",
+    "tests.match.test_calibration",
+    "tests.match.test_batch",
+    "tests.ingest.test_ingest",
+    "tests.ingest.test_incremental",
 )
 
 
@@ -76,8 +76,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture(scope="session")
 def backend(request: pytest.FixtureRequest) -> str:
-    """The embedded engine of the session's sample store (`local` unless a module runs on both)."""
-    return str(getattr(request, "param", "local"))
+    """The embedded engine of the session's sample store (the default engine, edge, unless a module runs on
+    both)."""
+    return str(getattr(request, "param", "edge"))
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from retrieval.settings import Settings
 from retrieval.store.backend import PointId, QdrantBackend, Selection, StoreBackend
 from retrieval.store.edge_backend import EdgeBackend
 from retrieval.store.errors import CatalogueNotFound, EncoderMismatch, ProductNotFound, StoreBusy, StoreError
-from retrieval.store.folders import claim_folder
+from retrieval.store.folders import DEFAULT_ENGINE, claim_folder, folder_engine
 from retrieval.store.layout import (
     ADAPTED_VECTORS,
     HIDDEN_PREFIX,
@@ -34,13 +34,17 @@ from schemas.search import Calibration
 
 def open_backend(settings: Settings) -> StoreBackend:
     """The server at QDRANT_URL, else the embedded store folder (one process at a time) on the engine of
-    STORE_BACKEND; a folder written by the other engine is refused (StoreError)."""
+    STORE_BACKEND: `auto` (the default) opens a folder with the engine that wrote it and a new one with the
+    edge engine; a folder written by the other engine is refused (StoreError)."""
     if settings.qdrant_url:
         return QdrantBackend(QdrantClient(url=settings.qdrant_url, api_key=settings.qdrant_api_key, timeout=30))
     path = settings.store_path
     path.mkdir(parents=True, exist_ok=True)
-    claim_folder(path, settings.store_backend)
-    if settings.store_backend == "edge":
+    engine: str = settings.store_backend
+    if engine == "auto":
+        engine = folder_engine(path) or DEFAULT_ENGINE
+    claim_folder(path, engine)
+    if engine == "edge":
         return EdgeBackend(path)
     try:
         return QdrantBackend(QdrantClient(path=str(path)))

@@ -45,7 +45,7 @@ def readiness(state: AppState | None) -> Readiness:
     settings, engine = state.settings, state.engine
     ready = Readiness(
         status="ready",
-        store=settings.describe_store(public=True),
+        store=settings.describe_store(state.store.engine, public=True),
         image_encoder=engine.image_encoder.name,
         text_encoder=engine.text_encoder.name,
         default_catalogue=settings.default_catalogue,

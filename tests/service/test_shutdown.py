@@ -24,7 +24,7 @@ from ingest.sources import FetchCancelled, SourceError, UrlFetcher
 from retrieval.settings import Settings
 from retrieval.store import ProductStore
 from tests.conftest import ROOT, SAMPLE
-from tests.test_processes import env_for, start_service
+from tests.service.test_processes import env_for, start_service
 
 PHOTOS = {"/p/1.jpg": "Anjou_Iconic.jpg", "/p/2.jpg": "Oatly-Oat-Milk_Iconic.jpg"}
 SHUTDOWN_S = 3

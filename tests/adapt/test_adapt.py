@@ -140,8 +140,7 @@ def _env(tiny: TinySet, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureF
         monkeypatch.delenv(key, raising=False)
     path = tiny.root / f"store-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("QDRANT_PATH", str(path))
-    if backend != "local":
-        monkeypatch.setenv("STORE_BACKEND", backend)
+    monkeypatch.setenv("STORE_BACKEND", backend)
     return Env(path, backend, capsys)
 
 

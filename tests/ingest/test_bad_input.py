@@ -21,7 +21,7 @@ from retrieval.records import point_id
 from retrieval.store import ProductStore
 from schemas.report import IngestReport
 from tests.conftest import SAMPLE
-from tests.test_ingest import run_cli
+from tests.ingest.test_ingest import run_cli
 
 PHOTOS = SAMPLE.parent / "images"
 SHOP = "shop"

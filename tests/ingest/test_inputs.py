@@ -26,7 +26,7 @@ from retrieval.records import point_id
 from retrieval.settings import Settings
 from retrieval.store import ProductStore
 from tests.conftest import SAMPLE
-from tests.test_ingest import run_cli
+from tests.ingest.test_ingest import run_cli
 
 PHOTOS = SAMPLE.parent / "images"
 JPEG = (PHOTOS / "Anjou_Iconic.jpg").read_bytes()

@@ -28,7 +28,7 @@ from retrieval.store import (
 from retrieval.store.edge import EdgeStore, EdgeStoreBusy, EdgeUnsupported
 from schemas.search import SearchFilters, SearchOptions
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 N, IMAGE_DIM, TEXT_DIM, VOCABULARY = 300, 16, 8, 40
 NAMES = [IMAGE_VECTOR, TEXT_VECTOR, LEXICAL_VECTOR]
 
