@@ -28,10 +28,18 @@ def product_text(record: CatalogueRecord) -> str | None:
     return text or None
 
 
+# What a product's stored signals are derived with, beyond its fields and photos: raised when the lexical
+# terms (or another signal computed from the record) change, so that the next ingest rebuilds every product
+# (photo vectors are still reused by hash). 2: cleaned text, sizes, code terms.
+SIGNALS_VERSION = 2
+
+
 def content_hash(record: CatalogueRecord, image_digests: Sequence[str | None]) -> str:
-    """sha256 over the record's fields and its images' bytes digests: equal hash, nothing to redo."""
+    """sha256 over the record's fields, its images' bytes digests and SIGNALS_VERSION: equal hash, nothing
+    to redo."""
     fields = record.model_dump(exclude={"line"})
-    blob = json.dumps({"fields": fields, "images": list(image_digests)}, sort_keys=True, ensure_ascii=False)
+    summary = {"fields": fields, "images": list(image_digests), "signals": SIGNALS_VERSION}
+    blob = json.dumps(summary, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

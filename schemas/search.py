@@ -114,8 +114,8 @@ class SearchOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     fusion: Fusion = Field(
-        default="rrf",
-        description="rrf: reciprocal rank fusion; dbsf: distribution-based score fusion; "
+        default="dbsf",
+        description="dbsf (the default): distribution-based score fusion; rrf: reciprocal rank fusion; "
         "weighted: RRF with image_weight / text_weight",
     )
     image_weight: float = Field(default=1.0, ge=0, le=100, description="weight of the image ranking (weighted)")
@@ -163,6 +163,13 @@ class SearchResult(BaseModel):
     score: float = Field(description="cosine for a one-modality query; the fused score (rrf, dbsf) when fused")
     scores: ModalityScores
     ranks: ModalityRanks = Field(default_factory=ModalityRanks)
+    codes: Literal["same", "conflict"] | None = Field(
+        default=None,
+        description=(
+            "the model numbers typed in the query against the product's: `same`, or `conflict` (a sibling code, "
+            "not the same: the score was lowered); None when the query names none or they are unrelated"
+        ),
+    )
     product: Product
 
 

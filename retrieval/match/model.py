@@ -299,7 +299,7 @@ def find_matches(
     filters = (filters or SearchFilters()).model_copy()
     filters.exclude_retailer = sorted({*filters.exclude_retailer, retailer})
     depth = max(limit, calibration.depth) if calibration else limit
-    chosen = fusion or (calibration.fusion if calibration else "rrf")
+    chosen = fusion or (calibration.fusion if calibration else DEFAULT_FUSION)
     product, response = engine.search_product(
         catalogue,
         retailer,

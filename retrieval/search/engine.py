@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 from PIL import Image
@@ -16,7 +16,7 @@ from qdrant_client import models
 
 from retrieval.adapt.heads import Adapters
 from retrieval.encoders.base import ImageEncoder, TextEncoder, embed_images
-from retrieval.lexical import overlap, query_vector
+from retrieval.lexical import clean, codes_conflict, identifiers, overlap, query_vector
 from retrieval.search.products import ImageUrl, ref_as_url, to_product
 from retrieval.search.requests import (
     MODALITY_OF,
@@ -46,6 +46,12 @@ from schemas.search import (
     SearchResult,
 )
 
+# A typed query's model numbers: the results among the first CODE_WINDOW whose codes are siblings of the
+# query's but not the same have their score multiplied by CONFLICT_FACTOR (abt-buy, text+lexical RRF:
+# factors 0.9 / 0.7 / 0.5 / 0 measured, docs/BENCHMARKS.md).
+CODE_WINDOW = 10
+CONFLICT_FACTOR = 0.7
+
 
 @dataclass(frozen=True)
 class QueryVectors:
@@ -58,6 +64,7 @@ class QueryVectors:
     lexical: models.SparseVector | None = None
     image_using: str = IMAGE_VECTOR
     text_using: str = TEXT_VECTOR
+    codes: frozenset[str] = frozenset()  # the model numbers a typed query names (`lexical.identifiers`)
 
     def rankings(self) -> list[tuple[str, Query]]:
         """(stored vector name, query) per ranking."""
@@ -148,7 +155,12 @@ class SearchEngine:
         if image_vector is None and text and isinstance(self.image_encoder, TextEncoder):
             same_model = self.image_encoder is self.text_encoder
             image_vector = text_vector if same_model else embedder.text_as_photo(text).result()
-        return QueryVectors(image=image_vector, text=text_vector, lexical=query_vector(text) if text else None)
+        return QueryVectors(
+            image=image_vector,
+            text=text_vector,
+            lexical=query_vector(text) if text else None,
+            codes=frozenset(identifiers(clean(text))) if text else frozenset(),
+        )
 
     def search(
         self,
@@ -195,20 +207,31 @@ class SearchEngine:
         if not rankings:
             raise ValueError("give an image, a text, or both")
         query_filter = build_filter(filters or SearchFilters(), exclude_points=exclude_points)
-        points, ranks = self._query(catalogue, rankings, query_filter, options)
+        # A query that names model numbers: the first CODE_WINDOW results are re-ranked with those whose
+        # codes conflict lowered, so the window is asked for whole and the page cut from it afterwards.
+        window = max(CODE_WINDOW, options.offset + options.limit) if vectors.codes else 0
+        asked = options.model_copy(update={"offset": 0, "limit": window}) if window else options
+        points, ranks = self._query(catalogue, rankings, query_filter, asked)
         results = []
         for point in points:
             product = to_product(point.payload or {}, image_url)
+            verdict = self._code_verdict(vectors.codes, product)
             results.append(
                 SearchResult(
                     id=product.id,
                     retailer=product.retailer,
-                    score=float(point.score),
+                    score=float(point.score) * (CONFLICT_FACTOR if verdict == "conflict" else 1.0),
                     scores=_modality_scores(point.vector, vectors),
                     ranks=ModalityRanks(**{MODALITY_OF[name]: ranks[name].get(str(point.id)) for name in ranks}),
+                    codes=verdict,
                     product=product,
                 )
             )
+        if window:
+            results.sort(key=lambda r: -r.score)  # stable: ties keep the engine's order
+            threshold = options.score_threshold
+            kept = [r for r in results if threshold is None or r.score >= threshold]
+            results = kept[options.offset : options.offset + options.limit]
         return SearchResponse(
             catalogue=catalogue,
             modes=[MODALITY_OF[name] for name, _ in rankings],
@@ -260,6 +283,16 @@ class SearchEngine:
         )
         response.took_ms = round((time.perf_counter() - started) * 1000, 2)
         return to_product(record.payload or {}, image_url), response
+
+    @staticmethod
+    def _code_verdict(query: frozenset[str], product: Product) -> Literal["same", "conflict"] | None:
+        """The query's model numbers against the product's (title and MPN)."""
+        if not query:
+            return None
+        offered = set(identifiers(clean(" ".join(filter(None, [product.title, product.mpn])))))
+        if query & offered:
+            return "same"
+        return "conflict" if codes_conflict(query, offered) else None
 
     def adapt(self, catalogue: str, vectors: QueryVectors, active: dict[str, int]) -> QueryVectors:
         """Raw query vectors through the catalogue's active heads, aimed at the adapted twins."""

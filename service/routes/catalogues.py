@@ -94,7 +94,7 @@ async def product_matches(
     retailer: Retailer,
     product_id: ProductId,
     limit: Annotated[int, Query(ge=1, le=100)] = 10,
-    fusion: Annotated[Fusion | None, Query(description="default: the calibration's fusion, else rrf")] = None,
+    fusion: Annotated[Fusion | None, Query(description="default: the calibration's fusion, else dbsf")] = None,
     category: Annotated[str | None, Query(max_length=1_000)] = None,
 ) -> MatchResponse:
     """The best candidates for the same product in the *other* retailers, found by the product's own photo,

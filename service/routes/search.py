@@ -107,7 +107,7 @@ async def search(
     brand: Annotated[list[str] | None, Form(description="only these brands")] = None,
     price_min: Annotated[float | None, Form(ge=0)] = None,
     price_max: Annotated[float | None, Form(ge=0)] = None,
-    fusion: Annotated[Fusion, Form(description="rrf, dbsf, or weighted (with the weights)")] = "rrf",
+    fusion: Annotated[Fusion, Form(description="dbsf, rrf, or weighted (with the weights)")] = "dbsf",
     image_weight: Annotated[float, Form(ge=0, le=100)] = 1.0,
     text_weight: Annotated[float, Form(ge=0, le=100)] = 1.0,
     lexical: Annotated[bool, Form(description="add the lexical ranking (words, codes, GTIN) for a text")] = True,

@@ -8,7 +8,16 @@ import pytest
 from qdrant_client import QdrantClient, models
 
 from ingest.pipeline import Ingestor
-from retrieval.lexical import document_vector, query_terms, term_index, tokens
+from retrieval.lexical import (
+    clean,
+    code_core,
+    codes_conflict,
+    document_vector,
+    identifiers,
+    query_terms,
+    term_index,
+    tokens,
+)
 from retrieval.search import SearchEngine
 from retrieval.settings import Settings
 from retrieval.store import EncoderFingerprint, ProductStore, StoreError
@@ -31,7 +40,13 @@ def test_tokens_keep_codes_whole_joined_and_split() -> None:
         "mp",
     ]
     assert tokens("Äpple Juice for the kids") == ["apple", "juice", "kids"]
-    assert query_terms("oat milk 7310865004703") == ["oat", "milk", "7310865004703", "gtin:07310865004703"]
+    assert list(query_terms("oat milk 7310865004703")) == [
+        "oat",
+        "milk",
+        "7310865004703",
+        "gtin:07310865004703",
+        "#code:7310865004703",
+    ]
 
 
 def test_document_weights_saturate_and_identifiers_weigh_more() -> None:
@@ -44,6 +59,47 @@ def test_document_weights_saturate_and_identifiers_weigh_more() -> None:
     weights = dict(zip(vector.indices, vector.values, strict=True))
     assert weights[term_index("milk")] < 3  # three occurrences, saturated below 3x one occurrence
     assert weights[term_index("gtin:07310865004703")] > weights[term_index("ab-12")] > weights[term_index("milk")] / 3
+
+
+def test_cleaning_drops_shop_debris_and_writes_each_size_one_way() -> None:
+    assert clean('"iMac 27"" | macofalltrades"@en') == "imac 27in | macofalltrades"
+    assert clean("Sony Bravia 40&quot; &lt;b&gt;LCD&lt;/b&gt; TV (R)") == "sony bravia 40in lcd tv"
+    assert clean("27-inch") == clean('27"') == clean("27 in.") == "27in"
+    assert clean("1000 ml") == clean("1 L") == clean("1 litre") == "1l"
+    assert clean("1,150 Watts, 2 TB") == "1150w , 2000gb"  # a size is a word of its own
+    assert clean("D-Link DCS-5030L") == "d-link dcs-5030l"  # a code's digits and letter are not a size
+
+
+def test_identifiers_are_joined_and_sizes_are_not_codes() -> None:
+    assert identifiers(clean("Panasonic KX-TG6313S DECT 6.0, 500GB, 720p, v2.1")) == ["kxtg6313s"]
+    assert identifiers(clean("Garmin 010-00715-20 and dvd-1080p8/b")) == ["0100071520", "dvd1080p8b"]
+    assert code_core("kxtg6313s") == "kxtg6313" and code_core("ysp3050bk") == "ysp3050"
+    assert code_core("kdl40") is None  # the code is its own core
+
+
+def test_sibling_codes_conflict_and_other_families_do_not() -> None:
+    alpina = set(identifiers(clean("Alpina Pilot Quartz Chronograph Watch AL-372N4FBS6")))
+    assert codes_conflict(alpina, identifiers(clean("Alpina Pilot Chronograph AL-372B4FBS6")))
+    assert not codes_conflict(alpina, identifiers(clean("Alpina AL-372N4FBS6 watch")))
+    assert not codes_conflict({"kxtg6313s"}, {"kxtg6313b"})  # the same core: a colour or region suffix
+    assert not codes_conflict({"kxtg6313s"}, {"dmcfx37"})  # another product line altogether
+    assert not codes_conflict({"kxtg6313s"}, set())
+
+
+def test_code_terms_outweigh_words_without_lengthening_the_document() -> None:
+    def weights(title: str) -> dict[int, float]:
+        vector = document_vector(CatalogueRecord.from_row({"id": "1", "retailer": "r", "title": title}, line=2))
+        assert vector is not None
+        return dict(zip(vector.indices, vector.values, strict=True))
+
+    plain, coded = weights("panasonic cordless phone"), weights("panasonic cordless phone KX-TG6313S")
+    code, core = coded[term_index("#code:kxtg6313s")], coded[term_index("#core:kxtg6313")]
+    assert code > core > coded[term_index("panasonic")]
+    # BM25 over the 7 word tokens (panasonic, cordless, phone, kx-tg6313s, kxtg6313s, kx, tg6313s): the two
+    # code terms do not lengthen the document
+    assert coded[term_index("panasonic")] == pytest.approx(2.2 / (1 + 1.2 * (0.25 + 0.75 * 7 / 12)))
+    assert plain[term_index("panasonic")] > coded[term_index("panasonic")]
+    assert query_terms("KX-TG6313S phone")["#code:kxtg6313s"] == 3.0
 
 
 def test_bad_gtin_is_rejected() -> None:

@@ -72,7 +72,7 @@ def test_photo_and_text_are_fused_with_per_modality_scores(engine: SearchEngine)
         fused = engine.search(
             "grocery", image=image.convert("RGB"), text="Arla standard milk", options=SearchOptions(limit=5)
         )
-    assert fused.modes == ["image", "text", "lexical"] and fused.fusion == "rrf"
+    assert fused.modes == ["image", "text", "lexical"] and fused.fusion == "dbsf"
     top = fused.results[0]
     assert top.product.title == "Arla Standard Milk"
     assert top.scores.image is not None and top.scores.text is not None

@@ -60,7 +60,7 @@ def test_text_and_category_filter_over_http(client: TestClient) -> None:
         files={"image": (PHOTO.name, PHOTO.read_bytes(), "image/jpeg")},
         data={"text": "standard milk", "catalogue": "grocery", "exclude_retailer": "nobody"},
     ).json()
-    assert fused["fusion"] == "rrf" and fused["results"][0]["product"]["title"] == "Arla Standard Milk"
+    assert fused["fusion"] == "dbsf" and fused["results"][0]["product"]["title"] == "Arla Standard Milk"
 
 
 def test_browser_style_empty_fields_are_ignored(client: TestClient) -> None:
