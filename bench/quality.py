@@ -27,7 +27,7 @@ from schemas.search import SearchFilters, SearchOptions, SearchResponse
 
 TOP_K = 10
 # image, dense text, lexical terms alone; then fusions: dense text + lexical, and everything the query has
-MODES = ("image", "text", "lexical", "text+lexical", "fused")
+MODES = ("image", "photo", "text", "lexical", "text+lexical", "fused")
 FUSED_MODES = ("text+lexical", "fused")
 
 
@@ -85,7 +85,7 @@ def outcome(response: SearchResponse, query: EvalQuery, mode: str) -> Outcome:
 def modes_of(query: EvalQuery) -> list[str]:
     modes = []
     if query.image:
-        modes.append("image")
+        modes += ["image", "photo"]
     if query.text:
         modes += ["text", "lexical", "text+lexical"]
     if query.image and query.text:
@@ -94,8 +94,10 @@ def modes_of(query: EvalQuery) -> list[str]:
 
 
 def vectors_for(mode: str, encoded: QueryVectors) -> QueryVectors:
-    if mode == "image":
+    if mode == "image":  # the photo's embedding alone
         return QueryVectors(image=encoded.image)
+    if mode == "photo":  # what a photo query searches with: its embedding and, where read, its printed text
+        return QueryVectors(image=encoded.image, ocr=encoded.ocr, read=encoded.read)
     if mode == "text":
         return QueryVectors(text=encoded.text)
     if mode == "lexical":
@@ -118,6 +120,7 @@ def run_set(
     """Every query of the set in every mode it supports (fused once per fusion), with and without its
     category filter (`only`: just these modes; `filtered_rows=False`: no category-filtered rows)."""
     plain = SearchOptions(limit=TOP_K, ranks=False)
+    reads_text = bool(engine.store.info(catalogue).reads_text)
     fused = [parse_fusion(spec) for spec in fusions]
     tallies: dict[RowKey, Tally] = defaultdict(Tally)
     for query in evalset.queries[:max_queries]:
@@ -126,7 +129,7 @@ def run_set(
         if path := evalset.image_path(query):
             with Image.open(path) as opened:
                 image = opened.convert("RGB")
-        encoded = engine.encode_query(image, query.text)
+        encoded = engine.encode_query(image, query.text, read_text=reads_text)
         encode_s = time.perf_counter() - started
         exclude = [query.exclude_retailer] if query.exclude_retailer else []
         modes = [mode for mode in modes_of(query) if only is None or mode in only]

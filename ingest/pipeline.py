@@ -33,15 +33,31 @@ from retrieval.adapt.heads import Adapters, Head, adapted_vectors
 from retrieval.encoders.base import ImageEncoder, TextEncoder
 from retrieval.images import ImageDecodeError, decode_image
 from retrieval.lexical import document_vector
+from retrieval.ocr import ENGINE as OCR_ENGINE
+from retrieval.ocr import MIN_READ_CHARACTERS, TextReader, readable_characters
+from retrieval.ocr import document_vector as read_text_vector
 from retrieval.records import build_payload, content_hash, point_id, product_text
 from retrieval.settings import Settings
-from retrieval.store import IMAGE_VECTOR, LEXICAL_VECTOR, TEXT_VECTOR, EncoderFingerprint, ProductStore, StoreError
+from retrieval.store import (
+    IMAGE_VECTOR,
+    LEXICAL_VECTOR,
+    OCR_VECTOR,
+    READS_TEXT_FROM,
+    TEXT_VECTOR,
+    EncoderFingerprint,
+    ProductStore,
+    StoreError,
+)
 from schemas.catalogue import CatalogueRecord
 from schemas.report import IngestReport, Rejection
 
 T = TypeVar("T")
 log = logging.getLogger("ingest")
 CACHED_PHOTOS = 20_000  # photo vectors kept by hash during a run (~100 MB at 1280-d)
+# OCR=auto: photos spread over the first chunk of a catalogue's first ingest decide whether its photos carry
+# text; it does when at least a quarter of them read MIN_READ_CHARACTERS or more.
+TEXT_SAMPLE = 8
+TEXT_SHARE = 0.25
 
 
 class IngestCancelled(RuntimeError):
@@ -63,6 +79,7 @@ class Photo:
     blob: bytes | None = None
     tensor: torch.Tensor | None = None
     vector: np.ndarray | None = None
+    read: str | None = None  # the text read off it (OCR), None while not read
     signature: str = ""  # 'size:mtime_ns' of a local file ('' for a URL)
     unread: bool = False  # the hash came from the store (same file signature): read the bytes only if needed
 
@@ -100,13 +117,25 @@ class Prepared:
 
 
 class PhotoCache:
-    """Photo vectors by the hash of the image bytes, for one run: a photo shared by several listings is
-    embedded once. Least recently used entries go first."""
+    """Photo vectors (and the text read off each photo) by the hash of the image bytes, for one run: a photo
+    shared by several listings is embedded and read once. Least recently used entries go first."""
 
     def __init__(self, size: int = CACHED_PHOTOS) -> None:
         self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._reads: OrderedDict[str, str] = OrderedDict()
         self._size = size
         self._lock = threading.Lock()
+
+    def read(self, digest: str) -> str | None:
+        with self._lock:
+            return self._reads.get(digest)
+
+    def put_read(self, digest: str, text: str) -> None:
+        with self._lock:
+            self._reads[digest] = text
+            self._reads.move_to_end(digest)
+            while len(self._reads) > self._size * 10:  # a few words a photo: ten times as many fit
+                self._reads.popitem(last=False)
 
     def get(self, digest: str) -> np.ndarray | None:
         with self._lock:
@@ -133,6 +162,8 @@ class Ingestor:
         self.store = store
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
+        self.reader = TextReader()
+        self._reads_text: bool | None = False  # this run's catalogue: read its photos' text; None: undecided
         self.fingerprint = EncoderFingerprint.of(image_encoder, text_encoder)
 
     def run(
@@ -211,6 +242,7 @@ class Ingestor:
         first = next(records, None)  # surfaces a file-level CatalogueError before touching the store
         created = self.store.ensure_catalogue(catalogue, self.fingerprint)
         report.created_catalogue = created
+        self._reads_text = self._text_reading(catalogue)
         existed = not created and self.store.count(catalogue) > 0
         heads = Adapters(self.store).active_heads(catalogue)  # new points get the adapted twins too
         show = sys.stderr.isatty() if progress is None else progress
@@ -263,6 +295,52 @@ class Ingestor:
             report.pruned = self._prune(catalogue, seen, rejected_ids)
         report.seconds = round(time.perf_counter() - started, 3)
 
+    def _text_reading(self, catalogue: str) -> bool | None:
+        """Whether this run reads its photos' text: OCR=on / off, recorded with the catalogue; auto: what the
+        catalogue recorded, None when it has not decided yet (the first photos will). A catalogue of an
+        older layout has nowhere to keep read text: never."""
+        info = self.store.info(catalogue)
+        wanted = self.settings.ocr
+        if info.layout < READS_TEXT_FROM:
+            if wanted == "on":
+                log.warning(
+                    "catalogue %s (layout %d) cannot keep read text: ingest into a new one", catalogue, info.layout
+                )
+            return False
+        if wanted == "auto":
+            return info.reads_text
+        decided = wanted == "on"
+        if decided != info.reads_text:
+            self._record_text_reading(catalogue, decided)
+        return decided
+
+    def _record_text_reading(self, catalogue: str, on: bool) -> None:
+        self.store.update_metadata(catalogue, {"ocr": {"on": on, "engine": OCR_ENGINE}})
+        log.info("catalogue %s: text on photos is %s", catalogue, "read" if on else "not read")
+
+    def _decide_text_reading(
+        self, catalogue: str, chunk: list[CatalogueRecord | Rejection], access: PhotoAccess, http: UrlFetcher
+    ) -> None:
+        """OCR=auto on a catalogue that has not decided: read a few of the first photos and keep the answer."""
+        sample: list[str] = []
+        records = [r for r in chunk if isinstance(r, CatalogueRecord) and r.images]
+        step = max(1, len(records) // TEXT_SAMPLE)  # spread over the chunk: feeds are often sorted by category
+        for record in records[::step]:
+            for ref in record.images[:1]:
+                try:
+                    blob = access.read(access.resolve(ref), client=http)
+                    image = decode_image(blob, max_pixels=self.settings.max_image_pixels)
+                except (SourceError, ImageDecodeError):
+                    continue
+                sample.append(self.reader.read(image))
+            if len(sample) >= TEXT_SAMPLE:
+                break
+        if not sample:
+            return  # no photo to judge by yet: the next run decides
+        legible = sum(readable_characters(text) >= MIN_READ_CHARACTERS for text in sample)
+        self._reads_text = legible >= TEXT_SHARE * len(sample)
+        self._record_text_reading(catalogue, self._reads_text)
+
     @staticmethod
     def _after_chunk(
         report: IngestReport, cancel: threading.Event | None, on_chunk: Callable[[IngestReport], None] | None
@@ -286,6 +364,8 @@ class Ingestor:
         """Read and hash the images, leave out unchanged products, reuse known photo vectors (this run's,
         or stored ones with the same bytes), and decode + preprocess the rest."""
         readers, decoders = pools
+        if self._reads_text is None:
+            self._decide_text_reading(catalogue, chunk, access, http)
         products = [Listing(r, point_id(r.retailer, r.id)) for r in chunk if isinstance(r, CatalogueRecord)]
         stored = self.store.stored_hashes(catalogue, [p.point_id for p in products])
         known_files = {key: digest for state in stored.values() for key, digest in state.files.items()}
@@ -300,15 +380,19 @@ class Ingestor:
             work.append(product)
         photos = [photo for product in work for photo in product.photos if photo.blob is not None or photo.unread]
         for photo in photos:
-            photo.vector = cache.get(photo.digest)
-        missing = {photo.digest for photo in photos if photo.vector is None}
+            photo.vector, photo.read = cache.get(photo.digest), cache.read(photo.digest)
+        reading = bool(self._reads_text)
+        missing = {photo.digest for photo in photos if photo.vector is None or (reading and photo.read is None)}
         if missing and reuse_stored:
             changed = [p.point_id for p in work if p.stored]
-            known = self.store.image_vectors_by_hash(catalogue, sorted(missing), first_from=changed)
+            known = self.store.photos_by_hash(catalogue, sorted(missing), first_from=changed)
             for photo in photos:
-                if photo.vector is None and photo.digest in known:
-                    photo.vector = np.asarray(known[photo.digest], dtype=np.float32)
-        list(decoders.map(lambda p: self._decode(p, access, http), work))
+                if (found := known.get(photo.digest)) is not None:
+                    if photo.vector is None:
+                        photo.vector = np.asarray(found.vector, dtype=np.float32)
+                    if photo.read is None and found.read is not None:
+                        photo.read = found.read
+        list(decoders.map(lambda p: self._decode(p, access, http, cache), work))
         return Prepared(
             read=len(chunk),
             rejected=sorted([r for r in chunk if isinstance(r, Rejection)] + refused, key=lambda r: r.line or 0),
@@ -401,12 +485,15 @@ class Ingestor:
             digest = hashlib.sha256(blob).hexdigest()
             product.photos.append(Photo(where, digest, blob, signature=signature))
             digests.append(digest)
-        product.digest = content_hash(product.record, digests)
+        product.digest = content_hash(product.record, digests, reads_text=bool(self._reads_text))
 
-    def _decode(self, product: Listing, access: PhotoAccess, http: UrlFetcher) -> None:
+    def _decode(self, product: Listing, access: PhotoAccess, http: UrlFetcher, cache: PhotoCache) -> None:
+        reading = bool(self._reads_text)
         for photo in product.photos:
             blob, photo.blob = photo.blob, None  # the bytes are not needed after this
-            if photo.vector is not None:
+            if photo.read is None and reading:
+                photo.read = cache.read(photo.digest)  # read meanwhile for another listing of the run
+            if photo.vector is not None and (photo.read is not None or not reading):
                 continue
             try:
                 if blob is None and photo.unread:  # its vector was neither in this run's cache nor stored
@@ -418,7 +505,11 @@ class Ingestor:
             except (SourceError, ImageDecodeError) as exc:
                 product.image_error(photo.ref, str(exc))
                 continue
-            photo.tensor = self.image_encoder.preprocess(image)
+            if reading and photo.read is None:
+                photo.read = self.reader.read(image)
+                cache.put_read(photo.digest, photo.read)
+            if photo.vector is None:
+                photo.tensor = self.image_encoder.preprocess(image)
 
     def _embed(
         self, products: list[Listing], cache: PhotoCache, heads: dict[str, Head], report: IngestReport
@@ -443,6 +534,7 @@ class Ingestor:
                 cache.put(photo.digest, row)
                 for twin in twins[photo.digest]:
                     twin.vector = row
+                    twin.read = twin.read if twin.read is not None else photo.read
         report.images_embedded += len(to_embed)
         texts = [product_text(p.record) for p in products]
         text_vectors = self.text_encoder.embed_texts([t for t in texts if t])
@@ -458,11 +550,15 @@ class Ingestor:
             vector.update(adapted_vectors(vector, heads))
             if lexical := document_vector(product.record):
                 vector[LEXICAL_VECTOR] = lexical
+            reads = [p.read or "" for p in photos] if self._reads_text else []
+            if self._reads_text and (printed := read_text_vector(reads, product.record.title, product.record.brand)):
+                vector[OCR_VECTOR] = printed
             payload = build_payload(
                 product.record,
                 images=[p.ref for p in photos],
                 image_hashes=[p.digest for p in photos],
                 image_files=[p.signature for p in photos],
+                image_text=reads,
                 digest=product.digest,
             )
             points.append(models.PointStruct(id=product.point_id, vector=vector, payload=payload.model_dump()))

@@ -112,3 +112,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         image = image.point(lambda v: v / 256).convert("L")  # 16-bit to 8-bit, not clipped at 255
     return image.convert("RGB")
+
+
+def centre_crop(image: Image.Image, share: float) -> Image.Image:
+    """The middle `share` of a photo's width and height (where a product a shopper photographs usually is)."""
+    width, height = image.size
+    left, top = round(width * (1 - share) / 2), round(height * (1 - share) / 2)
+    return image.crop((left, top, max(left + 1, width - left), max(top + 1, height - top)))

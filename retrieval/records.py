@@ -34,11 +34,13 @@ def product_text(record: CatalogueRecord) -> str | None:
 SIGNALS_VERSION = 2
 
 
-def content_hash(record: CatalogueRecord, image_digests: Sequence[str | None]) -> str:
-    """sha256 over the record's fields, its images' bytes digests and SIGNALS_VERSION: equal hash, nothing
-    to redo."""
+def content_hash(record: CatalogueRecord, image_digests: Sequence[str | None], *, reads_text: bool = False) -> str:
+    """sha256 over the record's fields, its images' bytes digests and SIGNALS_VERSION (and whether its photos'
+    text is read: switching OCR on rebuilds the catalogue): equal hash, nothing to redo."""
     fields = record.model_dump(exclude={"line"})
-    summary = {"fields": fields, "images": list(image_digests), "signals": SIGNALS_VERSION}
+    summary: dict[str, object] = {"fields": fields, "images": list(image_digests), "signals": SIGNALS_VERSION}
+    if reads_text:
+        summary["ocr"] = True
     blob = json.dumps(summary, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -50,6 +52,7 @@ def build_payload(
     image_hashes: list[str],
     digest: str,
     image_files: list[str] | None = None,
+    image_text: list[str] | None = None,
 ) -> ProductPayload:
     return ProductPayload(
         product_id=record.id,
@@ -68,6 +71,7 @@ def build_payload(
         images=images,
         image_hashes=image_hashes,
         image_files=image_files or [],
+        image_text=image_text or [],
         attributes=record.attributes,
         content_hash=digest,
         ingested_at=datetime.now(UTC).isoformat(timespec="seconds"),

@@ -42,6 +42,13 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(default=40_000_000, ge=1, description="larger images are refused (bombs)")
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     max_job_products: int = Field(default=1_000, ge=1, le=100_000, description="products one HTTP match job takes")
+    ocr: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description=(
+            "read the text on product photos at ingest (and on query photos of such a catalogue): on, off, or "
+            "auto (a sample of the catalogue's first photos decides, and the catalogue keeps the decision)"
+        ),
+    )
     micro_batching: bool = Field(default=True, description="gather concurrent requests' photos / texts into one batch")
     batch_window_ms: float = Field(
         default=0.0, ge=0, le=1_000, description="extra wait for a query batch to fill (0: take what is queued)"

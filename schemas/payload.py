@@ -32,6 +32,9 @@ class ProductPayload(BaseModel):
         description="'size:mtime_ns' of each embedded photo read from a local file ('' for a URL): a re-ingest "
         "takes the stored hash of a file whose size and modification time are unchanged without reading it",
     )
+    image_text: list[str] = Field(
+        default_factory=list, description="the text read off each embedded photo (OCR; empty when not read)"
+    )
     attributes: dict[str, str] = Field(default_factory=dict)
     content_hash: str = Field(description="sha256 of the record's fields and image bytes (incremental ingest)")
     ingested_at: str = Field(description="ISO 8601 UTC time of the last write")
@@ -54,5 +57,8 @@ class Product(BaseModel):
     currency: str | None = None
     url: str | None = None
     image_urls: list[str] = Field(default_factory=list, description="where the API serves each photo")
+    image_text: list[str] = Field(
+        default_factory=list, description="the text read off each photo, where the catalogue reads text (OCR)"
+    )
     attributes: dict[str, str] = Field(default_factory=dict)
     ingested_at: str | None = None

@@ -146,6 +146,9 @@ class ModalityScores(BaseModel):
     image: float | None = Field(default=None, description="best cosine over the product's photos")
     text: float | None = None
     lexical: float | None = Field(default=None, description="share of the query's words and codes the product has")
+    ocr: float | None = Field(
+        default=None, description="share of the letter trigrams read off the query photo that the product's text has"
+    )
 
 
 class ModalityRanks(BaseModel):
@@ -155,6 +158,7 @@ class ModalityRanks(BaseModel):
     image: int | None = None
     text: int | None = None
     lexical: int | None = None
+    ocr: int | None = None
 
 
 class SearchResult(BaseModel):
@@ -170,11 +174,17 @@ class SearchResult(BaseModel):
             "not the same: the score was lowered); None when the query names none or they are unrelated"
         ),
     )
+    read_words: list[str] = Field(
+        default_factory=list, description="words read off the query photo that the product's title or package has"
+    )
     product: Product
 
 
 class SearchResponse(BaseModel):
     catalogue: str
+    read: str | None = Field(
+        default=None, description="the text read off the query photo (catalogues that read package text)"
+    )
     modes: list[str] = Field(description="which rankings were used: image, text, lexical")
     fusion: Fusion | None = Field(default=None, description="the fusion used when image and text were both given")
     adapted: dict[str, int] = Field(

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from retrieval.encoders.base import ImageEncoder, TextEncoder
+from retrieval.ocr import TextReader
 from service.metrics import encoder_batch_observer
 from service.state import AppState
 
@@ -153,10 +154,15 @@ class BatchedEncoders:
         max_queue: int,
         timeout_s: float,
         observe: Callable[[str], BatchObserver] | None = None,
+        reader: TextReader | None = None,
     ) -> None:
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self._loop = asyncio.get_running_loop()  # made on the app's loop, where the batchers run
+        self._reader = reader or TextReader()
+        # OCR is not batched (one photo at a time is how the engine runs): one thread of its own, beside the
+        # encoders' threads, so a photo's text is read while its vector is computed.
+        self._reading = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-text")
 
         def batcher(name: str, embed: Callable[[Sequence[Item]], np.ndarray]) -> MicroBatcher[Item]:
             return MicroBatcher(
@@ -199,10 +205,14 @@ class BatchedEncoders:
             raise TypeError(f"{self.image_encoder.name} does not embed texts apart from the text encoder")
         return self._submit(self.cross_modal, text)
 
+    def read(self, image: Image.Image) -> Future[str]:
+        return self._reading.submit(self._reader.read, image)
+
     async def close(self) -> None:
         for batcher in (self.images, self.texts, self.cross_modal):
             if batcher is not None:
                 await batcher.close()
+        self._reading.shutdown(wait=False, cancel_futures=True)
 
 
 def torch_threads_for(setting: int, cores: int | None) -> int:
@@ -222,4 +232,5 @@ def batched_encoders(state: AppState) -> BatchedEncoders:
         max_queue=settings.encoder_queue,
         timeout_s=settings.request_timeout_s,
         observe=encoder_batch_observer,
+        reader=state.engine.reader,
     )

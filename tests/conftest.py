@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 import time
 import uuid
@@ -21,6 +22,10 @@ from retrieval.store import ProductStore
 from schemas.report import IngestReport
 from service.app import create_app
 from service.state import AppState
+
+# Reading package text (OCR) costs a fraction of a second a photo: the suite runs without it, and the tests
+# of reading (tests/search/test_ocr.py) turn it on in their own settings. Child processes inherit it.
+os.environ.setdefault("OCR", "off")
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "sample" / "grocery" / "catalogue.csv"

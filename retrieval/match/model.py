@@ -24,8 +24,8 @@ from retrieval.store import ProductStore
 from schemas.payload import Product
 from schemas.search import Calibration, Decision, Fusion, LabelledPair, MatchResult, SearchFilters, SearchOptions
 
-MODEL_VERSION = 2
-MODALITIES = ("image", "text", "lexical")  # fusion-independent: a score means the same in any query
+MODEL_VERSION = 3  # 3: + the text read off the photos (`ocr`), for catalogues that read it
+MODALITIES = ("image", "text", "lexical", "ocr")  # fusion-independent: a score means the same in any query
 FEATURES = (
     *MODALITIES,
     *(f"has_{m}" for m in MODALITIES),

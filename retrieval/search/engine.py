@@ -16,7 +16,10 @@ from qdrant_client import models
 
 from retrieval.adapt.heads import Adapters
 from retrieval.encoders.base import ImageEncoder, TextEncoder, embed_images
+from retrieval.images import centre_crop
 from retrieval.lexical import clean, codes_conflict, identifiers, overlap, query_vector
+from retrieval.ocr import TextReader, matched_words
+from retrieval.ocr import query_vector as query_read_vector
 from retrieval.search.products import ImageUrl, ref_as_url, to_product
 from retrieval.search.requests import (
     MODALITY_OF,
@@ -31,6 +34,7 @@ from retrieval.store import (
     ADAPTED_VECTORS,
     IMAGE_VECTOR,
     LEXICAL_VECTOR,
+    OCR_VECTOR,
     TEXT_VECTOR,
     CollectionMeta,
     EncoderFingerprint,
@@ -45,6 +49,11 @@ from schemas.search import (
     SearchResponse,
     SearchResult,
 )
+
+# A query photo is embedded whole and as these centre crops, and searches with the mean direction of the
+# views: a product that fills a third of a shelf photo weighs more in a crop (grocery-val, photo only:
+# measured in docs/BENCHMARKS.md, "Query crops"). () embeds the photo alone.
+QUERY_CROPS: tuple[float, ...] = (0.8, 0.6)
 
 # A typed query's model numbers: the results among the first CODE_WINDOW whose codes are siblings of the
 # query's but not the same have their score multiplied by CONFLICT_FACTOR (abt-buy, text+lexical RRF:
@@ -65,6 +74,8 @@ class QueryVectors:
     image_using: str = IMAGE_VECTOR
     text_using: str = TEXT_VECTOR
     codes: frozenset[str] = frozenset()  # the model numbers a typed query names (`lexical.identifiers`)
+    ocr: models.SparseVector | None = None  # trigrams of the text read off the query photo
+    read: str | None = None  # that text
 
     def rankings(self) -> list[tuple[str, Query]]:
         """(stored vector name, query) per ranking."""
@@ -75,6 +86,8 @@ class QueryVectors:
             out.append((self.text_using, self.text.tolist()))
         if self.lexical is not None and self.lexical.indices:
             out.append((LEXICAL_VECTOR, self.lexical))
+        if self.ocr is not None and self.ocr.indices:
+            out.append((OCR_VECTOR, self.ocr))
         return out
 
     def adapted(self) -> dict[str, bool]:
@@ -99,6 +112,10 @@ class QueryEmbedder(Protocol):
         """The text in the image encoder's space (only asked of an image encoder that embeds texts: CLIP)."""
         ...
 
+    def read(self, image: Image.Image) -> Future[str]:
+        """The text printed on the photo (OCR)."""
+        ...
+
 
 def _done(row: np.ndarray) -> Future[np.ndarray]:
     future: Future[np.ndarray] = Future()
@@ -112,9 +129,15 @@ class DirectEmbedder:
 
     image_encoder: ImageEncoder
     text_encoder: TextEncoder
+    reader: TextReader
 
     def photo(self, image: Image.Image) -> Future[np.ndarray]:
         return _done(embed_images(self.image_encoder, [image])[0])
+
+    def read(self, image: Image.Image) -> Future[str]:
+        future: Future[str] = Future()
+        future.set_result(self.reader.read(image))
+        return future
 
     def text(self, text: str) -> Future[np.ndarray]:
         return _done(self.text_encoder.embed_texts([text])[0])
@@ -132,6 +155,8 @@ class SearchEngine:
     store: ProductStore
     image_encoder: ImageEncoder
     text_encoder: TextEncoder
+    query_crops: tuple[float, ...] = QUERY_CROPS
+    reader: TextReader = field(default_factory=TextReader, repr=False)
     adapters: Adapters = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -142,15 +167,23 @@ class SearchEngine:
         return EncoderFingerprint.of(self.image_encoder, self.text_encoder)
 
     def encode_query(
-        self, image: Image.Image | None, text: str | None, *, embedder: QueryEmbedder | None = None
+        self,
+        image: Image.Image | None,
+        text: str | None,
+        *,
+        embedder: QueryEmbedder | None = None,
+        read_text: bool = False,
     ) -> QueryVectors:
         """Query vectors: the photo through the image encoder, the text through the text encoder and into
         lexical terms. With an image encoder that also embeds texts (CLIP) and no photo, the text searches
-        the photos too (cross-modal). `embedder`: where the rows are computed (default: here, now)."""
-        embedder = embedder or DirectEmbedder(self.image_encoder, self.text_encoder)
-        photo_row = embedder.photo(image) if image is not None else None  # both started before either is awaited
+        the photos too (cross-modal). `read_text` (a catalogue that reads package text): the photo's printed
+        text too, when it shows enough of it. `embedder`: where the rows are computed (default: here, now)."""
+        embedder = embedder or DirectEmbedder(self.image_encoder, self.text_encoder, self.reader)
+        reading = embedder.read(image) if image is not None and read_text else None
+        views = [image, *(centre_crop(image, share) for share in self.query_crops)] if image is not None else []
+        photo_rows = [embedder.photo(view) for view in views]  # all started before any is awaited
         text_row = embedder.text(text) if text else None
-        image_vector = photo_row.result() if photo_row is not None else None
+        image_vector = _mean_direction([row.result() for row in photo_rows]) if photo_rows else None
         text_vector = text_row.result() if text_row is not None else None
         if image_vector is None and text and isinstance(self.image_encoder, TextEncoder):
             same_model = self.image_encoder is self.text_encoder
@@ -160,6 +193,8 @@ class SearchEngine:
             text=text_vector,
             lexical=query_vector(text) if text else None,
             codes=frozenset(identifiers(clean(text))) if text else frozenset(),
+            ocr=query_read_vector(read) if (read := reading.result() if reading else None) else None,
+            read=read,
         )
 
     def search(
@@ -177,7 +212,7 @@ class SearchEngine:
         checked before any model runs (an unknown catalogue or other encoders cost nothing)."""
         started = time.perf_counter()
         info = self.store.check_encoders(catalogue, self.fingerprint)
-        vectors = self.encode_query(image, text, embedder=embedder)
+        vectors = self.encode_query(image, text, embedder=embedder, read_text=bool(info.reads_text))
         response = self.search_vectors(
             catalogue, vectors, filters=filters, options=options, image_url=image_url, info=info
         )
@@ -199,10 +234,13 @@ class SearchEngine:
         query vectors go through the catalogue's active heads here (`info`: the catalogue, read already)."""
         started = time.perf_counter()
         options = options or SearchOptions()
-        active = (info or self.store.info(catalogue)).adapters
+        info = info or self.store.info(catalogue)
+        active = info.adapters
         vectors = self.adapt(catalogue, vectors, active)
         if not options.lexical:
             vectors = replace(vectors, lexical=None)
+        if not info.reads_text:
+            vectors = replace(vectors, ocr=None)  # the catalogue keeps no read text to compare with
         rankings = vectors.rankings()
         if not rankings:
             raise ValueError("give an image, a text, or both")
@@ -224,6 +262,7 @@ class SearchEngine:
                     scores=_modality_scores(point.vector, vectors),
                     ranks=ModalityRanks(**{MODALITY_OF[name]: ranks[name].get(str(point.id)) for name in ranks}),
                     codes=verdict,
+                    read_words=_read_words(vectors, product),
                     product=product,
                 )
             )
@@ -234,6 +273,7 @@ class SearchEngine:
             results = kept[options.offset : options.offset + options.limit]
         return SearchResponse(
             catalogue=catalogue,
+            read=vectors.read or None,
             modes=[MODALITY_OF[name] for name, _ in rankings],
             fusion=options.fusion if len(rankings) > 1 else None,
             adapted={m: active[m] for m, used in vectors.adapted().items() if used and m in active},
@@ -264,11 +304,12 @@ class SearchEngine:
             value = stored.get(name)
             rows = np.asarray(value, dtype=np.float32) if isinstance(value, list) and value else None
             parts[modality] = (rows[0] if rows is not None and rows.ndim == 2 else rows, name)
-        lexical = stored.get(LEXICAL_VECTOR)
+        lexical, printed = stored.get(LEXICAL_VECTOR), stored.get(OCR_VECTOR)
         vectors = QueryVectors(
             image=parts[IMAGE_VECTOR][0],
             text=parts[TEXT_VECTOR][0],
             lexical=lexical if isinstance(lexical, models.SparseVector) else None,
+            ocr=printed if isinstance(printed, models.SparseVector) else None,
             image_using=parts[IMAGE_VECTOR][1],
             text_using=parts[TEXT_VECTOR][1],
         )
@@ -355,6 +396,22 @@ class SearchEngine:
         return first, ranks
 
 
+def _read_words(query: QueryVectors, product: Product) -> list[str]:
+    """The words the query photo read that the product's title, brand or package text has."""
+    if query.ocr is None or not query.read:
+        return []
+    return matched_words(query.read, [product.title or "", product.brand or "", *product.image_text])
+
+
+def _mean_direction(rows: Sequence[np.ndarray]) -> np.ndarray:
+    """The unit vector along the mean of unit rows (one row: itself)."""
+    if len(rows) == 1:
+        return rows[0]
+    mean = np.mean(np.stack(rows), axis=0)
+    unit: np.ndarray = (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
+    return unit
+
+
 def _modality_scores(stored_vectors: object, query: QueryVectors) -> ModalityScores:
     """Per-modality scores from the returned vectors: cosine for dense ones (unit vectors: cosine = dot),
     the share of query terms present for the lexical one."""
@@ -367,4 +424,7 @@ def _modality_scores(stored_vectors: object, query: QueryVectors) -> ModalitySco
     document = stored.get(LEXICAL_VECTOR)
     if query.lexical is not None:
         scores.lexical = overlap(query.lexical, document.indices if isinstance(document, models.SparseVector) else [])
+    printed = stored.get(OCR_VECTOR)
+    if query.ocr is not None:
+        scores.ocr = overlap(query.ocr, printed.indices if isinstance(printed, models.SparseVector) else [])
     return scores

@@ -8,7 +8,7 @@ from typing import Literal
 
 from qdrant_client import models
 
-from retrieval.store import ADAPTED_VECTORS, IMAGE_VECTOR, LEXICAL_VECTOR, TEXT_VECTOR
+from retrieval.store import ADAPTED_VECTORS, IMAGE_VECTOR, LEXICAL_VECTOR, OCR_VECTOR, TEXT_VECTOR
 from retrieval.store.layout import RRF_K, plain_vector
 from schemas.catalogue import category_path, parse_category
 from schemas.search import PayloadCondition, SearchFilters, SearchOptions
@@ -26,6 +26,7 @@ MODALITY_OF = {
     IMAGE_VECTOR: IMAGE_VECTOR,
     TEXT_VECTOR: TEXT_VECTOR,
     LEXICAL_VECTOR: LEXICAL_VECTOR,
+    OCR_VECTOR: OCR_VECTOR,
     **{twin: modality for modality, twin in ADAPTED_VECTORS.items()},
 }
 
@@ -161,6 +162,7 @@ def fusion_query(options: SearchOptions, rankings: Sequence[str]) -> models.Fusi
             IMAGE_VECTOR: options.image_weight,
             TEXT_VECTOR: options.text_weight,
             LEXICAL_VECTOR: options.lexical_weight,
+            OCR_VECTOR: 1.0,  # the text read off a query photo: as strong as any ranking
         }
         return models.RrfQuery(rrf=models.Rrf(weights=[weight[MODALITY_OF.get(name, name)] for name in rankings]))
     return models.FusionQuery(fusion=models.Fusion.RRF)

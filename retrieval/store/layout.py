@@ -12,10 +12,12 @@ from qdrant_client import models
 IMAGE_VECTOR = "image"
 TEXT_VECTOR = "text"
 LEXICAL_VECTOR = "lexical"
+OCR_VECTOR = "ocr"  # trigrams of the text read off a product's photos, its title and brand (retrieval/ocr.py)
 # An adaptation head's output for the raw vector of the same modality (retrieval/adapt/heads.py).
 ADAPTED_VECTORS = {IMAGE_VECTOR: "image_adapted", TEXT_VECTOR: "text_adapted"}
-LAYOUT_VERSION = 3  # 2: + the `lexical` sparse vector; 3: + the adapted vectors
-READABLE_LAYOUTS = (2, 3)  # layout 2 searches as before; only adaptation needs 3
+LAYOUT_VERSION = 4  # 2: + the `lexical` sparse vector; 3: + the adapted vectors; 4: + the `ocr` sparse vector
+READABLE_LAYOUTS = (2, 3, 4)  # older layouts search as before; adaptation needs 3, reading package text 4
+READS_TEXT_FROM = 4  # the first layout with the `ocr` vector
 HIDDEN_PREFIX = "_"  # collections of the tool's own (adaptation heads); a catalogue name cannot start so
 
 # Every field a query can filter on gets an index (a server needs them; local mode ignores them).
@@ -67,6 +69,7 @@ class CollectionMeta:
     fingerprint: EncoderFingerprint
     layout: int
     adapters: dict[str, int]  # modality (`image`, `text`) -> version of the head queries go through
+    reads_text: bool | None = None  # OCR of photos: on, off, or not decided yet (no photo ingested)
 
 
 @dataclass(frozen=True)
@@ -101,9 +104,9 @@ class EncoderFingerprint:
 
 
 def layout_sparse() -> dict[str, models.SparseVectorParams]:
-    """The sparse named vectors of a catalogue: `lexical` terms, which the engine weighs by inverse
-    document frequency (kept up to date as data changes)."""
-    return {LEXICAL_VECTOR: models.SparseVectorParams(modifier=models.Modifier.IDF)}
+    """The sparse named vectors of a catalogue: `lexical` terms and `ocr` trigrams, which the engine weighs
+    by inverse document frequency (kept up to date as data changes)."""
+    return {name: models.SparseVectorParams(modifier=models.Modifier.IDF) for name in (LEXICAL_VECTOR, OCR_VECTOR)}
 
 
 def layout_vectors(encoders: EncoderFingerprint) -> dict[str, models.VectorParams]:

@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any
+from typing import Any, NamedTuple
 
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
@@ -25,6 +25,7 @@ from retrieval.store.layout import (
     LAYOUT_VERSION,
     PAYLOAD_INDEXES,
     READABLE_LAYOUTS,
+    READS_TEXT_FROM,
     CollectionMeta,
     EncoderFingerprint,
     StoredState,
@@ -61,15 +62,28 @@ def open_backend(settings: Settings) -> StoreBackend:
 StoreObserver = Callable[[str, float, float], None]
 
 
-def _collect(points: Sequence[models.Record], wanted: set[str], out: dict[str, list[float]]) -> None:
-    """Each wanted photo hash's vector from points read with `image_hashes` and the image vector."""
+class StoredPhoto(NamedTuple):
+    """What the store knows of a photo by the hash of its bytes: its vector, and the text read off it (None
+    where it was never read)."""
+
+    vector: list[float]
+    read: str | None
+
+
+def _collect(points: Sequence[models.Record], wanted: set[str], out: dict[str, StoredPhoto]) -> None:
+    """Each wanted photo hash's vector (and read text) from points read with `image_hashes`, `image_text`
+    and the image vector."""
     for point in points:
-        hashes = (point.payload or {}).get("image_hashes") or []
+        payload = point.payload or {}
+        hashes = payload.get("image_hashes") or []
+        texts = payload.get("image_text") or []
+        reads = texts if isinstance(texts, list) and len(texts) == len(hashes) else [None] * len(hashes)
         rows = point.vector.get(IMAGE_VECTOR) if isinstance(point.vector, dict) else None
         if isinstance(rows, list) and len(rows) == len(hashes):
-            for digest, row in zip(hashes, rows, strict=True):
+            for digest, row, read in zip(hashes, rows, reads, strict=True):
                 if digest in wanted and isinstance(row, list):
-                    out[str(digest)] = [float(v) for v in row]
+                    text = str(read) if isinstance(read, str) else None
+                    out[str(digest)] = StoredPhoto([float(v) for v in row], text)
 
 
 class ProductStore:
@@ -160,7 +174,9 @@ class ProductStore:
             )
         adapters = metadata.get("adapters") or {}
         active = {str(k): int(v) for k, v in adapters.items() if isinstance(v, int) and k in ADAPTED_VECTORS}
-        return CollectionMeta(found, int(version), active)
+        ocr = metadata.get("ocr")
+        reads_text = bool(ocr.get("on")) if isinstance(ocr, dict) and version >= READS_TEXT_FROM else None
+        return CollectionMeta(found, int(version), active, reads_text if version >= READS_TEXT_FROM else False)
 
     def fingerprint(self, catalogue: str) -> EncoderFingerprint:
         """The encoders a catalogue was built with; CatalogueNotFound if it does not exist."""
@@ -233,27 +249,27 @@ class ProductStore:
             out[str(point.id)] = StoredState(str(payload.get("content_hash", "")), files)
         return out
 
-    def image_vectors_by_hash(
+    def photos_by_hash(
         self, catalogue: str, digests: Sequence[str], *, first_from: Sequence[str] = ()
-    ) -> dict[str, list[float]]:
-        """Stored photo vectors whose image bytes have these sha256 hashes, from any product that has them
-        (a photo's vector depends only on its bytes and the encoder, which the catalogue fixes). The points
+    ) -> dict[str, StoredPhoto]:
+        """Stored photos (vector, read text) whose image bytes have these sha256 hashes, from any product
+        that has them (a photo's vector depends only on its bytes and the encoder, which the catalogue fixes;
+        its text only on its bytes and the OCR engine). The points
         `first_from` (the changed products themselves) are read by id first: a changed product usually
         keeps its photos, and a look-up by id is cheap where a filtered scroll scans the collection."""
         wanted = set(digests)
-        out: dict[str, list[float]] = {}
+        out: dict[str, StoredPhoto] = {}
         if not wanted:
             return out
+        fields = ["image_hashes", "image_text"]
         if first_from:
-            points = self.retrieve(catalogue, first_from, with_payload=["image_hashes"], with_vectors=[IMAGE_VECTOR])
+            points = self.retrieve(catalogue, first_from, with_payload=fields, with_vectors=[IMAGE_VECTOR])
             _collect(points, wanted, out)
         having = models.Filter(
             must=[models.FieldCondition(key="image_hashes", match=models.MatchAny(any=sorted(wanted - out.keys())))]
         )
         if wanted - out.keys():
-            pages = self.scroll_pages(
-                catalogue, scroll_filter=having, with_payload=["image_hashes"], with_vectors=[IMAGE_VECTOR]
-            )
+            pages = self.scroll_pages(catalogue, scroll_filter=having, with_payload=fields, with_vectors=[IMAGE_VECTOR])
             for points in pages:
                 _collect(points, wanted, out)
                 if not wanted - out.keys():

@@ -135,6 +135,6 @@ def test_a_collection_of_an_older_layout_is_refused_with_what_to_do(tmp_path: Pa
     )
     writer.close()
     store = ProductStore.open(Settings(qdrant_path=tmp_path / "old-store"))
-    with pytest.raises(StoreError, match="layout 1, this version needs 3: ingest the catalogue again"):
+    with pytest.raises(StoreError, match="layout 1, this version needs 4: ingest the catalogue again"):
         store.fingerprint("old")
     store.close()
