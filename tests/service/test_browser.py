@@ -276,7 +276,7 @@ def test_every_upload_error_gets_a_message(page: Page, tmp_path: Path) -> None:
     first = page.locator("#results > li").first
     expect(first.locator(".title")).to_have_text("Granny Smith")
     expect(first.locator(".bar-label")).to_have_text(["photo", "text", "words"])
-    expect(page.locator("#status")).to_contain_text("by photo + text + words fused by RRF")
+    expect(page.locator("#status")).to_contain_text("by photo + text + words fused by DBSF")
 
 
 def test_keyboard_only_search_and_pages(page: Page) -> None:
