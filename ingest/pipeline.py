@@ -503,6 +503,9 @@ class Ingestor:
                     continue
                 image = decode_image(blob, max_pixels=self.settings.max_image_pixels)
             except (SourceError, ImageDecodeError) as exc:
+                if photo.vector is not None:  # only its text was wanted: the photo keeps its vector, unread
+                    photo.read = ""
+                    continue
                 product.image_error(photo.ref, str(exc))
                 continue
             if reading and photo.read is None:

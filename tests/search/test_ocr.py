@@ -95,6 +95,22 @@ def test_auto_leaves_fruit_unread(tmp_path: Path, image_encoder: ImageEncoder, t
         assert all(not p.payload["image_text"] for p in store.points("fruit") if p.payload)
 
 
+def test_switching_reading_on_rebuilds_the_catalogue_without_embedding_again(
+    tmp_path: Path, image_encoder: ImageEncoder, text_encoder: TextEncoder
+) -> None:
+    rows = [r for r in sample_rows(81) if r["category"].startswith("Packages")][:6]
+    feed = write_catalogue(tmp_path / "feed", rows)
+    with ProductStore.open(_settings(tmp_path, "off")) as store:
+        first = Ingestor(_settings(tmp_path, "off"), store, image_encoder, text_encoder).run(feed, "c", progress=False)
+        assert first.images_embedded == len(rows) and store.info("c").reads_text is False
+        ingestor = Ingestor(_settings(tmp_path, "on"), store, image_encoder, text_encoder)
+        ingestor.reader = reader = CountingReader()
+        again = ingestor.run(feed, "c", progress=False)
+        assert again.updated == len(rows) and again.images_embedded == 0  # photo vectors reused by hash
+        assert reader.photos == len(rows) and store.info("c").reads_text is True
+        assert all(len(p.payload["image_text"]) == 1 for p in store.points("c") if p.payload)
+
+
 @pytest.fixture(scope="module")
 def read_catalogue(
     tmp_path_factory: pytest.TempPathFactory, image_encoder: ImageEncoder, text_encoder: TextEncoder
