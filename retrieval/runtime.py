@@ -62,4 +62,5 @@ def open_runtime(settings: Settings, *, store: ProductStore | None = None) -> Ru
     except BaseException:
         store.close()
         raise
-    return Runtime(settings, store, SearchEngine(store, image_encoder, text_encoder))
+    engine = SearchEngine(store, image_encoder, text_encoder, query_crops=settings.query_crop_shares)
+    return Runtime(settings, store, engine)

@@ -49,6 +49,14 @@ class Settings(BaseSettings):
             "auto (a sample of the catalogue's first photos decides, and the catalogue keeps the decision)"
         ),
     )
+    query_crops: str = Field(
+        default="0.8,0.6",
+        max_length=100,
+        description=(
+            "a query photo is also embedded as these centre crops (shares of its width and height, comma "
+            "separated) and searches with the mean direction; empty: the whole photo only"
+        ),
+    )
     micro_batching: bool = Field(default=True, description="gather concurrent requests' photos / texts into one batch")
     batch_window_ms: float = Field(
         default=0.0, ge=0, le=1_000, description="extra wait for a query batch to fill (0: take what is queued)"
@@ -95,6 +103,21 @@ class Settings(BaseSettings):
     )
     log_format: Literal["json", "text"] = Field(default="json", description="service logs: JSON lines, or plain text")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO")
+
+    @field_validator("query_crops", mode="after")
+    @classmethod
+    def _crops(cls, value: str) -> str:
+        try:
+            shares = [float(part) for part in value.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError("QUERY_CROPS: shares between 0 and 1, comma separated (e.g. 0.8,0.6)") from None
+        if any(not 0.1 <= share < 1 for share in shares) or len(shares) > 4:
+            raise ValueError("QUERY_CROPS: up to 4 shares, each at least 0.1 and below 1 (e.g. 0.8,0.6)")
+        return value
+
+    @property
+    def query_crop_shares(self) -> tuple[float, ...]:
+        return tuple(float(part) for part in self.query_crops.split(",") if part.strip())
 
     @field_validator("api_key", mode="after")
     @classmethod

@@ -22,6 +22,7 @@ from retrieval.ocr import (
     words,
 )
 from retrieval.search import SearchEngine
+from retrieval.search.engine import QUERY_CROPS
 from retrieval.settings import Settings
 from retrieval.store import OCR_VECTOR, ProductStore
 from schemas.search import SearchOptions
@@ -50,6 +51,11 @@ def test_words_and_trigrams_survive_accents_and_stray_glyphs() -> None:
     vector = query_vector("OATLY HAVRE DRYCK")
     assert vector is not None and len(vector.indices) == len(set(vector.indices)) >= 3 * MIN_READ_CHARACTERS // 2
     assert matched_words("OATLY HAVRE DRYCK", ["Oatly Oat Drink", "havre"]) == ["oatly", "havre"]
+
+
+def test_the_setting_and_the_engine_agree_on_the_default_crops() -> None:
+    assert Settings().query_crop_shares == QUERY_CROPS == (0.8, 0.6)
+    assert Settings(query_crops="").query_crop_shares == ()
 
 
 def test_a_package_photo_is_read() -> None:
