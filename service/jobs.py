@@ -156,7 +156,8 @@ class Jobs:
         self._worker.start()
 
     def submit(self, kind: JobKind, catalogue: str, work: Work, *, cleanup: Cleanup | None = None) -> Job:
-        """Queue `work`; `cleanup` runs once the job is over, however it ended (even if it never started)."""
+        """Queue `work`; `cleanup` runs once the job is over, however it ended (even if it never started),
+        before its status says so."""
         if self._stop.is_set():
             raise JobsClosed("the service is stopping and takes no new jobs")
         job = Job(id=uuid.uuid4().hex, kind=kind, catalogue=catalogue, status="queued", created_at=_now())
@@ -217,6 +218,14 @@ class Jobs:
     def _run(self, job: Job, work: Work, cleanup: Cleanup | None) -> None:
         token = JOB_ID.set(job.id)
         stop = threading.Event()
+        cleaned = False
+
+        def clean() -> None:  # once, before the status says the job is over: a client then finds nothing left
+            nonlocal cleaned
+            if not cleaned:
+                cleaned = True
+                _clean(cleanup)
+
         with self._lock:
             job.status, job.started_at = "running", _now()
             self._current = (job, stop)
@@ -238,9 +247,11 @@ class Jobs:
                     self._save(job)
                 if stop.is_set():
                     raise JobCancelled(INTERRUPTED)
+            clean()
             if self._end(job, "done", None):
                 log.info("%s job done", job.kind)
         except Exception as exc:  # a job's failure is reported in its status, never lost in a thread
+            clean()
             if stop.is_set():  # stopped by the shutdown, whatever the work raised on its way out
                 self._end(job, "interrupted", f"{type(exc).__name__}: {INTERRUPTED}")
                 log.warning("%s job interrupted by the shutdown: %s", job.kind, exc)
@@ -250,7 +261,7 @@ class Jobs:
             metrics.JOBS_RUNNING.dec()
             with self._lock:
                 self._current = None
-            _clean(cleanup)
+            clean()  # what escaped the handlers above
             JOB_ID.reset(token)
 
     def get(self, job_id: str) -> Job | None:
