@@ -98,12 +98,13 @@ def vectors_for(mode: str, encoded: QueryVectors) -> QueryVectors:
         return QueryVectors(image=encoded.image)
     if mode == "photo":  # what a photo query searches with: its embedding and, where read, its printed text
         return QueryVectors(image=encoded.image, ocr=encoded.ocr, read=encoded.read)
+    # A typed text's rows keep its model numbers: the API re-ranks sibling codes whichever rankings run.
     if mode == "text":
-        return QueryVectors(text=encoded.text)
+        return QueryVectors(text=encoded.text, codes=encoded.codes)
     if mode == "lexical":
-        return QueryVectors(lexical=encoded.lexical)
+        return QueryVectors(lexical=encoded.lexical, codes=encoded.codes)
     if mode == "text+lexical":
-        return QueryVectors(text=encoded.text, lexical=encoded.lexical)
+        return QueryVectors(text=encoded.text, lexical=encoded.lexical, codes=encoded.codes)
     return encoded
 
 
@@ -187,7 +188,7 @@ def ingested(
             )
             if problems := report.rejected_rows + report.skipped_images:
                 raise ValueError(f"{evalset.catalogue}: {len(problems)} rows or images not ingested: {problems[0]}")
-            yield SearchEngine(store, image_encoder, text_encoder), report
+            yield SearchEngine(store, image_encoder, text_encoder, query_crops=run_settings.query_crop_shares), report
         finally:
             store.close()
 

@@ -319,9 +319,15 @@ class Ingestor:
         log.info("catalogue %s: text on photos is %s", catalogue, "read" if on else "not read")
 
     def _decide_text_reading(
-        self, catalogue: str, chunk: list[CatalogueRecord | Rejection], access: PhotoAccess, http: UrlFetcher
+        self,
+        catalogue: str,
+        chunk: list[CatalogueRecord | Rejection],
+        access: PhotoAccess,
+        http: UrlFetcher,
+        cache: PhotoCache,
     ) -> None:
-        """OCR=auto on a catalogue that has not decided: read a few of the first photos and keep the answer."""
+        """OCR=auto on a catalogue that has not decided: read a few of the first photos and keep the answer.
+        What they read goes to the run's cache, so the chunk does not read them again."""
         sample: list[str] = []
         records = [r for r in chunk if isinstance(r, CatalogueRecord) and r.images]
         step = max(1, len(records) // TEXT_SAMPLE)  # spread over the chunk: feeds are often sorted by category
@@ -333,6 +339,7 @@ class Ingestor:
                 except (SourceError, ImageDecodeError):
                     continue
                 sample.append(self.reader.read(image))
+                cache.put_read(hashlib.sha256(blob).hexdigest(), sample[-1])
             if len(sample) >= TEXT_SAMPLE:
                 break
         if not sample:
@@ -365,7 +372,7 @@ class Ingestor:
         or stored ones with the same bytes), and decode + preprocess the rest."""
         readers, decoders = pools
         if self._reads_text is None:
-            self._decide_text_reading(catalogue, chunk, access, http)
+            self._decide_text_reading(catalogue, chunk, access, http, cache)
         products = [Listing(r, point_id(r.retailer, r.id)) for r in chunk if isinstance(r, CatalogueRecord)]
         stored = self.store.stored_hashes(catalogue, [p.point_id for p in products])
         known_files = {key: digest for state in stored.values() for key, digest in state.files.items()}

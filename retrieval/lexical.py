@@ -233,7 +233,8 @@ def term_index(token: str) -> int:
     return int.from_bytes(hashlib.blake2b(token.encode(), digest_size=4).digest(), "big")
 
 
-def _sparse(weights: dict[str, float]) -> models.SparseVector:
+def sparse_vector(weights: dict[str, float]) -> models.SparseVector:
+    """Token weights as a sparse vector (ids by `term_index`; tokens that share an id add up)."""
     by_index: dict[int, float] = {}
     for token, weight in weights.items():
         index = term_index(token)
@@ -263,7 +264,7 @@ def document_vector(record: CatalogueRecord) -> models.SparseVector | None:
     if not counts and not special:
         return None
     norm = K1 * (1 - B + B * sum(counts.values()) / AVERAGE_LENGTH)
-    return _sparse({t: f * (K1 + 1) / (f + norm) for t, f in (counts | special).items()})
+    return sparse_vector({t: f * (K1 + 1) / (f + norm) for t, f in (counts | special).items()})
 
 
 def query_terms(text: str) -> dict[str, float]:
@@ -277,7 +278,7 @@ def query_terms(text: str) -> dict[str, float]:
 
 def query_vector(text: str) -> models.SparseVector | None:
     terms = query_terms(text)
-    return _sparse(terms) if terms else None
+    return sparse_vector(terms) if terms else None
 
 
 def overlap(query: models.SparseVector, document: Iterable[int]) -> float:

@@ -13,10 +13,8 @@ engine (the `ocr` sparse vector's modifier), as the lexical signal is."""
 
 from __future__ import annotations
 
-import hashlib
 import re
 import threading
-import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -24,6 +22,8 @@ from typing import Any
 
 from PIL import Image
 from qdrant_client import models
+
+from retrieval.lexical import normalise, sparse_vector
 
 ENGINE = "rapidocr-onnxruntime:PP-OCRv4"
 MIN_LINE_SCORE = 0.5  # a line the recogniser is less sure of is left out (0-0.8 measured the same)
@@ -45,9 +45,7 @@ class Line:
 def words(text: str) -> list[str]:
     """Words of 2+ letters or digits, lower case, accents removed (å, ä -> a; ö -> o); anything else (the
     recogniser's stray glyphs included) separates words."""
-    plain = unicodedata.normalize("NFKD", text.lower())
-    plain = "".join(c for c in plain if not unicodedata.combining(c))
-    return [w for w in _NOT_WORD.split(plain) if len(w) >= 2]
+    return [w for w in _NOT_WORD.split(normalise(text)) if len(w) >= 2]
 
 
 def trigrams(word: str) -> list[str]:
@@ -60,33 +58,23 @@ def readable_characters(text: str) -> int:
     return sum(len(w) for w in words(text))
 
 
-def term_index(gram: str) -> int:
-    """A stable 32-bit id per trigram."""
-    return int.from_bytes(hashlib.blake2b(gram.encode(), digest_size=4).digest(), "big")
-
-
-def _sparse(weights: dict[int, float]) -> models.SparseVector:
-    indices = sorted(weights)
-    return models.SparseVector(indices=indices, values=[weights[i] for i in indices])
-
-
 def document_vector(read: Iterable[str], title: str | None, brand: str | None) -> models.SparseVector | None:
     """BM25 trigram weights of what a product's photos read, its title and its brand."""
-    counts: Counter[int] = Counter()
+    counts: Counter[str] = Counter()
     for text in [*read, title or "", brand or ""]:
         for word in words(text):
-            counts.update(term_index(g) for g in trigrams(word))
+            counts.update(trigrams(word))
     if not counts:
         return None
     norm = K1 * (1 - B + B * sum(counts.values()) / AVERAGE_LENGTH)
-    return _sparse({i: f * (K1 + 1) / (f + norm) for i, f in counts.items()})
+    return sparse_vector({g: f * (K1 + 1) / (f + norm) for g, f in counts.items()})
 
 
 def query_vector(read: str) -> models.SparseVector | None:
     """A query photo's trigrams, weight 1 each; None when it showed too little text to search with."""
     if readable_characters(read) < MIN_READ_CHARACTERS:
         return None
-    return _sparse({term_index(g): 1.0 for word in words(read) for g in trigrams(word)})
+    return sparse_vector({g: 1.0 for word in words(read) for g in trigrams(word)})
 
 
 def matched_words(read: str, product_text: Sequence[str]) -> list[str]:

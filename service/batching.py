@@ -194,8 +194,8 @@ class BatchedEncoders:
             raise RuntimeError("BatchedEncoders is called from a worker thread, not from the event loop")
         return asyncio.run_coroutine_threadsafe(batcher.embed(item), self._loop)
 
-    def photo(self, image: Image.Image) -> Future[np.ndarray]:
-        return self._submit(self.images, self.image_encoder.preprocess(image))
+    def photos(self, images: Sequence[Image.Image]) -> list[Future[np.ndarray]]:
+        return [self._submit(self.images, self.image_encoder.preprocess(image)) for image in images]
 
     def text(self, text: str) -> Future[np.ndarray]:
         return self._submit(self.texts, text)

@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -100,8 +100,8 @@ class QueryEmbedder(Protocol):
     rows a query needs. The engine's own (`DirectEmbedder`) runs the models in the caller's thread; the
     service injects one that shares model calls between concurrent requests (service/batching.py)."""
 
-    def photo(self, image: Image.Image) -> Future[np.ndarray]:
-        """The photo in the image encoder's space."""
+    def photos(self, images: Sequence[Image.Image]) -> list[Future[np.ndarray]]:
+        """Each photo (a query photo and its crops) in the image encoder's space."""
         ...
 
     def text(self, text: str) -> Future[np.ndarray]:
@@ -117,9 +117,12 @@ class QueryEmbedder(Protocol):
         ...
 
 
-def _done(row: np.ndarray) -> Future[np.ndarray]:
-    future: Future[np.ndarray] = Future()
-    future.set_result(row)
+T = TypeVar("T")
+
+
+def _done(value: T) -> Future[T]:
+    future: Future[T] = Future()
+    future.set_result(value)
     return future
 
 
@@ -131,13 +134,11 @@ class DirectEmbedder:
     text_encoder: TextEncoder
     reader: TextReader
 
-    def photo(self, image: Image.Image) -> Future[np.ndarray]:
-        return _done(embed_images(self.image_encoder, [image])[0])
+    def photos(self, images: Sequence[Image.Image]) -> list[Future[np.ndarray]]:
+        return [_done(row) for row in embed_images(self.image_encoder, images)]  # one forward for all
 
     def read(self, image: Image.Image) -> Future[str]:
-        future: Future[str] = Future()
-        future.set_result(self.reader.read(image))
-        return future
+        return _done(self.reader.read(image))
 
     def text(self, text: str) -> Future[np.ndarray]:
         return _done(self.text_encoder.embed_texts([text])[0])
@@ -181,7 +182,7 @@ class SearchEngine:
         embedder = embedder or DirectEmbedder(self.image_encoder, self.text_encoder, self.reader)
         reading = embedder.read(image) if image is not None and read_text else None
         views = [image, *(centre_crop(image, share) for share in self.query_crops)] if image is not None else []
-        photo_rows = [embedder.photo(view) for view in views]  # all started before any is awaited
+        photo_rows = embedder.photos(views) if views else []  # all started before any is awaited
         text_row = embedder.text(text) if text else None
         image_vector = _mean_direction([row.result() for row in photo_rows]) if photo_rows else None
         text_vector = text_row.result() if text_row is not None else None

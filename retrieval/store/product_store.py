@@ -175,8 +175,8 @@ class ProductStore:
         adapters = metadata.get("adapters") or {}
         active = {str(k): int(v) for k, v in adapters.items() if isinstance(v, int) and k in ADAPTED_VECTORS}
         ocr = metadata.get("ocr")
-        reads_text = bool(ocr.get("on")) if isinstance(ocr, dict) and version >= READS_TEXT_FROM else None
-        return CollectionMeta(found, int(version), active, reads_text if version >= READS_TEXT_FROM else False)
+        reads_text = (bool(ocr.get("on")) if isinstance(ocr, dict) else None) if version >= READS_TEXT_FROM else False
+        return CollectionMeta(found, int(version), active, reads_text)
 
     def fingerprint(self, catalogue: str) -> EncoderFingerprint:
         """The encoders a catalogue was built with; CatalogueNotFound if it does not exist."""
