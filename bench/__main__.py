@@ -1,5 +1,6 @@
-"""`python -m bench prepare|quality|backbones|calibrate|adapt|speed`: evaluation sets, quality tables and plots,
-backbones, match calibration, adaptation heads, throughput."""
+"""`python -m bench prepare|quality|backbones|calibrate|rerank|adapt|finetune-image|finetune-text|speed`:
+evaluation sets, quality tables and plots, backbones, match calibration, the pairwise re-ranker, adaptation
+heads, the image backbone's fine-tuned tail, the fine-tuned text encoder, throughput."""
 
 from __future__ import annotations
 
@@ -170,6 +171,98 @@ def adapt(args: argparse.Namespace) -> int:
     return 0
 
 
+def rerank(args: argparse.Namespace) -> int:
+    import torch
+
+    from bench.rerank import run_rerank
+    from retrieval.runtime import load_encoders
+    from retrieval.settings import Settings
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = args.sets
+    ensure_sets(args.sets_dir, args.shared, [f"{n}{part}" for n in names for part in ("", "-valid", "-train")])
+    started = time.perf_counter()
+    table = run_rerank(
+        args.sets_dir,
+        args.models or Settings().models_root,
+        load_encoders(Settings()),
+        names=names,
+        epochs=args.epochs,
+        cross=not args.no_cross,
+    )
+    print(f"{time.perf_counter() - started:.0f} s")
+    emit(table, args.out, "rerank.md")
+    return 0
+
+
+def finetune_image(args: argparse.Namespace) -> int:
+    import torch
+
+    from bench.finetune_image import run_finetune_image
+    from retrieval.encoders import load_image_encoder
+    from retrieval.encoders.timm_backbone import TimmImageEncoder
+    from retrieval.settings import Settings
+
+    torch.set_num_threads(args.threads)
+    settings = Settings()
+    encoder = load_image_encoder(args.image_model or settings.image_model, settings.image_precision)
+    if not isinstance(encoder, TimmImageEncoder):
+        print(f"{encoder.name}: fine-tuning a tail needs a timm backbone", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    result = run_finetune_image(
+        args.shared / "grocery" / "dataset",
+        encoder,
+        blocks=args.blocks,
+        crops=settings.query_crop_shares,
+        max_pixels=settings.max_image_pixels,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        patience=args.patience,
+        train_views=not args.no_views,
+        flip=args.flip,
+    )
+    print(f"{time.perf_counter() - started:.0f} s")
+    emit(result, args.out, "finetune-image.md")
+    return 0
+
+
+def finetune_text(args: argparse.Namespace) -> int:
+    import torch
+
+    from bench.finetune_text import run_finetune_text
+    from retrieval.adapt.finetune_text import FinetuneOptions
+    from retrieval.encoders import load_image_encoder, load_text_encoder
+    from retrieval.settings import Settings
+
+    torch.set_num_threads(args.threads)
+    logging.getLogger("retrieval.adapt.finetune_text").setLevel(logging.INFO)
+    settings = Settings()
+    options = FinetuneOptions(
+        epochs=args.epochs,
+        patience=args.patience,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        max_steps=args.max_steps,
+    )
+    started = time.perf_counter()
+    result = run_finetune_text(
+        args.shared,
+        load_image_encoder(settings.image_model, settings.image_precision),
+        load_text_encoder(settings.text_model, settings.text_precision),
+        sets=args.sets,
+        train_on=args.train,
+        options=options,
+        settings=settings,
+    )
+    print(f"{time.perf_counter() - started:.0f} s")
+    emit(result, args.out, "finetune-text.md")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
@@ -224,6 +317,50 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--image-model", help="image encoder spec (default IMAGE_MODEL)")
     a.add_argument("--out", type=Path, default=Path("bench/out"))
 
+    f = sub.add_parser(
+        "finetune-image", help="the image backbone's last blocks fine-tuned on grocery train, against the linear head"
+    )
+    f.add_argument("--blocks", type=int, nargs="+", default=[1, 2, 4], help="tails to train: last N blocks each")
+    f.add_argument("--lr", type=float, default=1e-4)
+    f.add_argument("--batch-size", type=int, default=256)
+    f.add_argument("--epochs", type=int, default=12)
+    f.add_argument("--patience", type=int, default=3)
+    f.add_argument("--no-views", action="store_true", help="train without the photos' centre crops as views")
+    f.add_argument("--flip", action="store_true", help="mirror half of each batch's cached features")
+    f.add_argument("--threads", type=int, default=1, help="torch threads (fit seconds are measured on them)")
+    f.add_argument("--image-model", help="image encoder spec (default IMAGE_MODEL; a timm backbone)")
+    f.add_argument("--out", type=Path, default=Path("bench/out"))
+
+    ft = sub.add_parser(
+        "finetune-text", help="the text encoder fine-tuned on text-pair train splits, measured on the test splits"
+    )
+    ft.add_argument("--sets", nargs="+", default=["abt-buy", "amazon-google"], choices=["abt-buy", "amazon-google"])
+    ft.add_argument(
+        "--train",
+        nargs="+",
+        default=["abt-buy", "amazon-google", "both"],
+        choices=["abt-buy", "amazon-google", "both"],
+        help="models to train: a set's train pairs, or both sets' (each is measured on every --sets)",
+    )
+    ft.add_argument("--epochs", type=int, default=3)
+    ft.add_argument("--patience", type=int, default=1)
+    ft.add_argument("--lr", type=float, default=3e-5)
+    ft.add_argument("--batch-size", type=int, default=32)
+    ft.add_argument("--max-length", type=int, default=64, help="tokens read per text while training and after")
+    ft.add_argument("--max-steps", type=int, help="cap on optimiser steps (quick runs)")
+    ft.add_argument("--threads", type=int, default=1, help="torch threads (train seconds are measured on them)")
+    ft.add_argument("--out", type=Path, default=Path("bench/out"))
+
+    r = sub.add_parser(
+        "rerank", help="the cross-encoder learnt from train pairs, in the match model fitted on valid, on test"
+    )
+    r.add_argument("--sets", nargs="+", default=["abt-buy", "amazon-google"], choices=["abt-buy", "amazon-google"])
+    r.add_argument("--epochs", type=int, default=3, help="most epochs (stops when held-out AP stops rising)")
+    r.add_argument("--no-cross", action="store_true", help="skip the cross-dataset rows")
+    r.add_argument("--models", type=Path, help="where the trained cross-encoders are kept (default MODELS_PATH)")
+    r.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    r.add_argument("--out", type=Path, default=Path("bench/out"))
+
     sp = sub.add_parser("speed", help="ingest throughput vs the model alone and a naive loop; re-ingest speed")
     sp.add_argument("what", choices=["ingest", "serve"])
     sp.add_argument("--seconds", type=float, default=20, help="serve: seconds of load per row")
@@ -240,6 +377,12 @@ def main(argv: list[str] | None = None) -> int:
         return calibrate(args)
     if args.command == "adapt":
         return adapt(args)
+    if args.command == "finetune-image":
+        return finetune_image(args)
+    if args.command == "rerank":
+        return rerank(args)
+    if args.command == "finetune-text":
+        return finetune_text(args)
     if args.command == "prepare":
         if args.what == "sample":
             out = args.out or Path("sample/grocery")

@@ -3,12 +3,11 @@ precision and recall of its `match` decisions, and recall@1 before and after its
 
 from __future__ import annotations
 
-import numpy as np
-
 from bench.evalset import EvalSet
 from bench.quality import ingested
 from retrieval.encoders import ImageEncoder, TextEncoder
-from retrieval.match.model import Labelled, fit, labelled_candidates, probabilities
+from retrieval.match.model import Labelled, fit, labelled_candidates
+from retrieval.match.training import judge_candidates
 from schemas.search import Calibration, LabelledPair
 
 
@@ -16,28 +15,17 @@ def pairs_of(evalset: EvalSet) -> list[LabelledPair]:
     return [LabelledPair(product=q.product, expect=q.expect) for q in evalset.queries if q.product]
 
 
-def first_hits(data: Labelled, score: np.ndarray) -> int:
-    """Queries whose best-scored candidate is a true match."""
-    groups, labels = np.asarray(data.groups), np.asarray(data.labels, dtype=bool)
-    hits = 0
-    for group in np.unique(groups):
-        members = np.nonzero(groups == group)[0]
-        hits += int(labels[members[np.argmax(score[members])]])
-    return hits
-
-
 def measure(calibration: Calibration, data: Labelled, queries: int) -> dict[str, float]:
-    p = probabilities(calibration, data.rows) if data.rows else np.zeros(0)
-    y = np.asarray(data.labels, dtype=bool)
-    match = p >= calibration.match_threshold
-    in_search_order = -np.arange(len(y), dtype=np.float64)  # rows of a group come in rank order
+    """The bench's columns of `judge_candidates`, with the search order's recall@1 beside the model's."""
+    model = judge_candidates("model", calibration, data, queries)
+    search = judge_candidates("search", None, data, queries)
     return {
-        "precision": float((match & y).sum() / max(1, match.sum())),
-        "recall": float((match & y).sum() / max(1, data.positives)),
-        "decided": int(match.sum()),
-        "uncertain": int(((p >= calibration.uncertain_threshold) & ~match).sum()),
-        "r1_search": first_hits(data, in_search_order) / max(1, queries),
-        "r1_model": first_hits(data, p) / max(1, queries),
+        "precision": model.precision,
+        "recall": model.recall,
+        "decided": model.decided,
+        "uncertain": model.uncertain,
+        "r1_search": search.r1,
+        "r1_model": model.r1,
     }
 
 
@@ -51,8 +39,9 @@ def calibrate(
         pairs = pairs_of(eval_set)
         data = labelled_candidates(engine, eval_set.name, pairs, depth=calibration.depth, fusion=calibration.fusion)
     m = measure(calibration, data, len(pairs))
+    threshold = f"{calibration.match_threshold:.3f}" if calibration.reliable else "never (unreliable)"
     return (
-        f"| {fit_set.name} -> {eval_set.name} | {len(pairs)} | {target:.2f} | {calibration.match_threshold:.3f} | "
+        f"| {fit_set.name} -> {eval_set.name} | {len(pairs)} | {target:.2f} | {threshold} | "
         f"{calibration.precision:.3f} / {calibration.recall:.3f} | {m['precision']:.3f} | {m['recall']:.3f} | "
         f"{m['decided']} | {m['uncertain']} | {m['r1_search']:.3f} | {m['r1_model']:.3f} |"
     )

@@ -253,5 +253,15 @@ def prepare_all(shared: Path, out: Path) -> dict[str, int]:
             right="google",
             split="valid",
         ),
+        "abt-buy-train": write_text_pairs_set(
+            shared / "text-pairs" / "abt-buy", out / "abt-buy-train", left="abt", right="buy", split="train"
+        ),
+        "amazon-google-train": write_text_pairs_set(
+            shared / "text-pairs" / "amazon-google",
+            out / "amazon-google-train",
+            left="amazon",
+            right="google",
+            split="train",
+        ),
         "alibaba": write_alibaba_set(shared / "alibaba-pairs" / "eSSPR_same_items_pairs_information", out / "alibaba"),
     }

@@ -1,4 +1,5 @@
-"""`product-match COMMAND [options]` (also `python -m cli`): ingest, calibrate, match, adapt, serve, bench.
+"""`product-match COMMAND [options]` (also `python -m cli`): ingest, calibrate, match, adapt, train, serve,
+bench.
 
 Each command is the module the README documents (`python -m ingest`, `python -m ingest calibrate`, ...,
 `python -m service`), given the rest of the command line: its `--help` is that command's own."""
@@ -17,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("cli.calibrate", "fit the match model on labelled pairs, store it with the catalogue"),
     "match": ("cli.match", "match a retailer's products against the others, to a resumable CSV"),
     "adapt": ("cli.adapt", "fit, list, switch or roll back a catalogue's adaptation heads"),
+    "train": ("cli.train", "train what labels allow (text encoder, image head, cross-encoder, match model), judged"),
     "serve": ("service.__main__", "serve the HTTP API and the web page"),
     "bench": ("bench", "quality and speed benchmarks (from a checkout of the project)"),
 }

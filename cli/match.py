@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from retrieval.encoders import EncoderError
 from retrieval.match.batch import NO_CANDIDATE, as_csv, done_products, match_retailer
-from retrieval.match.model import active_calibration
+from retrieval.match.model import active_model
 from retrieval.runtime import open_runtime
 from retrieval.settings import Settings
 from retrieval.store import ProductStore, StoreError
@@ -27,7 +27,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="python -m ingest match",
         description="Match every product of one retailer against the other retailers of a catalogue.",
         epilog="Each product gets --limit rows (rank 1 first): the candidate, its scores, and the decision of "
-        "the catalogue's calibration ('uncalibrated' without one; see `python -m ingest calibrate`). "
+        "the catalogue's calibration ('uncalibrated' without one; see `python -m ingest calibrate`; an "
+        "unreliable calibration decides 'uncertain' / 'no_match' only, and says so on stderr). "
         "A killed run continues where it stopped with --resume.",
     )
     parser.add_argument("--catalogue", required=True)
@@ -68,7 +69,9 @@ def main(argv: list[str]) -> int:
         if not ids:
             print(f"error: catalogue {args.catalogue!r} has no products of retailer {args.retailer!r}", file=sys.stderr)
             return 2
-        calibrated = active_calibration(store, args.catalogue) is not None
+        active = active_model(store, args.catalogue, models_root=engine.models_root)
+        if active.warning:
+            print(f"WARNING: catalogue {args.catalogue}: {active.warning}", file=sys.stderr)
         fresh = not done
         with args.out.open("w" if fresh else "a", encoding="utf-8", newline="") as out:
             if fresh:
@@ -105,7 +108,13 @@ def main(argv: list[str]) -> int:
     print(
         f"catalogue {args.catalogue}: matched {matched} products of {args.retailer} "
         f"({len(done)} done before, {empty} without candidates) in {seconds:.1f} s; "
-        + (f"{decided} decided 'match'" if calibrated else "uncalibrated: no decisions (see ingest calibrate)")
+        + (
+            f"{decided} decided 'match'"
+            if active.reliable
+            else "unreliable calibration: no 'match' decisions (see the WARNING above)"
+            if active.calibration
+            else "uncalibrated: no decisions (see ingest calibrate)"
+        )
         + f"; rows in {args.out}"
     )
     return 0

@@ -99,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         from cli.adapt import main as adapt
 
         return adapt(argv[1:])
+    if argv[:1] == ["train"]:
+        from cli.train import main as train
+
+        return train(argv[1:])
     if argv[:1] == ["match"]:
         from cli.match import main as match
 

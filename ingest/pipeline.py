@@ -29,7 +29,7 @@ from tqdm import tqdm
 from ingest.inputs import CatalogueInput, open_input
 from ingest.readers import validate_rows
 from ingest.sources import FetchCancelled, OutsideRoot, PhotoAccess, SourceError, UrlFetcher, file_signature
-from retrieval.adapt.heads import Adapters, Head, adapted_vectors
+from retrieval.adapt.heads import ActiveHead, Adapters, adapted_vectors, encoder_twins
 from retrieval.encoders.base import ImageEncoder, TextEncoder
 from retrieval.images import ImageDecodeError, decode_image
 from retrieval.lexical import document_vector
@@ -39,6 +39,7 @@ from retrieval.ocr import document_vector as read_text_vector
 from retrieval.records import build_payload, content_hash, point_id, product_text
 from retrieval.settings import Settings
 from retrieval.store import (
+    ADAPTED_VECTORS,
     IMAGE_VECTOR,
     LEXICAL_VECTOR,
     OCR_VECTOR,
@@ -244,7 +245,8 @@ class Ingestor:
         report.created_catalogue = created
         self._reads_text = self._text_reading(catalogue)
         existed = not created and self.store.count(catalogue) > 0
-        heads = Adapters(self.store).active_heads(catalogue)  # new points get the adapted twins too
+        adapters = Adapters(self.store, models_root=self.settings.models_root, precision=self.settings.text_precision)
+        heads = adapters.active_heads(catalogue)  # new points get the adapted twins too
         show = sys.stderr.isatty() if progress is None else progress
         bar = tqdm(desc=f"ingest {catalogue}", unit="product", disable=not show, file=sys.stderr)
         stream = itertools.chain([first], records) if first is not None else iter(())
@@ -412,7 +414,7 @@ class Ingestor:
         prepared: Prepared,
         catalogue: str,
         cache: PhotoCache,
-        heads: dict[str, Head],
+        heads: dict[str, ActiveHead],
         report: IngestReport,
         number: int,
         bar: tqdm,
@@ -522,7 +524,7 @@ class Ingestor:
                 photo.tensor = self.image_encoder.preprocess(image)
 
     def _embed(
-        self, products: list[Listing], cache: PhotoCache, heads: dict[str, Head], report: IngestReport
+        self, products: list[Listing], cache: PhotoCache, heads: dict[str, ActiveHead], report: IngestReport
     ) -> list[models.PointStruct]:
         batch = self.settings.batch_size
         to_embed: list[Photo] = []
@@ -548,6 +550,7 @@ class Ingestor:
         report.images_embedded += len(to_embed)
         texts = [product_text(p.record) for p in products]
         text_vectors = self.text_encoder.embed_texts([t for t in texts if t])
+        tuned = encoder_twins(heads, [t for t in texts if t])  # a fine-tuned text encoder's twins, if active
         points, text_at = [], 0
         for product, text in zip(products, texts, strict=True):
             vector: dict[str, models.Vector] = {}
@@ -556,6 +559,8 @@ class Ingestor:
                 vector[IMAGE_VECTOR] = [np.asarray(p.vector).tolist() for p in photos]
             if text:
                 vector[TEXT_VECTOR] = text_vectors[text_at].tolist()
+                if tuned is not None:
+                    vector[ADAPTED_VECTORS[TEXT_VECTOR]] = tuned[text_at].tolist()
                 text_at += 1
             vector.update(adapted_vectors(vector, heads))
             if lexical := document_vector(product.record):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from schemas.catalogue import CatalogueRecord, category_prefixes
 from schemas.payload import ProductPayload
@@ -22,8 +23,32 @@ def point_id(retailer: str, product_id: str) -> str:
 
 def product_text(record: CatalogueRecord) -> str | None:
     """The text that is embedded: title, brand, description, then attributes (title first: models truncate)."""
-    parts = [record.title, record.brand, record.description]
-    parts += [f"{key}: {value}" for key, value in record.attributes.items()]
+    return _embedding_text(record.title, record.brand, record.description, record.attributes)
+
+
+# The payload keys the embedded text is made of.
+TEXT_FIELDS = ("title", "brand", "description", "attributes")
+
+
+def payload_text(payload: Mapping[str, Any]) -> str | None:
+    """The same text rebuilt from a stored payload (a fine-tuned text encoder re-embeds it); a field of the
+    wrong type, which a server's payload could hold, counts as missing."""
+    title, brand, description = (payload.get(key) for key in TEXT_FIELDS[:3])
+    attributes = payload.get("attributes")
+    pairs = attributes if isinstance(attributes, dict) else {}
+    return _embedding_text(
+        title if isinstance(title, str) else None,
+        brand if isinstance(brand, str) else None,
+        description if isinstance(description, str) else None,
+        {key: value for key, value in pairs.items() if isinstance(key, str) and isinstance(value, str)},
+    )
+
+
+def _embedding_text(
+    title: str | None, brand: str | None, description: str | None, attributes: Mapping[str, str]
+) -> str | None:
+    parts = [title, brand, description]
+    parts += [f"{key}: {value}" for key, value in attributes.items()]
     text = ". ".join(p for p in parts if p)
     return text or None
 

@@ -62,5 +62,12 @@ def open_runtime(settings: Settings, *, store: ProductStore | None = None) -> Ru
     except BaseException:
         store.close()
         raise
-    engine = SearchEngine(store, image_encoder, text_encoder, query_crops=settings.query_crop_shares)
+    engine = SearchEngine(
+        store,
+        image_encoder,
+        text_encoder,
+        query_crops=settings.query_crop_shares,
+        models_root=settings.models_root,
+        model_precision=settings.text_precision,
+    )
     return Runtime(settings, store, engine)

@@ -90,6 +90,11 @@ class Settings(BaseSettings):
         description="the service's job records, kept across restarts (default: jobs.sqlite beside the store)",
     )
     max_archive_entries: int = Field(default=200_000, ge=1, description="entry count cap of a zip input")
+    models_path: Path | None = Field(
+        default=None,
+        description="fine-tuned models (text encoders, re-rankers), one folder per SHA-256 digest, named by "
+        "catalogue records (default: a 'models' folder beside the store)",
+    )
     # The HTTP service's hardening and operations (README, Operations).
     api_key: SecretStr | None = Field(
         default=None, description="when set, write and admin endpoints need it in the X-API-Key header"
@@ -147,6 +152,10 @@ class Settings(BaseSettings):
     @property
     def sources_root(self) -> Path:
         return (self.sources_path or self.store_path.parent / "sources").resolve()
+
+    @property
+    def models_root(self) -> Path:
+        return (self.models_path or self.store_path.parent / "models").resolve()
 
     @property
     def jobs_file(self) -> Path:

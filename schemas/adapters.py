@@ -1,4 +1,5 @@
-"""Adaptation heads: the labelled examples they learn from and the record stored with each head."""
+"""Adaptation heads: the labelled examples they learn from and the record stored with each head (a small
+map on frozen vectors, or a fine-tuned text encoder named by the digest of its model folder)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from schemas.search import ProductRef
 
 Modality = Literal["image", "text"]
-HeadKind = Literal["linear", "mlp"]
-Method = Literal["supervised", "spread"]
+HeadKind = Literal["linear", "mlp", "encoder"]  # encoder: a fine-tuned text encoder, not a map on vectors
+Method = Literal["supervised", "spread", "finetune"]
 Loss = Literal["contrastive", "triplet"]
 
 
@@ -62,3 +63,24 @@ class AdapterRecord(BaseModel):
     spread: tuple[float, float] | None = Field(
         default=None, description="spread only: mean pairwise cosine of the catalogue's vectors before, after"
     )
+    model: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="encoder only: SHA-256 digest of the fine-tuned model folder (under MODELS_PATH)",
+    )
+    max_length: int | None = Field(default=None, ge=1, description="encoder only: tokens read per text")
+    hard_negatives: int | None = Field(default=None, ge=0, description="encoder only: anchors given a mined negative")
+
+    @model_validator(mode="after")
+    def _encoder_names_its_model(self) -> AdapterRecord:
+        if (self.kind == "encoder") != (self.model is not None):
+            raise ValueError("a fine-tuned encoder record names its model folder's digest, and only it does")
+        if self.kind == "encoder" and self.modality != "text":
+            raise ValueError("only the text encoder is fine-tuned")
+        return self
+
+    @property
+    def label(self) -> str:
+        """How the active version is shown: `encoder v2 1a2b3c4d5e6f`, `linear v1`."""
+        suffix = f" {self.model[:12]}" if self.model else ""
+        return f"{self.kind} v{self.version}{suffix}"

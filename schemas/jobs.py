@@ -64,6 +64,9 @@ class Job(BaseModel):
     finished_at: str | None = None
     error: str | None = None
     ingest: IngestSummary | None = Field(default=None, description="an ingest job's report, updated as it runs")
+    warning: str | None = Field(
+        default=None, description="a match job: why its decisions are missing or unreliable (no 'match' then)"
+    )
 
 
 class MatchJobRequest(BaseModel):

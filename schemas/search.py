@@ -256,28 +256,72 @@ class LabelledPair(BaseModel):
     expect: list[str] = Field(default_factory=list, description="ids of the same product elsewhere; [] = none")
 
 
+class CurvePoint(BaseModel):
+    """One operating point the match model can offer, measured on out-of-fold probabilities."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    threshold: float = Field(ge=0, le=1, description="decide 'match' at or above this probability")
+    precision: float = Field(ge=0, le=1)
+    recall: float = Field(ge=0, le=1, description="share of the labelled true pairs decided 'match'")
+
+
 class Calibration(BaseModel):
-    """A catalogue's fitted match model (stored in its collection metadata)."""
+    """A catalogue's fitted match model (stored in its collection metadata, which a Qdrant server hands back:
+    checked like any input). The model is a standard scaling then a logistic regression: `mean` / `scale`
+    are the scaler's, `weights` / `bias` the regression's, one value per name in `features`."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
 
     version: int = Field(default=1, description="the match model's feature set; an older one must be fitted again")
-    features: list[str]
+    features: list[str] = Field(max_length=1_000)
     mean: list[float]
     scale: list[float]
     weights: list[float]
     bias: float
-    match_threshold: float = Field(description="probability at or above which a candidate is a match")
-    uncertain_threshold: float = Field(description="below the match threshold, at or above this: uncertain")
-    target_precision: float
-    precision: float = Field(description="precision of 'match' on the fitting pairs (out-of-fold)")
-    recall: float = Field(description="share of the fitting's labelled true pairs decided 'match' (out-of-fold)")
-    candidates: int
-    depth: int = Field(default=5, description="candidates per product the model re-ranks")
+    match_threshold: float = Field(ge=0, le=1, description="probability at or above which a candidate is a match")
+    uncertain_threshold: float = Field(ge=0, le=1, description="below the match threshold, at or above this: uncertain")
+    target_precision: float = Field(gt=0, lt=1)
+    precision: float = Field(ge=0, le=1, description="precision of 'match' on the fitting pairs (out-of-fold)")
+    recall: float = Field(
+        ge=0, le=1, description="share of the fitting's labelled true pairs decided 'match' (out-of-fold)"
+    )
+    candidates: int = Field(ge=0)
+    depth: int = Field(default=5, ge=1, le=100, description="candidates per product the model re-ranks")
     fusion: Fusion = Field(default="rrf", description="the fusion that finds the candidates")
-    fitted_at: str
-    source: str = ""
+    fitted_at: str = Field(max_length=64)
+    source: str = Field(default="", max_length=4_096)
     adapters: dict[str, int] = Field(
         default_factory=dict, description="the adaptation heads active when fitted; under others, fit again"
     )
+    reliable: bool = Field(
+        default=True,
+        description="false when no threshold reached the target (or accepted) precision: it then never decides "
+        "'match', only re-ranks and decides 'uncertain' / 'no_match'",
+    )
+    accepted_precision: float | None = Field(
+        default=None, gt=0, lt=1, description="a lower precision the user accepted because the target was not reached"
+    )
+    curve: list[CurvePoint] = Field(
+        default_factory=list, max_length=64, description="the precision / recall it can offer (out-of-fold)"
+    )
+    reranker: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="the cross-encoder whose pair score is a feature (SHA-256 of its kept folder); none: no pair score",
+    )
+    rerank_depth: int = Field(default=0, ge=0, le=100, description="first candidates the cross-encoder reads")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Calibration:
+        n = len(self.features)
+        if not len(self.mean) == len(self.scale) == len(self.weights) == n:
+            raise ValueError(f"mean, scale and weights must have one value per feature ({n})")
+        if any(s <= 0 for s in self.scale):
+            raise ValueError("every scale must be positive")
+        if self.uncertain_threshold > self.match_threshold:
+            raise ValueError("the uncertain threshold cannot be above the match threshold")
+        return self
 
 
 class MatchResult(SearchResult):
@@ -289,6 +333,11 @@ class MatchResponse(BaseModel):
     catalogue: str
     product: Product
     calibrated: bool
+    reliable: bool = Field(
+        description="true when the decisions come from a match model that reached its target precision; "
+        "an unreliable one never decides 'match'"
+    )
+    warning: str | None = Field(default=None, description="why the decisions are missing or unreliable")
     matches: list[MatchResult]
 
 

@@ -155,12 +155,16 @@ class Jobs:
         self._worker = threading.Thread(target=self._work, name="job", daemon=True)
         self._worker.start()
 
-    def submit(self, kind: JobKind, catalogue: str, work: Work, *, cleanup: Cleanup | None = None) -> Job:
+    def submit(
+        self, kind: JobKind, catalogue: str, work: Work, *, cleanup: Cleanup | None = None, warning: str | None = None
+    ) -> Job:
         """Queue `work`; `cleanup` runs once the job is over, however it ended (even if it never started),
-        before its status says so."""
+        before its status says so. `warning` is shown with the job."""
         if self._stop.is_set():
             raise JobsClosed("the service is stopping and takes no new jobs")
-        job = Job(id=uuid.uuid4().hex, kind=kind, catalogue=catalogue, status="queued", created_at=_now())
+        job = Job(
+            id=uuid.uuid4().hex, kind=kind, catalogue=catalogue, status="queued", created_at=_now(), warning=warning
+        )
         with self._lock:
             self._jobs[job.id] = job
             self._trim()

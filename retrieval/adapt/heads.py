@@ -7,6 +7,11 @@ products get it at ingest, and queries go through the same head and search the t
 in a hidden collection beside the catalogue (`_adapters.<catalogue>`); the collection metadata names the
 active version per modality and the ones active before it, so rolling back is one step.
 
+A text head can also be a fine-tuned text encoder (kind `encoder`): its record names a model folder by the
+SHA-256 digest it is kept under (retrieval/weights.py, MODELS_PATH); the twin `text_adapted` is then every
+product's text (rebuilt from the payload) embedded again by that model, and a text query is embedded by it
+rather than by the base model. Every process loads the model from the record and checks the digest.
+
 Activation first switches the modality off (queries use the raw vectors), rewrites every point, then
 switches the new version on: an interrupted activation leaves the catalogue searchable on raw vectors,
 never on a mix of two heads."""
@@ -17,21 +22,28 @@ import base64
 import io
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from qdrant_client import models
 
+from retrieval.encoders.base import EncoderError, TextEncoder
+from retrieval.records import TEXT_FIELDS, payload_text
+from retrieval.settings import Settings
 from retrieval.store import (
     ADAPTED_VECTORS,
     HIDDEN_PREFIX,
+    TEXT_VECTOR,
     CollectionMeta,
     ProductStore,
     StoreError,
 )
+from retrieval.weights import ModelFolderError, kept_model
 from schemas.adapters import AdapterRecord, HeadKind
 
 HEADS_NAMESPACE = uuid.UUID("6f1c2a52-5d7e-4c1b-9a51-0c6a3f1f7a10")
@@ -85,6 +97,38 @@ class Head:
             return cls(kind, {name: arrays[name].astype(np.float32) for name in arrays.files})
 
 
+@dataclass(frozen=True)
+class EncoderHead:
+    """A fine-tuned text encoder as the text head: it embeds texts (a query, a product's stored text)
+    instead of mapping the base model's vectors."""
+
+    digest: str  # of the kept model folder
+    encoder: TextEncoder
+    kind: HeadKind = "encoder"
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.dim
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        return self.encoder.embed_texts(texts)
+
+
+# What a modality's active version is: a map on the raw vectors, or (text) a fine-tuned encoder.
+ActiveHead = Head | EncoderHead
+
+
+def load_kept_encoder(root: Path, digest: str, *, precision: str = "auto") -> TextEncoder:
+    """The sentence-transformers model kept under `digest`, its files checked against it first."""
+    from retrieval.encoders.sentence import SentenceTextEncoder
+
+    try:
+        folder = kept_model(root, digest)
+        return SentenceTextEncoder(str(folder), precision=precision)
+    except (ModelFolderError, EncoderError) as exc:
+        raise AdapterError(f"fine-tuned text encoder {digest[:12]}: {exc}") from exc
+
+
 def head_collection(catalogue: str) -> str:
     return f"{HIDDEN_PREFIX}adapters.{catalogue}"
 
@@ -98,12 +142,24 @@ Progress = Callable[[int, int], None]
 
 
 class Adapters:
-    """The heads of the catalogues in one store: saved, listed, loaded (cached), activated, rolled back."""
+    """The heads of the catalogues in one store: saved, listed, loaded (cached), activated, rolled back.
+    `models_root`: where fine-tuned encoders are kept (default: the settings' MODELS_PATH); `precision`:
+    what they run in (as TEXT_PRECISION)."""
 
-    def __init__(self, store: ProductStore) -> None:
+    def __init__(self, store: ProductStore, *, models_root: Path | None = None, precision: str = "auto") -> None:
         self.store = store
-        self._heads: dict[tuple[str, str, int], Head] = {}
+        self._models_root = models_root
+        self.precision = precision
+        self._heads: dict[tuple[str, str, int], ActiveHead] = {}
+        self._models: dict[str, TextEncoder] = {}  # digest -> the loaded model, shared by its versions
         self._lock = threading.Lock()
+        self._loading = threading.Lock()
+
+    @property
+    def models_root(self) -> Path:
+        if self._models_root is None:
+            self._models_root = Settings().models_root
+        return self._models_root
 
     # -- stored heads --------------------------------------------------------------------------------------
 
@@ -116,20 +172,27 @@ class Adapters:
         found = [AdapterRecord.model_validate(p.payload) for points in pages for p in points]
         return sorted(found, key=lambda r: (r.modality, r.version))
 
-    def save(self, record: AdapterRecord, head: Head) -> AdapterRecord:
-        """Store a head as the next version of its modality (the record's version is replaced)."""
+    def save(self, record: AdapterRecord, head: Head | None = None) -> AdapterRecord:
+        """Store a head as the next version of its modality (the record's version is replaced). A fine-tuned
+        encoder's record needs no head: its model must be kept under the record's digest already."""
         info = self.require_slots(record.catalogue)
+        if record.model is not None:
+            self._model(record.model)  # refused here, before a version names a missing or altered folder
+        elif head is None:
+            raise AdapterError(f"a {record.kind} head is stored with its weights")
         name = head_collection(record.catalogue)
         self.store.ensure_side_collection(name, info.fingerprint, owner=record.catalogue)
         taken = [r.version for r in self.records(record.catalogue) if r.modality == record.modality]
         saved = record.model_copy(update={"version": max(taken, default=0) + 1})
-        payload = {**saved.model_dump(mode="json"), "weights": head.encode()}
+        payload: dict[str, Any] = saved.model_dump(mode="json")
+        if head is not None and record.model is None:
+            payload["weights"] = head.encode()
         self.store.upsert(
             name, [models.PointStruct(id=_head_id(saved.modality, saved.version), vector={}, payload=payload)]
         )
         return saved
 
-    def load(self, catalogue: str, modality: str, version: int) -> Head:
+    def load(self, catalogue: str, modality: str, version: int) -> ActiveHead:
         key = (catalogue, modality, version)
         with self._lock:
             if key in self._heads:
@@ -141,15 +204,46 @@ class Adapters:
         if not found or not found[0].payload:
             raise AdapterError(f"catalogue {catalogue!r} has no {modality} head version {version}")
         payload = found[0].payload
-        head = Head.decode(AdapterRecord.model_validate(payload).kind, str(payload["weights"]))
+        try:
+            record = AdapterRecord.model_validate(payload)
+        except ValidationError as exc:
+            raise AdapterError(f"catalogue {catalogue!r}: {modality} head version {version} is unreadable") from exc
+        head: ActiveHead
+        if record.model is not None:
+            head = EncoderHead(record.model, self._model(record.model))
+        elif isinstance(weights := payload.get("weights"), str):
+            head = Head.decode(record.kind, weights)
+        else:
+            raise AdapterError(f"catalogue {catalogue!r}: {modality} head version {version} has no weights")
         with self._lock:
             self._heads[key] = head
         return head
 
-    def active_heads(self, catalogue: str, active: dict[str, int] | None = None) -> dict[str, Head]:
+    def _model(self, digest: str) -> TextEncoder:
+        """The fine-tuned encoder kept under `digest`, loaded (and its folder checked) once per digest."""
+        with self._loading:
+            if digest not in self._models:
+                self._models[digest] = load_kept_encoder(self.models_root, digest, precision=self.precision)
+            return self._models[digest]
+
+    def active_heads(self, catalogue: str, active: dict[str, int] | None = None) -> dict[str, ActiveHead]:
         """Raw vector name -> the head its queries and new points go through."""
         versions = self.store.info(catalogue).adapters if active is None else active
         return {modality: self.load(catalogue, modality, version) for modality, version in versions.items()}
+
+    def text_model(self, catalogue: str, active: dict[str, int] | None = None) -> EncoderHead | None:
+        """The catalogue's fine-tuned text encoder when one is the active text head (its queries are embedded
+        by it), else None."""
+        versions = self.store.info(catalogue).adapters if active is None else active
+        if (version := versions.get(TEXT_VECTOR)) is None:
+            return None
+        head = self.load(catalogue, TEXT_VECTOR, version)
+        return head if isinstance(head, EncoderHead) else None
+
+    def active_labels(self, catalogue: str) -> dict[str, str]:
+        """Modality -> what its active version is, e.g. {"text": "encoder v2 1a2b3c4d5e6f"}."""
+        active = self.store.info(catalogue).adapters
+        return {r.modality: r.label for r in self.records(catalogue) if active.get(r.modality) == r.version}
 
     def require_slots(self, catalogue: str) -> CollectionMeta:
         info = self.store.info(catalogue)
@@ -219,12 +313,13 @@ class Adapters:
         )
 
 
-def adapted_vectors(vector: dict[str, Any], heads: dict[str, Head]) -> dict[str, Any]:
-    """The adapted twins of a point's raw vectors, for the modalities that have an active head."""
+def adapted_vectors(vector: dict[str, Any], heads: dict[str, ActiveHead]) -> dict[str, Any]:
+    """The adapted twins of a point's raw vectors, for the modalities whose active head maps vectors (a
+    fine-tuned encoder's twin comes from the text: `encoder_twins`)."""
     out: dict[str, Any] = {}
     for modality, head in heads.items():
         raw = vector.get(modality)
-        if not raw:
+        if not raw or isinstance(head, EncoderHead):
             continue
         rows = np.asarray(raw, dtype=np.float32)
         adapted = head(rows if rows.ndim == 2 else rows[None, :])
@@ -232,12 +327,21 @@ def adapted_vectors(vector: dict[str, Any], heads: dict[str, Head]) -> dict[str,
     return out
 
 
+def encoder_twins(heads: dict[str, ActiveHead], texts: Sequence[str]) -> np.ndarray | None:
+    """The products' texts embedded by the active fine-tuned text encoder (their `text_adapted`), or None
+    when the text head is not one."""
+    head = heads.get(TEXT_VECTOR)
+    return head.embed_texts(texts) if isinstance(head, EncoderHead) else None
+
+
 def rewrite_adapted(
-    store: ProductStore, catalogue: str, modality: str, head: Head, *, progress: Progress | None = None
+    store: ProductStore, catalogue: str, modality: str, head: ActiveHead, *, progress: Progress | None = None
 ) -> int:
-    """Write head(raw) into the adapted twin of every point of the catalogue, page by page. Only the twin
-    is written: payloads and the other vectors are not touched (an ingest's payload update between the
-    read and the write is not undone)."""
+    """Write head(raw) into the adapted twin of every point of the catalogue, page by page (a fine-tuned
+    encoder: the product's text embedded by it). Only the twin is written: payloads and the other vectors
+    are not touched (an ingest's payload update between the read and the write is not undone)."""
+    if isinstance(head, EncoderHead):
+        return _reembed_texts(store, catalogue, head, progress)
     total = store.count(catalogue)
     done = 0
     for points in store.scroll_pages(catalogue, page=PAGE, with_payload=False, with_vectors=[modality]):
@@ -247,6 +351,26 @@ def rewrite_adapted(
             if twin:
                 batch.append(models.PointVectors(id=point.id, vector=twin))
         store.update_vectors(catalogue, batch)
+        done += len(points)
+        if progress:
+            progress(done, total)
+    return done
+
+
+def _reembed_texts(store: ProductStore, catalogue: str, head: EncoderHead, progress: Progress | None) -> int:
+    total = store.count(catalogue)
+    done = 0
+    twin = ADAPTED_VECTORS[TEXT_VECTOR]
+    for points in store.scroll_pages(catalogue, page=PAGE, with_payload=list(TEXT_FIELDS), with_vectors=False):
+        texts = [(point.id, text) for point in points if (text := payload_text(point.payload or {}))]
+        rows = head.embed_texts([text for _, text in texts])
+        store.update_vectors(
+            catalogue,
+            [
+                models.PointVectors(id=pid, vector={twin: row.tolist()})
+                for (pid, _), row in zip(texts, rows, strict=True)
+            ],
+        )
         done += len(points)
         if progress:
             progress(done, total)

@@ -158,7 +158,7 @@ def fit_supervised(
     gallery = torch.from_numpy(examples.gallery)
     gallery_labels = torch.from_numpy(examples.gallery_labels)
     gallery_owners = torch.from_numpy(examples.gallery_owners)
-    rows_of = _rows_by_label(examples.gallery_labels)
+    rows_of = rows_by_label(examples.gallery_labels)
     generator = np.random.default_rng(seed)
     before = recall_at_1(held)
     best, best_epoch, best_state = before, 0, copy.deepcopy(module.state_dict())
@@ -168,26 +168,20 @@ def fit_supervised(
         shuffled = generator.permutation(fit_index)
         for start in range(0, len(shuffled), batch_size):
             batch = torch.from_numpy(shuffled[start : start + batch_size])
-            rows = torch.from_numpy(_gallery_rows(rows_of, examples.labels[batch.numpy()], len(gallery), generator))
-            query = F.normalize(module(anchors[batch]), dim=-1)
-            stored = F.normalize(module(gallery[rows]), dim=-1)
-            scores = query @ stored.T
-            own = (owners[batch][:, None] == gallery_owners[rows][None, :]) & (owners[batch][:, None] >= 0)
-            positive = (labels[batch][:, None] == gallery_labels[rows][None, :]) & ~own
-            keep = positive.any(dim=1)
-            if not bool(keep.any()):
+            rows = torch.from_numpy(gallery_rows(rows_of, examples.labels[batch.numpy()], len(gallery), generator))
+            value = batch_loss(
+                F.normalize(module(anchors[batch]), dim=-1),
+                F.normalize(module(gallery[rows]), dim=-1),
+                (labels[batch], owners[batch]),
+                (gallery_labels[rows], gallery_owners[rows]),
+                loss=loss,
+                temperature=temperature,
+                margin=margin,
+            )
+            if value is None:
                 continue
-            if loss == "triplet":
-                hardest_positive = scores.masked_fill(~positive, float("inf")).min(dim=1).values
-                hardest_negative = scores.masked_fill(positive | own, float("-inf")).max(dim=1).values
-                per_anchor = F.relu(margin + hardest_negative - hardest_positive)
-            else:
-                logits = (scores / temperature).masked_fill(own, float("-inf"))
-                per_anchor = torch.logsumexp(logits, dim=1) - torch.logsumexp(
-                    logits.masked_fill(~positive, float("-inf")), dim=1
-                )
             optimiser.zero_grad()
-            per_anchor[keep].mean().backward()  # type: ignore[no-untyped-call]
+            value.backward()  # type: ignore[no-untyped-call]
             optimiser.step()
         module.eval()
         measured = recall_at_1(held, Head.from_module(kind, module))
@@ -202,20 +196,59 @@ def fit_supervised(
     )
 
 
-def _rows_by_label(labels: np.ndarray) -> dict[int, np.ndarray]:
+def batch_loss(
+    query: torch.Tensor,
+    stored: torch.Tensor,
+    query_side: tuple[torch.Tensor, torch.Tensor],
+    stored_side: tuple[torch.Tensor, torch.Tensor],
+    *,
+    loss: Loss = "contrastive",
+    temperature: float = 0.05,
+    margin: float = 0.2,
+) -> torch.Tensor | None:
+    """The mean loss of a batch of L2-normalised anchors (`query`) against L2-normalised gallery rows
+    (`stored`), each side given with its (labels, owners); None when no anchor has a positive among the
+    rows. Contrastive: the softmax over the rows (at `temperature`) of the positives' share; triplet: the
+    hardest positive against the hardest negative with `margin`. An anchor's own rows never count."""
+    labels, owners = query_side
+    row_labels, row_owners = stored_side
+    scores = query @ stored.T
+    own = (owners[:, None] == row_owners[None, :]) & (owners[:, None] >= 0)
+    positive = (labels[:, None] == row_labels[None, :]) & ~own
+    keep = positive.any(dim=1)
+    if not bool(keep.any()):
+        return None
+    if loss == "triplet":
+        hardest_positive = scores.masked_fill(~positive, float("inf")).min(dim=1).values
+        hardest_negative = scores.masked_fill(positive | own, float("-inf")).max(dim=1).values
+        per_anchor = F.relu(margin + hardest_negative - hardest_positive)
+    else:
+        logits = (scores / temperature).masked_fill(own, float("-inf"))
+        per_anchor = torch.logsumexp(logits, dim=1) - torch.logsumexp(
+            logits.masked_fill(~positive, float("-inf")), dim=1
+        )
+    return per_anchor[keep].mean()
+
+
+def rows_by_label(labels: np.ndarray) -> dict[int, np.ndarray]:
     order = np.argsort(labels, kind="stable")
     values, starts = np.unique(labels[order], return_index=True)
     return {int(v): part for v, part in zip(values, np.split(order, starts[1:]), strict=True)}
 
 
-def _gallery_rows(
-    rows_of: dict[int, np.ndarray], batch_labels: np.ndarray, size: int, generator: np.random.Generator
+def gallery_rows(
+    rows_of: dict[int, np.ndarray],
+    batch_labels: np.ndarray,
+    size: int,
+    generator: np.random.Generator,
+    *,
+    limit: int = GALLERY_MAX,
 ) -> np.ndarray:
-    """The whole gallery when small; else the batch's positives and GALLERY_MAX random rows (negatives)."""
-    if size <= GALLERY_MAX:
+    """The whole gallery when small; else the batch's positives and `limit` random rows (negatives)."""
+    if size <= limit:
         return np.arange(size)
     positives = np.concatenate([rows_of[int(label)] for label in np.unique(batch_labels)])
-    sample = generator.choice(size, GALLERY_MAX, replace=False)
+    sample = generator.choice(size, limit, replace=False)
     return np.unique(np.concatenate([positives, sample]))
 
 

@@ -73,7 +73,7 @@ def match_retailer(
 ) -> Iterator[list[Row]]:
     """For each product of `retailer` (or of `product_ids`), its best `limit` candidates in the other
     retailers (only those in `against` when given), re-ranked and decided by the catalogue's calibration."""
-    calibration = active_calibration(engine.store, catalogue)
+    calibration = active_calibration(engine.store, catalogue, models_root=engine.models_root)
     filters = SearchFilters(retailer=list(against))
     for product_id in engine.store.product_ids(catalogue, retailer) if product_ids is None else product_ids:
         if skip(product_id):

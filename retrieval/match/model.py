@@ -4,27 +4,53 @@ and decides `match` / `uncertain` / `no_match` for each.
 Each candidate is described by its per-modality scores and their margins to the other candidates of the
 same query, by how identifiers agree (model numbers, GTIN), by how the titles agree (shared and extra words,
 character trigrams, numbers such as sizes and versions) and by the price gap. A logistic model over these
-features gives the probability that a candidate is the same product: candidates are re-ordered by it (the
-fitted "fusion weights"), and the thresholds reaching a target precision are chosen on out-of-fold
-probabilities so that they hold on products the model was not fitted on."""
+features (scikit-learn: standard scaling, then a logistic regression) gives the probability that a candidate
+is the same product: candidates are re-ordered by it (the fitted "fusion weights"), and the thresholds
+reaching a target precision are chosen on out-of-fold probabilities (folds by query) so that they hold on
+products the model was not fitted on. When no threshold reaches it, the model is stored as unreliable: it
+still re-ranks, but never decides `match`.
+
+The fitted model is kept as plain numbers in the catalogue's metadata (portable to a Qdrant server, never a
+pickle) and rebuilt into the same scikit-learn pipeline to predict."""
 
 from __future__ import annotations
 
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
+from pydantic import ValidationError
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import precision_recall_curve
+from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from retrieval.lexical import code_stem, codes, tokens
+from retrieval.match.rerank import DEFAULT_DEPTH as DEFAULT_RERANK_DEPTH
+from retrieval.match.rerank import Reranker, load_reranker
 from retrieval.search import ImageUrl, SearchEngine, ref_as_url
+from retrieval.settings import Settings
 from retrieval.store import ProductStore
+from retrieval.weights import ModelFolderError, kept_model
 from schemas.payload import Product
-from schemas.search import Calibration, Decision, Fusion, LabelledPair, MatchResult, SearchFilters, SearchOptions
+from schemas.search import (
+    Calibration,
+    CurvePoint,
+    Decision,
+    Fusion,
+    LabelledPair,
+    MatchResult,
+    SearchFilters,
+    SearchOptions,
+)
 
-MODEL_VERSION = 3  # 3: + the text read off the photos (`ocr`), for catalogues that read it
+# 3: + the text read off the photos (`ocr`); 4: fitted by scikit-learn, stored with its reliability and curve
+MODEL_VERSION = 4
 MODALITIES = ("image", "text", "lexical", "ocr")  # fusion-independent: a score means the same in any query
 FEATURES = (
     *MODALITIES,
@@ -46,11 +72,20 @@ FEATURES = (
     "price_known",
     "price_gap",
 )
+# The cross-encoder's score of a candidate (its logit), against the best of the other candidates', and whether
+# it read the candidate at all (it reads the first `rerank_depth`): only in models fitted with a cross-encoder.
+PAIR_FEATURES = ("pair", "pair_margin", "has_pair")
 DEFAULT_DEPTH = 20  # candidates per product that the model re-ranks
 DEFAULT_FUSION: Fusion = "dbsf"
 UNCERTAIN_PRECISION = 0.5
-RIDGE = 1e-2
-FOLDS = 5
+# Inverse L2 strength on standardised features: chosen on the valid splits' out-of-fold R@1 and recall at
+# precision 0.95 (abt-buy, amazon-google), flat from 3 to 100, worse at 1 and below.
+C = 10.0
+FOLDS = 5  # out-of-fold folds, by query
+MIN_HITS = 5  # a precision "reached" by fewer true matches than this is luck, not a threshold to trust
+FEW_TRUE_PAIRS = 30  # below this, out-of-fold precision is a rough estimate: said, not refused
+PRECISION_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)  # the offered curve's points
+RECALL_LEVELS = (0.05, 0.1, 0.25, 0.5, 0.75)  # added when few precision levels are reachable
 _NUMBER = re.compile(r"(?<![a-z0-9])\d+(?:[.,]\d+)?")
 
 
@@ -89,7 +124,7 @@ def _share(part: frozenset[str], whole: frozenset[str], empty: float) -> float:
     return len(part & whole) / len(whole) if whole else empty
 
 
-def _pair_features(query: _Side, candidate: _Side) -> list[float]:
+def _pair_features(query: _Side, candidate: _Side) -> dict[str, float]:
     same = bool(query.codes & candidate.codes)
     stem_same = bool(query.stems & candidate.stems)
     prefix = any(
@@ -100,114 +135,191 @@ def _pair_features(query: _Side, candidate: _Side) -> list[float]:
     trigram_union = query.trigrams | candidate.trigrams
     priced = query.price is not None and candidate.price is not None
     gap = min(3.0, abs(math.log(query.price / candidate.price))) if query.price and candidate.price else 0.0
-    return [
-        float(same),
-        float(stem_same),
-        float(prefix),
-        float(bool(query.codes and candidate.codes) and not (same or stem_same or prefix)),
-        float(both_gtin and query.gtin == candidate.gtin),
-        float(both_gtin and query.gtin != candidate.gtin),
-        len(query.words & candidate.words) / len(union) if union else 0.0,
-        1.0 - _share(candidate.words, query.text_words, 1.0) if candidate.words else 0.0,
-        1.0 - _share(query.words, candidate.text_words, 1.0) if query.words else 0.0,
-        len(query.trigrams & candidate.trigrams) / len(trigram_union) if trigram_union else 0.0,
-        _share(candidate.numbers, query.numbers, 0.5),  # the query's sizes and versions the candidate has
-        1.0 - _share(query.numbers, candidate.numbers, 1.0),  # and those it adds
-        float(priced),
-        gap,
-    ]
+    return {
+        "code_same": float(same),
+        "code_stem_same": float(stem_same),
+        "code_prefix": float(prefix),
+        "code_conflict": float(bool(query.codes and candidate.codes) and not (same or stem_same or prefix)),
+        "gtin_same": float(both_gtin and query.gtin == candidate.gtin),
+        "gtin_conflict": float(both_gtin and query.gtin != candidate.gtin),
+        "title_jaccard": len(query.words & candidate.words) / len(union) if union else 0.0,
+        "title_extra": 1.0 - _share(candidate.words, query.text_words, 1.0) if candidate.words else 0.0,
+        "title_missing": 1.0 - _share(query.words, candidate.text_words, 1.0) if query.words else 0.0,
+        "title_trigrams": len(query.trigrams & candidate.trigrams) / len(trigram_union) if trigram_union else 0.0,
+        "numbers_kept": _share(candidate.numbers, query.numbers, 0.5),  # the query's sizes, versions it has
+        "numbers_added": 1.0 - _share(query.numbers, candidate.numbers, 1.0),  # and those it adds
+        "price_known": float(priced),
+        "price_gap": gap,
+    }
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """What the match model needs of one candidate: its product and its per-modality scores."""
+    """What the match model needs of one candidate: its product and its per-modality scores. A new per-pair
+    signal (a score computed on the two listings together) is one more field here, one more name in
+    FEATURES and one more entry in `_candidate_features`."""
 
     product: Product
     scores: dict[str, float | None]
+    pair: float | None = None  # the cross-encoder's probability that the two listings are one product
 
 
-def features(query: Product, candidates: Sequence[Candidate]) -> list[list[float]]:
-    """One row of FEATURES per candidate of one query, candidates in the order the search ranked them."""
+def feature_names(*, pair: bool) -> list[str]:
+    """The features of a model fitted without or with the cross-encoder's pair score."""
+    return [*FEATURES, *PAIR_FEATURES] if pair else list(FEATURES)
+
+
+def _logit(p: float) -> float:
+    q = min(max(p, 1e-6), 1 - 1e-6)
+    return math.log(q / (1 - q))
+
+
+def _candidate_features(
+    query: _Side, candidate: Candidate, rank: int, score: np.ndarray, best_other: np.ndarray
+) -> dict[str, float]:
+    """The named features of one candidate: `score` its modality scores, `best_other` the best of the other
+    candidates' per modality, `rank` its place in the search order (0 first)."""
+    return {
+        **{m: float(score[k]) for k, m in enumerate(MODALITIES)},
+        **{f"has_{m}": float(candidate.scores.get(m) is not None) for m in MODALITIES},
+        **{f"{m}_margin": float(score[k] - best_other[k]) for k, m in enumerate(MODALITIES)},
+        "reciprocal_rank": 1.0 / (rank + 1),
+        **_pair_features(query, _Side.of(candidate.product)),
+    }
+
+
+def features(query: Product, candidates: Sequence[Candidate], *, pair: bool = False) -> list[list[float]]:
+    """One row of features per candidate of one query, candidates in the order the search ranked them
+    (`pair`: with the cross-encoder's PAIR_FEATURES after FEATURES)."""
     table = np.array([[c.scores.get(m) or 0.0 for m in MODALITIES] for c in candidates]).reshape(-1, len(MODALITIES))
+    logits = [_logit(c.pair) if c.pair is not None else None for c in candidates]
     query_side = _Side.of(query)
+    names = feature_names(pair=pair)
     rows = []
     for i, candidate in enumerate(candidates):
         others = np.delete(table, i, axis=0)
         best_other = others.max(axis=0) if len(others) else np.zeros(len(MODALITIES))
-        present = [float(candidate.scores.get(m) is not None) for m in MODALITIES]
-        rows.append(
-            [
-                *table[i],
-                *present,
-                *(table[i] - best_other),
-                1.0 / (i + 1),
-                *_pair_features(query_side, _Side.of(candidate.product)),
-            ]
-        )
+        named = _candidate_features(query_side, candidate, i, table[i], best_other)
+        if pair:
+            rivals = [v for j, v in enumerate(logits) if j != i and v is not None]
+            own = logits[i]
+            named["pair"] = own if own is not None else 0.0
+            named["pair_margin"] = own - max(rivals) if own is not None and rivals else 0.0
+            named["has_pair"] = float(own is not None)
+        rows.append([named[name] for name in names])
     return rows
 
 
-def _logistic(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Weights (bias last) by Newton's method with a small ridge: converges in a few steps."""
-    design = np.hstack([x, np.ones((len(x), 1))])
-    w = np.zeros(design.shape[1])
-    for _ in range(100):
-        p = 1 / (1 + np.exp(-np.clip(design @ w, -30, 30)))
-        gradient = design.T @ (p - y) + RIDGE * w
-        hessian = (design * (p * (1 - p))[:, None]).T @ design + RIDGE * np.eye(len(w))
-        step = np.linalg.solve(hessian, gradient)
-        w -= step
-        if np.abs(step).max() < 1e-8:
-            break
-    return w
+def _pipeline() -> Pipeline:
+    return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=1_000))
 
 
-def _fit_model(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    mean, scale = x.mean(axis=0), x.std(axis=0)
-    scale[scale == 0] = 1.0
-    return mean, scale, _logistic((x - mean) / scale, y)
-
-
-def _predict(x: np.ndarray, mean: np.ndarray, scale: np.ndarray, w: np.ndarray) -> np.ndarray:
-    z = ((x - mean) / scale) @ w[:-1] + w[-1]
-    return np.asarray(1 / (1 + np.exp(-np.clip(z, -30, 30))))
+def model_of(calibration: Calibration) -> Pipeline:
+    """The fitted scikit-learn pipeline a stored calibration describes, rebuilt from its numbers (the stored
+    form is JSON, so that any Qdrant server keeps it; the schema checked the lengths and signs)."""
+    n = len(calibration.features)
+    scaler = StandardScaler()
+    scaler.mean_ = np.asarray(calibration.mean, dtype=np.float64)
+    scaler.scale_ = np.asarray(calibration.scale, dtype=np.float64)
+    scaler.var_ = scaler.scale_**2
+    scaler.n_features_in_ = n
+    scaler.n_samples_seen_ = calibration.candidates
+    logistic = LogisticRegression(C=C)
+    logistic.coef_ = np.asarray([calibration.weights], dtype=np.float64)
+    logistic.intercept_ = np.asarray([calibration.bias], dtype=np.float64)
+    logistic.classes_ = np.array([0, 1])
+    logistic.n_features_in_ = n
+    return make_pipeline(scaler, logistic)
 
 
 def probabilities(calibration: Calibration, rows: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:
     x = np.asarray(rows, dtype=np.float64).reshape(-1, len(calibration.features))
-    weights = np.array([*calibration.weights, calibration.bias])
-    return _predict(x, np.asarray(calibration.mean), np.asarray(calibration.scale), weights)
+    if not len(x):
+        return np.zeros(0)
+    return np.asarray(model_of(calibration).predict_proba(x)[:, 1])
+
+
+def _curve(p: np.ndarray, y: np.ndarray, positives: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(thresholds ascending, precision, true matches) of deciding `match` at p >= each threshold; recall is
+    the true matches over `positives` (default: the true pairs among the candidates)."""
+    if not y.any():
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    precision, recall, thresholds = precision_recall_curve(y, p)
+    hits = np.rint(recall[:-1] * y.sum())  # the last point (recall 0) has no threshold
+    return thresholds, precision[:-1], hits
+
+
+def _point(threshold: float, precision: float, hits: float, positives: int) -> CurvePoint:
+    return CurvePoint(
+        threshold=float(threshold), precision=float(precision), recall=min(1.0, float(hits) / max(1, positives))
+    )
 
 
 def lowest_threshold(
-    p: np.ndarray, y: np.ndarray, precision: float, positives: int | None = None
-) -> tuple[float, float, float]:
-    """The lowest probability t whose candidates {p >= t} reach `precision`: (t, precision, recall), recall
-    out of `positives` true pairs (default: those among the candidates)."""
-    order = np.argsort(-p, kind="stable")
-    hits = np.cumsum(y[order])
-    precisions = hits / np.arange(1, len(p) + 1)
-    ok = np.nonzero(precisions >= precision)[0]
-    if len(ok) == 0:
-        return 1.0, 0.0, 0.0  # nothing reaches it: decide "match" for nothing
-    last = ok[-1]
-    total = positives if positives is not None else max(1, int(y.sum()))
-    return float(p[order][last]), float(precisions[last]), float(hits[last] / max(1, total))
+    p: np.ndarray, y: np.ndarray, precision: float, *, positives: int | None = None, min_hits: int = 1
+) -> CurvePoint | None:
+    """The lowest probability whose candidates {p >= t} reach `precision` with at least `min_hits` true
+    matches among them, with its precision and recall (out of `positives` true pairs, default: those among
+    the candidates); None when no threshold reaches it."""
+    total = positives if positives is not None else int(y.sum())
+    thresholds, precisions, hits = _curve(p, y, total)
+    ok = np.nonzero((precisions >= precision) & (hits >= min_hits))[0]
+    if not len(ok):
+        return None
+    first = ok[0]  # thresholds ascend: the first that reaches it keeps the most matches
+    return _point(thresholds[first], precisions[first], hits[first], total)
 
 
-def out_of_fold(x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int = FOLDS) -> np.ndarray:
-    """Each candidate's probability from a model fitted without its query's fold."""
-    unique = np.unique(groups)
-    fold_of = {g: i % folds for i, g in enumerate(np.random.default_rng(0).permutation(unique))}
-    fold = np.array([fold_of[g] for g in groups])
-    p = np.zeros(len(y))
-    for k in range(folds):
-        held = fold == k
-        train = ~held
-        if not held.any() or y[train].sum() < 2 or y[train].sum() > train.sum() - 2:
-            continue
-        p[held] = _predict(x[held], *_fit_model(x[train], y[train]))
-    return p
+def offered_curve(p: np.ndarray, y: np.ndarray, positives: int) -> list[CurvePoint]:
+    """What the model can offer, highest threshold first: the lowest threshold reaching each of
+    PRECISION_LEVELS, and, when few of those are reachable, its best precision and the highest threshold
+    reaching each of RECALL_LEVELS."""
+    points = {
+        point.threshold: point
+        for level in PRECISION_LEVELS
+        if (point := lowest_threshold(p, y, level, positives=positives, min_hits=MIN_HITS)) is not None
+    }
+    if len(points) < 4:
+        best = _best_precision(p, y, positives)
+        if best.precision > 0:
+            points.setdefault(best.threshold, best)
+        thresholds, precisions, hits = _curve(p, y, positives)
+        for level in RECALL_LEVELS:
+            reaching = np.nonzero(hits >= max(MIN_HITS, level * positives))[0]
+            if len(reaching):
+                last = reaching[-1]  # the highest threshold that still finds this share
+                points.setdefault(
+                    float(thresholds[last]), _point(thresholds[last], precisions[last], hits[last], positives)
+                )
+    return sorted(points.values(), key=lambda point: -point.threshold)
+
+
+def _best_precision(p: np.ndarray, y: np.ndarray, positives: int) -> CurvePoint:
+    """The lowest threshold of the best precision found with at least MIN_HITS true matches."""
+    thresholds, precisions, hits = _curve(p, y, positives)
+    enough = np.nonzero(hits >= MIN_HITS)[0]
+    if not len(enough):
+        return CurvePoint(threshold=1.0, precision=0.0, recall=0.0)
+    best = enough[np.argmax(precisions[enough])]  # the first of equals: the lowest threshold, the most found
+    return _point(thresholds[best], precisions[best], hits[best], positives)
+
+
+def _best_f1(p: np.ndarray, y: np.ndarray) -> float:
+    """The threshold of the best F1 on the candidates: where a person's look is worth most."""
+    thresholds, precisions, hits = _curve(p, y, None)
+    if not len(thresholds):
+        return 1.0
+    recalls = hits / max(1, int(y.sum()))
+    f1 = 2 * precisions * recalls / np.maximum(precisions + recalls, 1e-12)
+    return float(thresholds[int(np.argmax(f1))])
+
+
+def out_of_fold(x: np.ndarray, y: np.ndarray, groups: np.ndarray, *, folds: int = FOLDS) -> np.ndarray:
+    """Each candidate's probability from a model fitted without its query's fold (folds keep each query's
+    candidates together and the share of true pairs alike)."""
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=0)
+    predicted = cross_val_predict(_pipeline(), x, y, groups=groups, cv=splitter, method="predict_proba")
+    return np.asarray(predicted[:, 1])
 
 
 @dataclass
@@ -220,66 +332,212 @@ class Labelled:
     positives: int  # every labelled true pair, also those the search did not bring among the candidates
 
 
-def fit(
+@dataclass(frozen=True)
+class Fitted:
+    """A fitted calibration and what `calibrate` should say about it."""
+
+    calibration: Calibration
+    notes: list[str] = field(default_factory=list)  # caveats worth a WARNING line (few labels, ...)
+
+
+def check_enough(data: Labelled) -> None:
+    """Refuse labels out-of-fold thresholds cannot be chosen on, saying what is missing."""
+    true = sum(data.labels)
+    queries = len(set(data.groups))
+    if queries < FOLDS or true < FOLDS or len(data.labels) - true < FOLDS:
+        raise ValueError(
+            f"too few labelled candidates: calibration needs the candidates of at least {FOLDS} labelled products, "
+            f"with at least {FOLDS} true and {FOLDS} false pairs among them; got {len(data.labels)} candidates of "
+            f"{queries} products ({true} true): label more pairs"
+        )
+
+
+def fit_model(
     data: Labelled,
     *,
     target_precision: float = 0.95,
+    accept_precision: float | None = None,
     depth: int = DEFAULT_DEPTH,
     fusion: Fusion = DEFAULT_FUSION,
     source: str = "",
     adapters: dict[str, int] | None = None,
-) -> Calibration:
-    """Fit the model on all labelled candidates; choose the thresholds on out-of-fold probabilities.
-    `adapters`: the catalogue's active heads the candidates were found under."""
-    x = np.asarray(data.rows, dtype=np.float64).reshape(-1, len(FEATURES))
-    y = np.asarray(data.labels, dtype=np.float64)
-    if len(x) < 10 or y.sum() < 3 or y.sum() > len(y) - 3:
-        raise ValueError(
-            f"calibration needs at least 10 candidates with 3 of each label, got {len(y)} ({int(y.sum())} true)"
+    reranker: str | None = None,
+    rerank_depth: int = DEFAULT_RERANK_DEPTH,
+) -> Fitted:
+    """Fit the model on all labelled candidates; choose the thresholds on out-of-fold probabilities. When no
+    threshold reaches `target_precision`, `accept_precision` (lower) is tried; when neither is reached the
+    calibration is stored unreliable. `adapters`: the catalogue's active heads the candidates were found under;
+    `reranker`: the digest of the cross-encoder whose pair scores the rows carry (`labelled_candidates` with it)."""
+    check_enough(data)
+    names = feature_names(pair=reranker is not None)
+    x = np.asarray(data.rows, dtype=np.float64).reshape(-1, len(names))
+    y = np.asarray(data.labels, dtype=np.int64)
+    model = _pipeline().fit(x, y)
+    held_out = out_of_fold(x, y, np.asarray(data.groups))
+    notes = []
+    if data.positives < FEW_TRUE_PAIRS:
+        notes.append(
+            f"only {data.positives} labelled true pairs: out-of-fold precision and recall are rough estimates "
+            f"(label {FEW_TRUE_PAIRS} or more)"
         )
-    mean, scale, w = _fit_model(x, y)
-    groups = np.asarray(data.groups)
-    held_out = out_of_fold(x, y, groups) if len(np.unique(groups)) >= 2 * FOLDS else _predict(x, mean, scale, w)
-    match, precision, recall = lowest_threshold(held_out, y, target_precision, data.positives)
-    uncertain, _, _ = lowest_threshold(held_out, y, UNCERTAIN_PRECISION)
-    return Calibration(
+    match = lowest_threshold(held_out, y, target_precision, positives=data.positives, min_hits=MIN_HITS)
+    accepted = None
+    if match is None and accept_precision is not None:
+        match = lowest_threshold(held_out, y, accept_precision, positives=data.positives, min_hits=MIN_HITS)
+        accepted = accept_precision if match is not None else None
+    reliable = match is not None
+    if match is None:  # stored to be shown, never applied: `decide` gives no 'match' from it
+        match = _best_precision(held_out, y, data.positives)
+    uncertain = lowest_threshold(held_out, y, UNCERTAIN_PRECISION)
+    scaler, logistic = model[0], model[-1]
+    calibration = Calibration(
         version=MODEL_VERSION,
-        features=list(FEATURES),
-        mean=mean.tolist(),
-        scale=scale.tolist(),
-        weights=w[:-1].tolist(),
-        bias=float(w[-1]),
-        match_threshold=match,
-        uncertain_threshold=min(uncertain, match),
+        features=names,
+        mean=scaler.mean_.tolist(),
+        scale=scaler.scale_.tolist(),
+        weights=logistic.coef_[0].tolist(),
+        bias=float(logistic.intercept_[0]),
+        match_threshold=match.threshold,
+        # below 0.5 precision everywhere, the middle band is the candidates a person should look at first
+        uncertain_threshold=min(uncertain.threshold if uncertain else _best_f1(held_out, y), match.threshold),
         target_precision=target_precision,
-        precision=precision,
-        recall=recall,
+        precision=match.precision,
+        recall=match.recall,
         candidates=len(y),
         depth=depth,
         fusion=fusion,
         fitted_at=datetime.now(UTC).isoformat(timespec="seconds"),
         source=source,
         adapters=adapters or {},
+        reliable=reliable,
+        accepted_precision=accepted,
+        curve=offered_curve(held_out, y, data.positives),
+        reranker=reranker,
+        rerank_depth=rerank_depth if reranker else 0,
     )
+    return Fitted(calibration, notes)
+
+
+def fit(
+    data: Labelled,
+    *,
+    target_precision: float = 0.95,
+    accept_precision: float | None = None,
+    depth: int = DEFAULT_DEPTH,
+    fusion: Fusion = DEFAULT_FUSION,
+    source: str = "",
+    adapters: dict[str, int] | None = None,
+    reranker: str | None = None,
+    rerank_depth: int = DEFAULT_RERANK_DEPTH,
+) -> Calibration:
+    """`fit_model`'s calibration alone."""
+    return fit_model(
+        data,
+        target_precision=target_precision,
+        accept_precision=accept_precision,
+        depth=depth,
+        fusion=fusion,
+        source=source,
+        adapters=adapters,
+        reranker=reranker,
+        rerank_depth=rerank_depth,
+    ).calibration
 
 
 def decide(calibration: Calibration, p: float) -> Decision:
-    if p >= calibration.match_threshold:
+    """An unreliable calibration never says 'match': its best is a candidate worth a look."""
+    if calibration.reliable and p >= calibration.match_threshold:
         return "match"
     return "uncertain" if p >= calibration.uncertain_threshold else "no_match"
+
+
+def unreliable_warning(calibration: Calibration) -> str | None:
+    """What a reader of the decisions must know about the calibration, or None when they hold as stored."""
+    if calibration.reliable:
+        return None
+    return (
+        f"the match model reached no threshold with out-of-fold precision {calibration.target_precision:.2f} "
+        f"(at best {calibration.precision:.2f} at recall {calibration.recall:.2f}): no candidate is decided 'match'; "
+        "label more pairs, or choose a precision from its curve with `ingest calibrate --accept-precision`"
+    )
+
+
+def _current(calibration: Calibration) -> bool:
+    expected = feature_names(pair=calibration.reranker is not None)
+    return calibration.version == MODEL_VERSION and calibration.features == expected
 
 
 def usable(calibration: Calibration | None, adapters: dict[str, int]) -> Calibration | None:
     """A stored calibration this version can apply: an older model's features differ, and scores under
     other adaptation heads than the ones it was fitted with (`adapters`, the active ones) are not its own."""
-    if calibration is None or calibration.version != MODEL_VERSION or calibration.features != list(FEATURES):
+    if calibration is None or not _current(calibration):
         return None
     return calibration if calibration.adapters == adapters else None
 
 
-def active_calibration(store: ProductStore, catalogue: str) -> Calibration | None:
+@dataclass(frozen=True)
+class ActiveModel:
+    """The catalogue's match model this version applies (None: decisions 'uncalibrated'), and a warning
+    when the decisions are missing for a reason the user can fix, or unreliable."""
+
+    calibration: Calibration | None
+    warning: str | None
+
+    @property
+    def reliable(self) -> bool:
+        return self.calibration is not None and self.calibration.reliable
+
+
+AGAIN = "run `python -m ingest calibrate` again"
+
+
+def active_model(store: ProductStore, catalogue: str, *, models_root: Path | None = None) -> ActiveModel:
+    """The stored match model, when this version can apply it under the catalogue's active heads (and its
+    cross-encoder is in `models_root`, default MODELS_PATH), with the warning its decisions need."""
+    try:
+        stored = store.calibration(catalogue)
+    except ValidationError:  # the metadata a server handed back is not a calibration of ours
+        return ActiveModel(None, f"the catalogue's stored match model cannot be read: {AGAIN}")
+    if stored is None:
+        return ActiveModel(None, None)
+    adapters = store.info(catalogue).adapters
+    calibration = usable(stored, adapters)
+    if calibration is not None and calibration.reranker:
+        try:
+            kept_model(models_root or Settings().models_root, calibration.reranker, verify=False)
+        except ModelFolderError as exc:
+            return ActiveModel(None, f"the match model's cross-encoder cannot be loaded ({exc}) and is not applied")
+    if calibration is not None:
+        return ActiveModel(calibration, unreliable_warning(calibration))
+    if not _current(stored):
+        why = f"was fitted by an older version of the match model (v{stored.version}, this one is v{MODEL_VERSION})"
+    else:
+        why = "was fitted under other adaptation heads than the active ones"
+    return ActiveModel(None, f"the catalogue's match model {why} and is not applied: {AGAIN}")
+
+
+def active_calibration(store: ProductStore, catalogue: str, *, models_root: Path | None = None) -> Calibration | None:
     """The catalogue's stored match model when this version can apply it under the active heads, else None."""
-    return usable(store.calibration(catalogue), store.info(catalogue).adapters)
+    return active_model(store, catalogue, models_root=models_root).calibration
+
+
+def reranker_of(engine: SearchEngine, calibration: Calibration) -> Reranker | None:
+    """The calibration's cross-encoder, loaded (once per process) from the engine's models folder."""
+    if not calibration.reranker:
+        return None
+    return load_reranker(engine.models_root or Settings().models_root, calibration.reranker)
+
+
+def pair_scores(
+    reranker: Reranker | None, depth: int, query: Product, candidates: Sequence[Product]
+) -> list[float | None]:
+    """The cross-encoder's probability for the first `depth` candidates (None for the rest, and for all
+    without a cross-encoder)."""
+    if reranker is None or not candidates:
+        return [None] * len(candidates)
+    read = min(len(candidates), depth)
+    scores = reranker.score(query, candidates[:read]).tolist()
+    return [*scores, *([None] * (len(candidates) - read))]
 
 
 def find_matches(
@@ -310,8 +568,13 @@ def find_matches(
     )
     if calibration is None:
         return product, [MatchResult(**r.model_dump(), decision="uncalibrated") for r in response.results]
-    candidates = [Candidate(r.product, r.scores.model_dump()) for r in response.results]
-    p = probabilities(calibration, features(product, candidates)) if candidates else np.zeros(0)
+    found = [r.product for r in response.results]
+    pairs = pair_scores(reranker_of(engine, calibration), calibration.rerank_depth, product, found)
+    candidates = [
+        Candidate(r.product, r.scores.model_dump(), pair) for r, pair in zip(response.results, pairs, strict=True)
+    ]
+    rows = features(product, candidates, pair=calibration.reranker is not None)
+    p = probabilities(calibration, rows) if candidates else np.zeros(0)
     order = np.argsort(-p, kind="stable")[:limit]
     return product, [
         MatchResult(
@@ -330,16 +593,20 @@ def labelled_candidates(
     *,
     depth: int = DEFAULT_DEPTH,
     fusion: Fusion = DEFAULT_FUSION,
+    reranker: Reranker | None = None,
+    rerank_depth: int = DEFAULT_RERANK_DEPTH,
     progress: Callable[[int], None] | None = None,
 ) -> Labelled:
-    """Each labelled product's best `depth` candidates in the other retailers, with their features."""
+    """Each labelled product's best `depth` candidates in the other retailers, with their features (and the
+    pair scores of `reranker` for the first `rerank_depth`, when one is given)."""
     data = Labelled([], [], [], 0)
     for number, pair in enumerate(pairs):
         product, results = find_matches(
             engine, catalogue, pair.product.retailer, pair.product.id, calibration=None, limit=depth, fusion=fusion
         )
-        candidates = [Candidate(r.product, r.scores.model_dump()) for r in results]
-        data.rows += features(product, candidates)
+        scores = pair_scores(reranker, rerank_depth, product, [r.product for r in results])
+        candidates = [Candidate(r.product, r.scores.model_dump(), s) for r, s in zip(results, scores, strict=True)]
+        data.rows += features(product, candidates, pair=reranker is not None)
         data.labels += [r.id in pair.expect for r in results]
         data.groups += [number] * len(results)
         data.positives += len(set(pair.expect))

@@ -8,13 +8,14 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Literal, Protocol, TypeVar
 
 import numpy as np
 from PIL import Image
 from qdrant_client import models
 
-from retrieval.adapt.heads import Adapters
+from retrieval.adapt.heads import Adapters, EncoderHead, Head
 from retrieval.encoders.base import ImageEncoder, TextEncoder, embed_images
 from retrieval.images import centre_crop
 from retrieval.lexical import clean, codes_conflict, identifiers, overlap, query_vector
@@ -158,10 +159,12 @@ class SearchEngine:
     text_encoder: TextEncoder
     query_crops: tuple[float, ...] = QUERY_CROPS
     reader: TextReader = field(default_factory=TextReader, repr=False)
+    models_root: Path | None = None  # fine-tuned text encoders (MODELS_PATH; default: the settings')
+    model_precision: str = "auto"  # what they run in (TEXT_PRECISION)
     adapters: Adapters = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.adapters = Adapters(self.store)
+        self.adapters = Adapters(self.store, models_root=self.models_root, precision=self.model_precision)
 
     @property
     def fingerprint(self) -> EncoderFingerprint:
@@ -174,20 +177,25 @@ class SearchEngine:
         *,
         embedder: QueryEmbedder | None = None,
         read_text: bool = False,
+        text_model: EncoderHead | None = None,
     ) -> QueryVectors:
         """Query vectors: the photo through the image encoder, the text through the text encoder and into
         lexical terms. With an image encoder that also embeds texts (CLIP) and no photo, the text searches
         the photos too (cross-modal). `read_text` (a catalogue that reads package text): the photo's printed
-        text too, when it shows enough of it. `embedder`: where the rows are computed (default: here, now)."""
+        text too, when it shows enough of it. `embedder`: where the rows are computed (default: here, now).
+        `text_model`: the catalogue's fine-tuned text encoder (`Adapters.text_model`): the text is embedded
+        by it, here, and searches the adapted twin."""
         embedder = embedder or DirectEmbedder(self.image_encoder, self.text_encoder, self.reader)
         reading = embedder.read(image) if image is not None and read_text else None
         views = [image, *(centre_crop(image, share) for share in self.query_crops)] if image is not None else []
         photo_rows = embedder.photos(views) if views else []  # all started before any is awaited
-        text_row = embedder.text(text) if text else None
+        tuned = text_model is not None and bool(text)
+        text_row = embedder.text(text) if text and not tuned else None
+        tuned_vector = text_model.embed_texts([text])[0] if text_model is not None and text else None
         image_vector = _mean_direction([row.result() for row in photo_rows]) if photo_rows else None
-        text_vector = text_row.result() if text_row is not None else None
+        text_vector = text_row.result() if text_row is not None else tuned_vector
         if image_vector is None and text and isinstance(self.image_encoder, TextEncoder):
-            same_model = self.image_encoder is self.text_encoder
+            same_model = self.image_encoder is self.text_encoder and not tuned  # a tuned row is not CLIP's
             image_vector = text_vector if same_model else embedder.text_as_photo(text).result()
         return QueryVectors(
             image=image_vector,
@@ -196,6 +204,7 @@ class SearchEngine:
             codes=frozenset(identifiers(clean(text))) if text else frozenset(),
             ocr=query_read_vector(read) if (read := reading.result() if reading else None) else None,
             read=read,
+            text_using=ADAPTED_VECTORS[TEXT_VECTOR] if tuned else TEXT_VECTOR,
         )
 
     def search(
@@ -215,7 +224,8 @@ class SearchEngine:
         info = self.store.check_encoders(catalogue, self.fingerprint)
         # A typed text stands in for what is printed (see search_vectors): the photo is read only without one.
         read_text = bool(info.reads_text) and not text
-        vectors = self.encode_query(image, text, embedder=embedder, read_text=read_text)
+        text_model = self.adapters.text_model(catalogue, info.adapters) if text else None
+        vectors = self.encode_query(image, text, embedder=embedder, read_text=read_text, text_model=text_model)
         response = self.search_vectors(
             catalogue, vectors, filters=filters, options=options, image_url=image_url, info=info
         )
@@ -342,17 +352,19 @@ class SearchEngine:
         return "conflict" if codes_conflict(query, offered) else None
 
     def adapt(self, catalogue: str, vectors: QueryVectors, active: dict[str, int]) -> QueryVectors:
-        """Raw query vectors through the catalogue's active heads, aimed at the adapted twins."""
+        """Raw query vectors through the catalogue's active heads, aimed at the adapted twins. A fine-tuned
+        text encoder maps no vector: a text reaches its twin only embedded by it (`encode_query` with the
+        `text_model`, as `search` does); a base-model text vector stays on the raw `text` vectors, which
+        rank it as they would with no head."""
         if not active:
             return vectors
         heads = self.adapters.active_heads(catalogue, active)
         changes: dict[str, object] = {}
-        if vectors.image is not None and IMAGE_VECTOR in heads and vectors.image_using == IMAGE_VECTOR:
-            changes.update(
-                image=heads[IMAGE_VECTOR](vectors.image[None, :])[0], image_using=ADAPTED_VECTORS[IMAGE_VECTOR]
-            )
-        if vectors.text is not None and TEXT_VECTOR in heads and vectors.text_using == TEXT_VECTOR:
-            changes.update(text=heads[TEXT_VECTOR](vectors.text[None, :])[0], text_using=ADAPTED_VECTORS[TEXT_VECTOR])
+        image_head, text_head = heads.get(IMAGE_VECTOR), heads.get(TEXT_VECTOR)
+        if vectors.image is not None and isinstance(image_head, Head) and vectors.image_using == IMAGE_VECTOR:
+            changes.update(image=image_head(vectors.image[None, :])[0], image_using=ADAPTED_VECTORS[IMAGE_VECTOR])
+        if vectors.text is not None and isinstance(text_head, Head) and vectors.text_using == TEXT_VECTOR:
+            changes.update(text=text_head(vectors.text[None, :])[0], text_using=ADAPTED_VECTORS[TEXT_VECTOR])
         return replace(vectors, **changes)  # type: ignore[arg-type]
 
     def _query(

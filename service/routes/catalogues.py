@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from retrieval.images import IMAGE_SUFFIXES, MAX_IMAGE_BYTES, LocalFileError, is_url, read_regular_file
-from retrieval.match.model import active_calibration, find_matches
+from retrieval.match.model import ActiveModel, active_model, find_matches
 from retrieval.search import ImageUrl, to_product
 from schemas.payload import Product
 from schemas.search import (
@@ -100,30 +100,38 @@ async def product_matches(
     """The best candidates for the same product in the *other* retailers, found by the product's own photo,
     text and terms. With a calibration (`python -m ingest calibrate`) the candidates are re-ranked by the
     fitted match model and each gets a decision with a confidence; without one, in search order, every
-    decision is 'uncalibrated'."""
+    decision is 'uncalibrated'. A model that reached no threshold at its target precision is `reliable:
+    false`: it re-ranks and decides 'uncertain' / 'no_match' only, and `warning` says why."""
 
     try:
         filters = SearchFilters(category=category or None)
     except ValidationError as exc:
         raise HTTPException(422, "category: " + exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
-    def run() -> tuple[Product, list[MatchResult], bool]:
-        calibration = active_calibration(state.store, catalogue)
+    def run() -> tuple[Product, list[MatchResult], ActiveModel]:
+        active = active_model(state.store, catalogue, models_root=state.engine.models_root)
         product, matches = find_matches(
             state.engine,
             catalogue,
             retailer,
             product_id,
-            calibration=calibration,
+            calibration=active.calibration,
             limit=limit,
             filters=filters,
             fusion=fusion,
             image_url=photo_url_for(catalogue),
         )
-        return product, matches, calibration is not None
+        return product, matches, active
 
-    product, matches, calibrated = await run_in_threadpool(run)
-    return MatchResponse(catalogue=catalogue, product=product, calibrated=calibrated, matches=matches)
+    product, matches, active = await run_in_threadpool(run)
+    return MatchResponse(
+        catalogue=catalogue,
+        product=product,
+        calibrated=active.calibration is not None,
+        reliable=active.reliable,
+        warning=active.warning,
+        matches=matches,
+    )
 
 
 @router.get(

@@ -12,6 +12,7 @@ from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from retrieval.match.batch import Row, as_csv, match_retailer
+from retrieval.match.model import active_model
 from schemas.jobs import Job, MatchJobRequest
 from schemas.search import CATALOGUE_PATTERN, ErrorResponse
 from service.deps import StateDep
@@ -44,19 +45,22 @@ async def submit_match_job(
     state: StateDep, catalogue: Annotated[str, PathParam(pattern=CATALOGUE_PATTERN)], request: MatchJobRequest
 ) -> Job:
     """Match a retailer's products against the other retailers in the background; poll `GET /jobs/{id}`,
-    read the rows at `GET /jobs/{id}/rows` (JSON) or `/rows.csv` (the columns of `ingest match`)."""
+    read the rows at `GET /jobs/{id}/rows` (JSON) or `/rows.csv` (the columns of `ingest match`). The job's
+    `warning` says when the catalogue's match model is missing its target precision (no 'match' decisions)
+    or cannot be applied."""
     limit = state.settings.max_job_products
 
-    def plan() -> list[str]:
+    def plan() -> tuple[list[str], str | None]:
         state.store.check_encoders(catalogue, state.engine.fingerprint)
+        warning = active_model(state.store, catalogue, models_root=state.engine.models_root).warning
         if request.product_ids is not None:
             ids = list(dict.fromkeys(request.product_ids))
             for product_id in ids:
                 state.store.product(catalogue, request.retailer, product_id, known=True)
-            return ids
-        return list(state.store.product_ids(catalogue, request.retailer))
+            return ids, warning
+        return list(state.store.product_ids(catalogue, request.retailer)), warning
 
-    ids = await run_in_threadpool(plan)
+    ids, warning = await run_in_threadpool(plan)
     if not ids:
         raise HTTPException(422, f"catalogue {catalogue!r} has no products of retailer {request.retailer!r}")
     if len(ids) > limit:
@@ -78,7 +82,7 @@ async def submit_match_job(
             product_ids=ids,
         )
 
-    return state.jobs.submit("match", catalogue, work)
+    return state.jobs.submit("match", catalogue, work, warning=warning)
 
 
 @router.get("/jobs/{job_id}", response_model=Job, responses=NOT_FOUND)

@@ -311,6 +311,13 @@ function matchesError(message) {
   $("matches-error").hidden = !message;
 }
 
+// Why the decisions are unreliable (such a match model never says "match") or missing.
+function matchesWarning(message, calibrated) {
+  const lead = calibrated ? "Decisions unreliable" : "No decisions";
+  $("matches-warning").textContent = message ? `${lead}: ${message}.` : "";
+  $("matches-warning").hidden = !message;
+}
+
 async function openMatches(product, opener) {
   const turn = ++state.matchesTurn;
   const dialog = $("matches");
@@ -323,6 +330,7 @@ async function openMatches(product, opener) {
   );
   $("matches-list").replaceChildren();
   matchesError("");
+  matchesWarning("", false);
   matchesSay("Looking for it in the other shops…");
   if (!dialog.open) dialog.showModal();
   const catalogue = state.query ? state.query.catalogue : $("catalogue").value;
@@ -345,7 +353,8 @@ async function openMatches(product, opener) {
   const body = await response.json();
   $("matches-list").replaceChildren(...body.matches.map(matchItem));
   const n = body.matches.length;
-  const calibrated = body.calibrated ? "" : " Decisions need a calibration first (python -m ingest calibrate).";
+  matchesWarning(body.warning, body.calibrated);
+  const calibrated = body.calibrated || body.warning ? "" : " Decisions need a calibration first (python -m ingest calibrate).";
   matchesSay(n ? `${n} candidates in other shops, best first.${calibrated}` : "No candidate in any other shop of this catalogue.");
 }
 

@@ -8,10 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from ingest.__main__ import main as ingest_main
 from retrieval.match.model import (
     FEATURES,
+    MODEL_VERSION,
+    C,
     Candidate,
     Labelled,
     decide,
@@ -24,7 +29,7 @@ from retrieval.match.model import (
 )
 from retrieval.search import SearchEngine
 from schemas.payload import Product
-from schemas.search import LabelledPair, ProductRef
+from schemas.search import Calibration, CurvePoint, LabelledPair, ProductRef
 from tests.conftest import sample_rows
 
 
@@ -34,13 +39,20 @@ def pairs(n: int) -> list[LabelledPair]:
     ]
 
 
+def point(threshold: float, precision: float, recall: float) -> CurvePoint:
+    return CurvePoint(threshold=threshold, precision=precision, recall=recall)
+
+
 def test_threshold_is_the_lowest_probability_reaching_the_precision() -> None:
     p = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
-    y = np.array([1, 1, 0, 1, 0], dtype=float)
-    assert lowest_threshold(p, y, 0.95) == (0.8, 1.0, 2 / 3)
-    assert lowest_threshold(p, y, 0.95, positives=4) == (0.8, 1.0, 0.5)  # a true pair the search missed
-    assert lowest_threshold(p, y, 0.7)[0] == 0.6  # 3 of 4 above 0.6 are right
-    assert lowest_threshold(p, np.zeros(5), 0.5) == (1.0, 0.0, 0.0)
+    y = np.array([1, 1, 0, 1, 0])
+    assert lowest_threshold(p, y, 0.95) == point(0.8, 1.0, 2 / 3)
+    assert lowest_threshold(p, y, 0.95, positives=4) == point(0.8, 1.0, 0.5)  # a true pair the search missed
+    assert lowest_threshold(p, y, 0.7) == point(0.6, 0.75, 1.0)  # 3 of 4 above 0.6 are right
+    assert lowest_threshold(p, y, 0.95, min_hits=3) is None  # 1.0 on two matches is not enough evidence
+    assert lowest_threshold(p, np.zeros(5, dtype=int), 0.5) is None  # nothing reaches it: no threshold
+    tied = np.array([0.9, 0.9, 0.9, 0.4])  # equal probabilities are decided together
+    assert lowest_threshold(tied, np.array([1, 0, 1, 1]), 0.9) is None
 
 
 def product(title: str, **fields: object) -> Product:
@@ -71,9 +83,17 @@ def test_fit_on_real_candidates_and_rerank(engine: SearchEngine, two_shops: str)
     assert len(data.rows) == 150 and sum(data.labels) == 30 == data.positives  # each twin is among its 5
     calibration = fit(data, target_precision=0.95)
     assert calibration.precision >= 0.95 and calibration.recall > 0.5  # out-of-fold, on held-out products
+    assert calibration.reliable and calibration.accepted_precision is None and calibration.version == MODEL_VERSION
+    assert calibration.curve and all(pt.precision >= 0.5 for pt in calibration.curve)
     p = probabilities(calibration, data.rows)
     labels = np.asarray(data.labels)
     assert p[labels].mean() > p[~labels].mean() + 0.5
+    # the stored numbers are the scikit-learn pipeline itself: rebuilt, it predicts what the fitted one does
+    x, y = np.asarray(data.rows), np.asarray(data.labels, dtype=int)
+    fitted = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=1_000)).fit(x, y)
+    assert np.abs(fitted.predict_proba(x)[:, 1] - p).max() < 1e-9
+    stored = Calibration.model_validate_json(calibration.model_dump_json())  # JSON, as a server keeps it
+    assert np.array_equal(probabilities(stored, data.rows), p)
     assert decide(calibration, 0.999) == "match" and decide(calibration, 0.0) == "no_match"
     _, matches = find_matches(engine, two_shops, "hemkop", "7", calibration=calibration, limit=3)
     assert matches[0].id == "o-7" and matches[0].decision == "match"
@@ -83,8 +103,11 @@ def test_fit_on_real_candidates_and_rerank(engine: SearchEngine, two_shops: str)
 
 
 def test_too_few_labels_is_refused() -> None:
-    with pytest.raises(ValueError, match="at least 10 candidates"):
+    with pytest.raises(ValueError, match="too few labelled candidates: .* at least 5 labelled products"):
         fit(Labelled([[0.5] * len(FEATURES)] * 4, [True, False, True, False], [0, 1, 2, 3], 2))
+    rows = [[float(i)] * len(FEATURES) for i in range(40)]  # 10 products, but only 4 true pairs
+    with pytest.raises(ValueError, match=r"got 40 candidates of 10 products \(4 true\)"):
+        fit(Labelled(rows, [i % 10 == 0 for i in range(40)], [i // 4 for i in range(40)], 4))
 
 
 def test_matches_endpoint_uses_the_stored_calibration(
@@ -95,7 +118,7 @@ def test_matches_endpoint_uses_the_stored_calibration(
     engine.store.save_calibration(two_shops, fit(labelled_candidates(engine, two_shops, pairs(30)), source="test"))
     try:
         body = client.get(f"/catalogues/{two_shops}/products/hemkop/5/matches", params={"limit": 5}).json()
-        assert body["calibrated"] is True
+        assert (body["calibrated"], body["reliable"], body["warning"]) == (True, True, None)
         first, *rest = body["matches"]
         assert (first["id"], first["decision"]) == ("o-5", "match") and first["confidence"] > 0.9
         assert all(m["decision"] != "match" for m in rest)
@@ -111,7 +134,9 @@ def test_calibrate_cli(cli_shops: Path, capsys: pytest.CaptureFixture[str]) -> N
     labelled.write_text("\n".join(p.model_dump_json() for p in pairs(12)) + "\n")
     capsys.readouterr()
     assert ingest_main(["calibrate", str(labelled), "--catalogue", "shops"]) == 0
-    assert "catalogue shops: calibrated on 12 products, 144 candidates; match at p >=" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "catalogue shops: calibrated on 12 products, 144 candidates; match at p >=" in out
+    assert "WARNING: only 12 labelled true pairs" in err and "no candidate is decided" not in err
 
     labelled.write_text(json.dumps({"product": {"retailer": "hemkop"}}) + "\n")
     assert ingest_main(["calibrate", str(labelled), "--catalogue", "shops"]) == 2

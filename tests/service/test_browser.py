@@ -21,7 +21,7 @@ import uvicorn
 from PIL import Image
 
 try:
-    from playwright.sync_api import Browser, FilePayload, Page, ViewportSize, expect, sync_playwright
+    from playwright.sync_api import Browser, FilePayload, Page, Route, ViewportSize, expect, sync_playwright
 except ImportError:  # pragma: no cover - a setup problem, said plainly
     pytest.fail("playwright is not installed: run `make test` (or pip install -e '.[dev]')", pytrace=False)
 
@@ -232,6 +232,7 @@ def test_photo_search_with_filters_then_the_same_product_elsewhere(page: Page, t
     expect(best.locator(".confidence")).to_have_text(re.compile(r"^confidence (> )?\d+ %$"))
     assert "hemkop" not in panel.locator("#matches-list").inner_text()  # other shops only
     expect(panel.locator("#matches-status")).to_have_text(f"{len(OTHERSHOP)} candidates in other shops, best first.")
+    expect(panel.locator("#matches-warning")).to_be_hidden()  # a reliable model: nothing to warn about
     wait_for_photos(page, "#matches")
 
     shot = save_screenshot(page.screenshot(), tmp_path)
@@ -240,6 +241,29 @@ def test_photo_search_with_filters_then_the_same_product_elsewhere(page: Page, t
     page.keyboard.press("Escape")
     expect(panel).to_be_hidden()
     expect(opener).to_be_focused()
+
+
+def test_the_panel_shows_why_decisions_are_unreliable(page: Page) -> None:
+    """The page's side of an unreliable match model (tests/match/test_unreliable.py has the service's): the
+    real answer, with the `reliable` / `warning` fields such a model gives, is shown beside the candidates."""
+    warning = "the match model reached no threshold with out-of-fold precision 0.95 (at best 0.40 at recall 0.20)"
+
+    def unreliable(route: Route) -> None:
+        body = route.fetch().json()
+        body.update(reliable=False, warning=warning)
+        for match in body["matches"]:
+            match["decision"] = "uncertain"
+        route.fulfill(json=body)
+
+    page.route("**/matches?*", unreliable)
+    page.fill("#text", "Granny Smith apple")
+    page.click("#submit")
+    page.locator("#results > li").first.get_by_role("button", name="Same product elsewhere").click()
+    panel = page.locator("#matches")
+    expect(panel.locator("#matches-list > li").first.locator(".decision")).to_have_text("uncertain")
+    expect(panel.locator("#matches-warning")).to_be_visible()
+    expect(panel.locator("#matches-warning")).to_have_text(f"Decisions unreliable: {warning}.")
+    page.keyboard.press("Escape")
 
 
 def test_every_upload_error_gets_a_message(page: Page, tmp_path: Path) -> None:

@@ -1,0 +1,284 @@
+"""Learning "the same product" from labelled pairs: candidates mined from the catalogue's own search, the
+cross-encoder trained on them, and the shares of the labels each part learns from or is judged on.
+
+One labelled product must never teach a part and then judge it: the labels are split by product into a
+share the cross-encoder learns from, a share the match model is fitted on (its pair scores are then those
+of products the cross-encoder never read, as they will be in service), and a held-out share on which the
+before / after figures are measured."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.match.model import (
+    DEFAULT_DEPTH,
+    DEFAULT_FUSION,
+    Fitted,
+    Labelled,
+    find_matches,
+    fit_model,
+    labelled_candidates,
+    probabilities,
+    reranker_of,
+)
+from retrieval.match.rerank import (
+    HARD_NEGATIVES,
+    PairSet,
+    RerankFit,
+    keep_reranker,
+    load_reranker,
+    train_cross_encoder,
+)
+from retrieval.search import SearchEngine, to_product
+from retrieval.store import ProductNotFound
+from schemas.payload import Product
+from schemas.search import Calibration, Fusion, LabelledPair
+
+
+@dataclass(frozen=True)
+class Shares:
+    """Labelled products by role: `rerank` teaches the cross-encoder, `fit` the match model, `held` judges."""
+
+    rerank: list[LabelledPair]
+    fit: list[LabelledPair]
+    held: list[LabelledPair]
+
+
+def split_labels(
+    pairs: Sequence[LabelledPair], *, held_out: float = 0.2, rerank_share: float = 0.5, seed: int = 0
+) -> Shares:
+    """Split by product (every line of one product goes to one share): `held_out` of them judge, and of the
+    rest `rerank_share` teach the cross-encoder and the others fit the match model."""
+    keys = sorted({(p.product.retailer, p.product.id) for p in pairs})
+    order = np.random.default_rng(seed).permutation(len(keys))
+    held_n = max(1, round(held_out * len(keys))) if len(keys) >= 5 else 0
+    rerank_n = round(rerank_share * (len(keys) - held_n))
+    role = {}
+    for rank, index in enumerate(order):
+        role[keys[index]] = "held" if rank < held_n else "rerank" if rank < held_n + rerank_n else "fit"
+    shares: dict[str, list[LabelledPair]] = {"rerank": [], "fit": [], "held": []}
+    for pair in pairs:
+        shares[role[(pair.product.retailer, pair.product.id)]].append(pair)
+    return Shares(**shares)
+
+
+def mine_pairs(
+    engine: SearchEngine,
+    catalogue: str,
+    pairs: Iterable[LabelledPair],
+    *,
+    depth: int = DEFAULT_DEPTH,
+    hard_negatives: int = HARD_NEGATIVES,
+    fusion: Fusion = DEFAULT_FUSION,
+    progress: Callable[[int], None] | None = None,
+) -> PairSet:
+    """Cross-encoder training pairs: each labelled product with every product labelled the same (found by
+    the search or not) and with the `hard_negatives` highest-ranked candidates that are not."""
+    out = PairSet()
+    for number, pair in enumerate(pairs):
+        product, results = find_matches(
+            engine, catalogue, pair.product.retailer, pair.product.id, calibration=None, limit=depth, fusion=fusion
+        )
+        expected = set(pair.expect)
+        found = {r.id for r in results}
+        negatives = [r.product for r in results if r.id not in expected][:hard_negatives]
+        positives = [r.product for r in results if r.id in expected]
+        positives += _missing(engine, catalogue, product, expected - found)
+        for candidate in positives:
+            out.add(product, candidate, True, number)
+        for candidate in negatives:
+            out.add(product, candidate, False, number)
+        if progress:
+            progress(number + 1)
+    return out
+
+
+def _missing(engine: SearchEngine, catalogue: str, query: Product, ids: set[str]) -> list[Product]:
+    """Products labelled the same that the search did not bring: looked up in the other retailers."""
+    if not ids:
+        return []
+    found = []
+    for retailer in engine.store.facet_counts(catalogue, "retailer"):
+        if retailer == query.retailer:
+            continue
+        for product_id in sorted(ids):
+            try:
+                found.append(engine.store.product(catalogue, retailer, product_id, known=True))
+            except ProductNotFound:
+                continue
+    return [to_product(record.payload or {}) for record in found]
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """How one configuration does on labelled products it never learnt from."""
+
+    label: str
+    products: int
+    r1: float  # share of products whose first candidate is labelled the same
+    precision: float  # of the `match` decisions
+    recall: float  # of every labelled true pair, found by the search or not
+    decided: int
+    uncertain: int
+    reliable: bool  # the model decides `match` at all (its fitting reached the target precision)
+
+    def beats(self, other: Judgement) -> bool:
+        """Better on held-out products: more products right first, or as many and more true pairs decided
+        `match`, without deciding fewer of them."""
+        return (self.r1, self.recall) > (other.r1, other.recall) and self.recall >= other.recall - 1e-9
+
+
+def first_hits(groups: Sequence[int], labels: Sequence[bool], score: np.ndarray) -> int:
+    """Products whose best-scored candidate is a true match."""
+    group_of, same = np.asarray(groups), np.asarray(labels, dtype=bool)
+    hits = 0
+    for group in np.unique(group_of):
+        members = np.nonzero(group_of == group)[0]
+        hits += int(same[members[np.argmax(score[members])]])
+    return hits
+
+
+def judge_candidates(label: str, calibration: Calibration | None, data: Labelled, products: int) -> Judgement:
+    """Decisions and order of `calibration` (None: the search order, no decisions) on labelled candidates."""
+    y = np.asarray(data.labels, dtype=bool)
+    if calibration is None:
+        p = np.zeros(len(y))
+        order = -np.arange(len(y), dtype=np.float64)  # a product's rows come in rank order
+    else:
+        p = probabilities(calibration, data.rows) if data.rows else np.zeros(0)
+        order = p
+    match = (p >= calibration.match_threshold) & calibration.reliable if calibration else np.zeros(len(y), bool)
+    uncertain = (p >= calibration.uncertain_threshold) & ~match if calibration else np.zeros(len(y), bool)
+    return Judgement(
+        label=label,
+        products=products,
+        r1=first_hits(data.groups, data.labels, order) / max(1, products),
+        precision=float((match & y).sum() / max(1, match.sum())),
+        recall=float((match & y).sum() / max(1, data.positives)),
+        decided=int(match.sum()),
+        uncertain=int(uncertain.sum()),
+        reliable=bool(calibration and calibration.reliable),
+    )
+
+
+def judge(
+    label: str,
+    engine: SearchEngine,
+    catalogue: str,
+    pairs: Sequence[LabelledPair],
+    calibration: Calibration | None,
+) -> Judgement:
+    """`calibration` (with its cross-encoder, if it names one) on labelled products, as `/matches` runs it."""
+    reranker = reranker_of(engine, calibration) if calibration else None
+    data = labelled_candidates(
+        engine,
+        catalogue,
+        pairs,
+        depth=calibration.depth if calibration else DEFAULT_DEPTH,
+        fusion=calibration.fusion if calibration else DEFAULT_FUSION,
+        reranker=reranker,
+        rerank_depth=calibration.rerank_depth if calibration else 0,
+    )
+    return judge_candidates(label, calibration, data, len(pairs))
+
+
+@dataclass
+class MatchTraining:
+    """What `train_matching` measured and chose: held-out figures per configuration, the one to store."""
+
+    before: Judgement
+    tried: list[Judgement]
+    chosen: Calibration | None  # None: nothing beat what is active, which stays
+    chosen_label: str  # which of `tried` was chosen ("" when none)
+    rerank: RerankFit | None
+    seconds: dict[str, float]
+    notes: list[str]
+
+    @property
+    def after(self) -> Judgement:
+        """The held-out figures of what is active once the training is stored."""
+        return next((j for j in self.tried if j.label == self.chosen_label), self.before)
+
+
+def train_matching(
+    engine: SearchEngine,
+    catalogue: str,
+    shares: Shares,
+    *,
+    active: Calibration | None,
+    models_root: Path,
+    target_precision: float = 0.95,
+    accept_precision: float | None = None,
+    rerank: bool = True,
+    epochs: int = 3,
+    depth: int = DEFAULT_DEPTH,
+    fusion: Fusion = DEFAULT_FUSION,
+    adapters: dict[str, int] | None = None,
+    source: str = "",
+    progress: Callable[[str], None] = lambda _: None,
+) -> MatchTraining:
+    """Fit the match model on the `fit` share, without and (`rerank`) with a cross-encoder trained on the
+    `rerank` share; judge each, and what is `active`, on the `held` share; choose the best that beats it."""
+    seconds: dict[str, float] = {}
+    notes: list[str] = []
+    started = time.perf_counter()
+    before = judge("active" if active else "search order", engine, catalogue, shares.held, active)
+
+    def fitted(data: Labelled, reranker: str | None) -> Fitted:
+        return fit_model(
+            data,
+            target_precision=target_precision,
+            accept_precision=accept_precision,
+            depth=depth,
+            fusion=fusion,
+            adapters=adapters or {},
+            source=source,
+            reranker=reranker,
+        )
+
+    progress(f"held-out share judged as it is: {time.perf_counter() - started:.0f} s")
+    tried: list[tuple[Judgement, Calibration]] = []
+    started = time.perf_counter()
+    fit_data = labelled_candidates(engine, catalogue, shares.fit, depth=depth, fusion=fusion)
+    plain = fitted(fit_data, None)
+    notes += plain.notes
+    seconds["match model"] = time.perf_counter() - started
+    tried.append((judge("match model", engine, catalogue, shares.held, plain.calibration), plain.calibration))
+    progress(f"match model fitted on {len(shares.fit)} products: {seconds['match model']:.0f} s")
+    fitted_rerank = None
+    if rerank:
+        started = time.perf_counter()
+        mined = mine_pairs(engine, catalogue, shares.rerank, depth=depth, fusion=fusion)
+        groups = np.asarray(mined.groups)
+        unique = np.unique(groups)
+        stop = np.isin(groups, np.random.default_rng(0).permutation(unique)[: max(1, len(unique) // 10)])
+        with tempfile.TemporaryDirectory(prefix="rerank-") as scratch:
+            fitted_rerank = train_cross_encoder(
+                mined.take(np.nonzero(~stop)[0].tolist()),
+                Path(scratch) / "model",
+                held_out=mined.take(np.nonzero(stop)[0].tolist()),
+                epochs=epochs,
+            )
+            digest = keep_reranker(fitted_rerank.folder, models_root)
+        seconds["cross-encoder"] = time.perf_counter() - started
+        progress(
+            f"cross-encoder trained on {fitted_rerank.pairs} pairs of {len(shares.rerank)} products: "
+            f"held-out AP {fitted_rerank.before:.3f} -> {fitted_rerank.after:.3f}, {seconds['cross-encoder']:.0f} s"
+        )
+        started = time.perf_counter()
+        reranker = load_reranker(models_root, digest)
+        fit_data = labelled_candidates(engine, catalogue, shares.fit, depth=depth, fusion=fusion, reranker=reranker)
+        paired = fitted(fit_data, digest)
+        seconds["match model + cross-encoder"] = time.perf_counter() - started
+        label = "match model + cross-encoder"
+        tried.append((judge(label, engine, catalogue, shares.held, paired.calibration), paired.calibration))
+    best_judgement, best = max(tried, key=lambda t: (t[0].r1 + t[0].recall, t[0].recall))
+    chosen = best if best_judgement.beats(before) or active is None else None
+    label = best_judgement.label if chosen else ""
+    return MatchTraining(before, [j for j, _ in tried], chosen, label, fitted_rerank, seconds, notes)
