@@ -8,6 +8,7 @@ for fitting; the held-out share of it stops training; val is measured."""
 from __future__ import annotations
 
 import csv
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -141,6 +142,13 @@ def _holdout(before: float, after: float) -> str:
     return f"{before:.3f} -> {after:.3f}"
 
 
+def progress(count: int) -> Callable[[int, float, ImageTail], None]:
+    def report(epoch: int, held: float, _: ImageTail) -> None:
+        print(f"tail {count}: epoch {epoch}, held-out R@1 {held:.3f}", file=sys.stderr, flush=True)
+
+    return report
+
+
 def with_views(vectors: Examples, views: Sequence[np.ndarray]) -> Examples:
     """Vector examples whose anchors are the photos and then each view of them (a head has no views of its
     own: its held-out share then mixes views of photos it trains on, so its held-out figure flatters)."""
@@ -215,6 +223,7 @@ def run_finetune_image(
             patience=patience,
             views=list(features.train_views.values()),
             flip=flip,
+            on_epoch=progress(count),
         )
         tail = tail_fit.tail
         cut = f"block {trunk.start}, {'x'.join(map(str, trunk.shape))}, {trunk.feature_bytes / 1024:.1f} KiB"

@@ -281,7 +281,7 @@ class TrunkCache:
             raise ValueError(f"view {view}: the share of the photo's middle, in (0, 1]")
         failures: dict[Path, str] = {}
         out: list[np.ndarray | None] = []
-        missing: list[tuple[int, Path, bytes]] = []
+        missing: list[tuple[int, Path, bytes, str]] = []
         for path in paths:
             try:
                 data = read_regular_file(str(path), max_bytes=MAX_IMAGE_BYTES)
@@ -289,20 +289,21 @@ class TrunkCache:
                 failures[path] = str(exc)
                 out.append(None)
                 continue
-            array = self._cached(self._file(hashlib.sha256(data).hexdigest(), view))
+            digest = hashlib.sha256(data).hexdigest()
+            array = self._cached(self._file(digest, view))
             if array is None:
-                missing.append((len(out), path, data))
+                missing.append((len(out), path, data, digest))
             out.append(array)
         for start in range(0, len(missing), self.batch_size):
             ready: list[tuple[int, str, torch.Tensor]] = []
-            for index, path, data in missing[start : start + self.batch_size]:
+            for index, path, data, digest in missing[start : start + self.batch_size]:
                 try:
                     image = decode_image(data, max_pixels=self.max_pixels)
                 except ImageDecodeError as exc:
                     failures[path] = str(exc)
                     continue
                 image = centre_crop(image, view) if view < 1.0 else image
-                ready.append((index, hashlib.sha256(data).hexdigest(), self.trunk.preprocess(image)))
+                ready.append((index, digest, self.trunk.preprocess(image)))
             if not ready:
                 continue
             features = self.trunk.features(torch.stack([tensor for _, _, tensor in ready])).numpy()
