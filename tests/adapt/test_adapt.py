@@ -163,7 +163,9 @@ def adapted(env: Env, tiny: TinySet) -> str:
 
 
 def head_of(store: ProductStore, version: int = 1) -> Head:
-    return Adapters(store).load(CATALOGUE, "image", version)
+    head = Adapters(store).load(CATALOGUE, "image", version)
+    assert isinstance(head, Head)  # an image version is a head, never a fine-tuned text encoder
+    return head
 
 
 def twins_match_head(store: ProductStore, head: Head) -> int:
