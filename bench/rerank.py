@@ -8,20 +8,17 @@ other set's shops with no labels of theirs (the match model too is fitted on the
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from bench.calibrate import measure, pairs_of
 from bench.evalset import EvalSet
 from bench.quality import ingested
 from retrieval.encoders import ImageEncoder, TextEncoder
 from retrieval.match.model import fit, labelled_candidates
-from retrieval.match.rerank import Reranker, RerankFit, keep_reranker, load_reranker, train_cross_encoder
-from retrieval.match.training import mine_pairs
+from retrieval.match.rerank import Reranker, RerankFit, load_reranker
+from retrieval.match.training import mine_pairs, teach_cross_encoder
 from schemas.search import Calibration
 
 
@@ -42,16 +39,7 @@ def teach(train_set: EvalSet, models_root: Path, encoders: tuple[ImageEncoder, T
     with ingested(train_set, *encoders) as (engine, _):
         pairs = mine_pairs(engine, train_set.name, pairs_of(train_set))
     mined = time.perf_counter() - started
-    groups = np.asarray(pairs.groups)
-    held = np.isin(groups, np.random.default_rng(0).permutation(np.unique(groups))[: max(1, len(set(groups)) // 10)])
-    with tempfile.TemporaryDirectory(prefix="bench-rerank-") as scratch:
-        result = train_cross_encoder(
-            pairs.take(np.nonzero(~held)[0].tolist()),
-            Path(scratch) / "model",
-            held_out=pairs.take(np.nonzero(held)[0].tolist()),
-            epochs=epochs,
-        )
-        digest = keep_reranker(result.folder, models_root)
+    result, digest = teach_cross_encoder(pairs, models_root, epochs=epochs)
     return Taught(train_set.name, result, digest, mined)
 
 

@@ -44,7 +44,7 @@ def curve_table(calibration: Calibration) -> str:
     return "\n".join(lines) if calibration.curve else "  (no threshold finds a true pair)"
 
 
-def _precision(text: str) -> float:
+def between_0_and_1(text: str) -> float:
     value = float(text)
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError("must be between 0 and 1")
@@ -64,10 +64,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("pairs", type=Path)
     parser.add_argument("--catalogue", required=True)
-    parser.add_argument("--target-precision", type=_precision, default=0.95)
+    parser.add_argument("--target-precision", type=between_0_and_1, default=0.95)
     parser.add_argument(
         "--accept-precision",
-        type=_precision,
+        type=between_0_and_1,
         help="a lower precision to decide 'match' at when the target is not reached (pick it from the curve "
         "printed by a run that warned)",
     )

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from cli.calibrate import UNRELIABLE, curve_table, read_pairs
+from cli.calibrate import UNRELIABLE, between_0_and_1, curve_table, read_pairs
 from retrieval.encoders import EncoderError
 from retrieval.match.model import DEFAULT_DEPTH, DEFAULT_FUSION, active_model, unreliable_warning
 from retrieval.match.training import Judgement, MatchTraining, split_labels, train_matching
@@ -28,13 +28,6 @@ from retrieval.weights import ModelFolderError
 from schemas.search import LabelledPair
 
 log = logging.getLogger("cli.train")
-
-
-def _share(text: str) -> float:
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError("must be between 0 and 1")
-    return value
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -52,9 +45,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--catalogue", required=True)
     parser.add_argument("--pairs", type=Path, help="labelled pairs of stored products")
     parser.add_argument("--photos", type=Path, help="labelled photos (an image head is fitted on them)")
-    parser.add_argument("--held-out", type=_share, default=0.2, help="share of labelled products judged on (0.2)")
-    parser.add_argument("--target-precision", type=_share, default=0.95)
-    parser.add_argument("--accept-precision", type=_share, help="a lower precision to decide 'match' at")
+    parser.add_argument(
+        "--held-out", type=between_0_and_1, default=0.2, help="share of labelled products judged on (0.2)"
+    )
+    parser.add_argument("--target-precision", type=between_0_and_1, default=0.95)
+    parser.add_argument("--accept-precision", type=between_0_and_1, help="a lower precision to decide 'match' at")
     parser.add_argument("--no-text", action="store_true", help="do not fine-tune the text encoder")
     parser.add_argument("--no-rerank", action="store_true", help="do not train a cross-encoder")
     parser.add_argument("--rerank-epochs", type=int, default=3, help="most epochs of the cross-encoder (3)")

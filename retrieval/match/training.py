@@ -188,6 +188,22 @@ def judge(
     return judge_candidates(label, calibration, data, len(pairs))
 
 
+def teach_cross_encoder(mined: PairSet, models_root: Path, *, epochs: int = 3) -> tuple[RerankFit, str]:
+    """Train a cross-encoder on mined pairs, a tenth of their products held out for early stopping, and keep
+    it under `models_root`: what it did, and the digest that names it."""
+    groups = np.asarray(mined.groups)
+    unique = np.unique(groups)
+    stop = np.isin(groups, np.random.default_rng(0).permutation(unique)[: max(1, len(unique) // 10)])
+    with tempfile.TemporaryDirectory(prefix="rerank-") as scratch:
+        result = train_cross_encoder(
+            mined.take(np.nonzero(~stop)[0].tolist()),
+            Path(scratch) / "model",
+            held_out=mined.take(np.nonzero(stop)[0].tolist()),
+            epochs=epochs,
+        )
+        return result, keep_reranker(result.folder, models_root)
+
+
 @dataclass
 class MatchTraining:
     """What `train_matching` measured and chose: held-out figures per configuration, the one to store."""
@@ -255,17 +271,7 @@ def train_matching(
     if rerank:
         started = time.perf_counter()
         mined = mine_pairs(engine, catalogue, shares.rerank, depth=depth, fusion=fusion)
-        groups = np.asarray(mined.groups)
-        unique = np.unique(groups)
-        stop = np.isin(groups, np.random.default_rng(0).permutation(unique)[: max(1, len(unique) // 10)])
-        with tempfile.TemporaryDirectory(prefix="rerank-") as scratch:
-            fitted_rerank = train_cross_encoder(
-                mined.take(np.nonzero(~stop)[0].tolist()),
-                Path(scratch) / "model",
-                held_out=mined.take(np.nonzero(stop)[0].tolist()),
-                epochs=epochs,
-            )
-            digest = keep_reranker(fitted_rerank.folder, models_root)
+        fitted_rerank, digest = teach_cross_encoder(mined, models_root, epochs=epochs)
         seconds["cross-encoder"] = time.perf_counter() - started
         progress(
             f"cross-encoder trained on {fitted_rerank.pairs} pairs of {len(shares.rerank)} products: "
