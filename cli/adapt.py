@@ -1,9 +1,11 @@
 """`python -m ingest adapt --catalogue NAME ...`: fit, store and switch a catalogue's adaptation heads, or
-fine-tune its text encoder (`--modality text --method finetune`) as a new version of the same kind."""
+fine-tune its text encoder (`--modality text --method finetune`) or its image backbone's last blocks
+(`--modality image --method finetune`) as a new version of the modality."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from datetime import UTC, datetime
@@ -12,10 +14,12 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from retrieval.adapt.data import PhotoEmbedder, Stored, labelled_examples, read_catalogue, read_examples
+from retrieval.adapt.finetune_image import TailError, finetune_catalogue_photos
 from retrieval.adapt.finetune_text import FinetuneOptions, TextFit, finetune_catalogue
-from retrieval.adapt.heads import AdapterError, Adapters
+from retrieval.adapt.heads import AdapterError, Adapters, trunk_cache_root
 from retrieval.adapt.train import Examples, Fit, fit_spread, fit_supervised, split
 from retrieval.encoders import EncoderError, load_image_encoder, load_text_encoder
+from retrieval.encoders.timm_backbone import TimmImageEncoder
 from retrieval.settings import Settings
 from retrieval.store import IMAGE_VECTOR, ProductStore, StoreError
 from schemas.adapters import AdapterRecord, HoldOut
@@ -54,19 +58,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--method",
         choices=["supervised", "spread", "finetune"],
         default="supervised",
-        help="supervised / spread: a head on the frozen vectors; finetune (text): every layer of the text "
-        "encoder, trained on the examples' pairs with hard negatives mined from the catalogue",
+        help="supervised / spread: a head on the frozen vectors; finetune: text, every layer of the text "
+        "encoder, trained on the examples' pairs with hard negatives mined from the catalogue; image, the "
+        "backbone's last --blocks blocks, trained on the labelled photos (and their centre crops)",
     )
+    fitting.add_argument("--blocks", type=int, default=4, help="finetune (image): backbone blocks unfrozen (4)")
     fitting.add_argument("--head", choices=["linear", "mlp"], default="linear")
     fitting.add_argument("--loss", choices=["contrastive", "triplet"], default="contrastive")
-    fitting.add_argument("--epochs", type=int, help="most epochs, early stopping ends sooner (heads 60, finetune 3)")
     fitting.add_argument(
-        "--patience", type=int, help="held-out measures without a better score before stopping (heads 8, finetune 1)"
+        "--epochs", type=int, help="most epochs, early stopping ends sooner (heads 60; finetune text 3, image 12)"
     )
-    fitting.add_argument("--lr", type=float, help="learning rate (supervised 1e-3, spread 1e-4, finetune 3e-5)")
+    fitting.add_argument(
+        "--patience",
+        type=int,
+        help="held-out measures without a better score before stopping (heads 8; finetune text 1, image 3)",
+    )
+    fitting.add_argument(
+        "--lr", type=float, help="learning rate (supervised 1e-3, spread 1e-4; finetune text 3e-5, image 1e-4)"
+    )
     fitting.add_argument("--holdout", type=float, default=1 / 7, help="share of examples held out (0.14)")
     fitting.add_argument("--steps", type=int, default=20, help="spread: optimisation steps")
-    fitting.add_argument("--batch-size", type=int, default=32, help="finetune: pairs per step (32)")
+    fitting.add_argument("--batch-size", type=int, help="finetune: pairs (text, 32) or photos (image, 256) per step")
     fitting.add_argument("--max-length", type=int, default=64, help="finetune: tokens read per text (64)")
     fitting.add_argument("--max-steps", type=int, help="finetune: a cap on the optimiser steps")
     fitting.add_argument("--eval-every", type=int, help="finetune: steps between held-out measures (each epoch)")
@@ -80,16 +92,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     finetune = args.method == "finetune"
-    args.epochs = args.epochs if args.epochs is not None else (3 if finetune else 60)
-    args.patience = args.patience if args.patience is not None else (1 if finetune else 8)
+    image = args.modality == "image"
+    defaults = {"epochs": 60, "patience": 8, "batch_size": 32}
+    if finetune:
+        defaults = (
+            {"epochs": 12, "patience": 3, "batch_size": 256}
+            if image
+            else {"epochs": 3, "patience": 1, "batch_size": 32}
+        )
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     counts = (args.epochs, args.patience, args.steps, args.batch_size, args.max_length, args.max_steps or 1)
     if not 0 < args.holdout < 1 or min(counts) < 1 or (args.eval_every is not None and args.eval_every < 1):
         parser.error(
             "--holdout must be between 0 and 1; --epochs, --patience, --steps, --batch-size, --max-length, "
             "--max-steps and --eval-every at least 1"
         )
-    if finetune and (args.modality != "text" or args.examples is None or args.condition != "product"):
-        parser.error("--method finetune trains the text encoder on pairs: give --modality text and --examples FILE")
+    if args.blocks < 1:
+        parser.error("--blocks must be at least 1")
+    if finetune and (args.examples is None or args.condition != "product"):
+        parser.error("--method finetune learns from labelled examples of the same product: give --examples FILE")
     return args
 
 
@@ -101,7 +124,14 @@ def main(argv: list[str]) -> int:
     except (ValidationError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    adapters = Adapters(store, models_root=settings.models_root, precision=settings.text_precision)
+    adapters = Adapters(
+        store,
+        models_root=settings.models_root,
+        precision=settings.text_precision,
+        image_encoder=functools.cache(lambda: load_image_encoder(settings.image_model, settings.image_precision)),
+        cache_root=trunk_cache_root(settings),
+        max_pixels=settings.max_image_pixels,
+    )
     try:
         if args.list:
             return show(adapters, args.catalogue)
@@ -114,10 +144,12 @@ def main(argv: list[str]) -> int:
             named = _named(adapters, args, args.use)
             print(f"catalogue {args.catalogue}: {args.modality} head now {named} ({rewritten} points)")
             return 0
+        if args.method == "finetune" and args.modality == "image":
+            return finetune_image_and_store(args, settings, adapters)
         if args.method == "finetune":
             return finetune_and_store(args, settings, adapters)
         return fit_and_store(args, settings, store, adapters)
-    except (AdapterError, EncoderError, StoreError, ValueError) as exc:
+    except (AdapterError, EncoderError, StoreError, TailError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
@@ -148,7 +180,8 @@ def show(adapters: Adapters, catalogue: str) -> int:
         mark = "*" if active.get(r.modality) == r.version else " "
         held = f"held-out R@1 {r.holdout.before:.3f} -> {r.holdout.after:.3f}" if r.holdout else ""
         spread = f"mean cosine {r.spread[0]:.3f} -> {r.spread[1]:.3f}" if r.spread else ""
-        model = f"model {r.model[:12]}, {r.max_length} tokens" if r.model else ""
+        size = f"{r.blocks} blocks" if r.kind == "tail" else f"{r.max_length} tokens"
+        model = f"model {r.model[:12]}, {size}" if r.model else ""
         print(
             f"{mark} {r.modality} v{r.version}: {r.method} {r.kind}"
             + (f" {r.loss}" if r.method == "supervised" else "")
@@ -212,6 +245,88 @@ def finetune_and_store(args: argparse.Namespace, settings: Settings, adapters: A
     rewritten = adapters.activate(catalogue, "text", saved.version, progress=_progress)
     print(f"  active: text queries are embedded by it; {rewritten} points re-embedded (undo: --rollback)")
     return 0
+
+
+def finetune_image_and_store(args: argparse.Namespace, settings: Settings, adapters: Adapters) -> int:
+    """Fine-tune the last blocks of the catalogue's image backbone on the labelled photos, keep the tail by
+    digest, store it as the next image version, and switch to it when it beats both the backbone as it is
+    and the active image version on the held-out photos (or with --force)."""
+    catalogue = args.catalogue
+    info = adapters.require_slots(catalogue)
+    lines, skipped = read_examples(args.examples)
+    encoder = load_image_encoder(settings.image_model, settings.image_precision)
+    _check_encoder(encoder.name, info.fingerprint.image, "IMAGE_MODEL")
+    if not isinstance(encoder, TimmImageEncoder):
+        raise EncoderError(f"fine-tuning the image backbone needs a timm backbone; IMAGE_MODEL is {encoder.name}")
+
+    def on_epoch(epoch: int, held: float, _: object) -> None:
+        log.info("image tail: epoch %d, held-out recall@1 %.3f", epoch, held)
+
+    tuned = finetune_catalogue_photos(
+        adapters.store,
+        catalogue,
+        lines,
+        encoder,
+        base=args.examples.parent,
+        models_root=settings.models_root,
+        cache_root=trunk_cache_root(settings),
+        max_pixels=settings.max_image_pixels,
+        blocks=args.blocks,
+        epochs=args.epochs,
+        patience=args.patience,
+        lr=args.lr or 1e-4,
+        batch_size=args.batch_size,
+        holdout=args.holdout,
+        seed=args.seed,
+        on_epoch=on_epoch,
+    )
+    _report_skipped(skipped + tuned.skipped)
+    fit = tuned.fit
+    record = AdapterRecord(
+        catalogue=catalogue,
+        modality="image",
+        version=1,
+        method="finetune",
+        kind="tail",
+        condition="product",
+        encoder=info.fingerprint.image,
+        dim=fit.tail.dim,
+        created=datetime.now(UTC),
+        examples=tuned.examples,
+        source=str(args.examples),
+        epochs=fit.epochs,
+        seconds=round(fit.seconds, 2),
+        holdout=HoldOut(examples=fit.holdout, before=fit.before, after=fit.after),
+        model=tuned.digest,
+        blocks=args.blocks,
+    )
+    current = _active_record(adapters, catalogue, "image")
+    to_beat = max(fit.before, current.holdout.after if current and current.holdout else fit.before)
+    saved = adapters.save(record)
+    print(
+        f"catalogue {catalogue}: image tail v{saved.version} (the last {args.blocks} blocks of {record.encoder} "
+        f"fine-tuned)\n"
+        f"  held-out recall@1 {fit.before:.3f} -> {fit.after:.3f} on {fit.holdout} photos"
+        + (f" (active {current.label}: {to_beat:.3f})" if current else "")
+        + f"\n  {tuned.examples} labelled photos against {tuned.photos} catalogue photos; {fit.epochs} epochs "
+        f"(kept {fit.best}), {fit.seconds:.1f} s; {tuned.computed} photo views through the trunk, the rest cached\n"
+        f"  model {tuned.digest} in {settings.models_root}"
+    )
+    if args.no_activate or not (fit.after > to_beat or args.force):
+        why = "--no-activate" if args.no_activate else "it does not beat what is active on the held-out photos"
+        print(
+            f"  not switched to ({why}); switch with: "
+            f"python -m ingest adapt --catalogue {catalogue} --modality image --use {saved.version}"
+        )
+        return 0
+    rewritten = adapters.activate(catalogue, "image", saved.version, progress=_progress)
+    print(f"  active: query photos are embedded by it; {rewritten} points re-embedded (undo: --rollback)")
+    return 0
+
+
+def _active_record(adapters: Adapters, catalogue: str, modality: str) -> AdapterRecord | None:
+    version = adapters.store.info(catalogue).adapters.get(modality)
+    return next((r for r in adapters.records(catalogue) if (r.modality, r.version) == (modality, version)), None)
 
 
 def describe_finetune(record: AdapterRecord, fit: TextFit) -> str:

@@ -2,7 +2,9 @@
 labels allow, judge every part on a held-out share of them, and switch on only what beats what is active.
 
 In order, since each part changes what the next one sees: the text encoder fine-tuned on the pairs (its
-held-out share never read), an image head fitted on labelled photos, then the match model, fitted without
+held-out share never read), a linear image head fitted on labelled photos and then the image backbone's
+last blocks fine-tuned on them (each switched on only if it beats what is active: the better of the two
+wins), then the match model, fitted without
 and with a cross-encoder that reads both listings (each on its own share of the labelled products), judged
 against the active model on products none of them learnt from."""
 
@@ -44,7 +46,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--catalogue", required=True)
     parser.add_argument("--pairs", type=Path, help="labelled pairs of stored products")
-    parser.add_argument("--photos", type=Path, help="labelled photos (an image head is fitted on them)")
+    parser.add_argument("--photos", type=Path, help="labelled photos (an image head and a tail learn from them)")
+    parser.add_argument(
+        "--image-blocks",
+        type=int,
+        default=4,
+        help="backbone blocks fine-tuned on the photos after the linear head (4; 0: the head only)",
+    )
     parser.add_argument(
         "--held-out", type=between_0_and_1, default=0.2, help="share of labelled products judged on (0.2)"
     )
@@ -63,6 +71,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--accept-precision must be below --target-precision")
     if not 1 <= args.depth <= 100 or not 1 <= args.rerank_epochs <= 20 or not 1 <= args.text_epochs <= 20:
         parser.error("--depth must be between 1 and 100, --rerank-epochs and --text-epochs between 1 and 20")
+    if not 0 <= args.image_blocks <= 50:
+        parser.error("--image-blocks must be between 0 and 50")
     return args
 
 
@@ -111,9 +121,12 @@ def main(argv: list[str]) -> int:
         if code != 0:
             print("  (the text encoder stays as it was)", file=sys.stderr)
     if args.photos is not None:
-        code = _adapt(["--catalogue", args.catalogue, "--modality", "image", "--examples", str(args.photos)])
-        if code != 0:
+        photos = ["--catalogue", args.catalogue, "--modality", "image", "--examples", str(args.photos)]
+        if _adapt([*photos, "--seed", str(args.seed)]) != 0:
             print("  (the image vectors stay as they were)", file=sys.stderr)
+        tail = ["--method", "finetune", "--blocks", str(args.image_blocks), "--seed", str(args.seed)]
+        if args.image_blocks and _adapt([*photos, *tail]) != 0:  # switched on only if it beats the head
+            print("  (the image backbone stays as it was)", file=sys.stderr)
     if shares is None:
         return 0
     print(

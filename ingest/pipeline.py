@@ -29,7 +29,7 @@ from tqdm import tqdm
 from ingest.inputs import CatalogueInput, open_input
 from ingest.readers import validate_rows
 from ingest.sources import FetchCancelled, OutsideRoot, PhotoAccess, SourceError, UrlFetcher, file_signature
-from retrieval.adapt.heads import ActiveHead, Adapters, adapted_vectors, encoder_twins
+from retrieval.adapt.heads import ActiveHead, Adapters, TailHead, adapted_vectors, encoder_twins, trunk_cache_root
 from retrieval.encoders.base import ImageEncoder, TextEncoder
 from retrieval.images import ImageDecodeError, decode_image
 from retrieval.lexical import document_vector
@@ -80,6 +80,7 @@ class Photo:
     blob: bytes | None = None
     tensor: torch.Tensor | None = None
     vector: np.ndarray | None = None
+    tuned: np.ndarray | None = None  # through the active image tail, while one is active
     read: str | None = None  # the text read off it (OCR), None while not read
     signature: str = ""  # 'size:mtime_ns' of a local file ('' for a URL)
     unread: bool = False  # the hash came from the store (same file signature): read the bytes only if needed
@@ -245,7 +246,14 @@ class Ingestor:
         report.created_catalogue = created
         self._reads_text = self._text_reading(catalogue)
         existed = not created and self.store.count(catalogue) > 0
-        adapters = Adapters(self.store, models_root=self.settings.models_root, precision=self.settings.text_precision)
+        adapters = Adapters(
+            self.store,
+            models_root=self.settings.models_root,
+            precision=self.settings.text_precision,
+            image_encoder=lambda: self.image_encoder,
+            cache_root=trunk_cache_root(self.settings),
+            max_pixels=self.settings.max_image_pixels,
+        )
         heads = adapters.active_heads(catalogue)  # new points get the adapted twins too
         show = sys.stderr.isatty() if progress is None else progress
         bar = tqdm(desc=f"ingest {catalogue}", unit="product", disable=not show, file=sys.stderr)
@@ -538,16 +546,32 @@ class Ingestor:
             elif photo.vector is None:
                 twins[photo.digest] = []
                 to_embed.append(photo)
+        active = heads.get(IMAGE_VECTOR)
+        tail = active if isinstance(active, TailHead) else None
         for start in range(0, len(to_embed), batch):
             group = to_embed[start : start + batch]
-            rows = self.image_encoder.embed_tensors(torch.stack([p.tensor for p in group if p.tensor is not None]))
-            for photo, row in zip(group, rows, strict=True):
-                photo.vector, photo.tensor = row, None
+            stacked = torch.stack([p.tensor for p in group if p.tensor is not None])
+            rows = self.image_encoder.embed_tensors(stacked)
+            # An active tail embeds the same tensors again (trunk + tail: a second forward, its trunk
+            # features cached for later tails and re-embedding).
+            tail_rows: list[np.ndarray | None] = (
+                list(tail.embed_tensors(stacked, [p.digest for p in group]))
+                if tail is not None
+                else [None] * len(group)
+            )
+            for photo, row, tuned_row in zip(group, rows, tail_rows, strict=True):
+                photo.vector, photo.tensor, photo.tuned = row, None, tuned_row
                 cache.put(photo.digest, row)
                 for twin in twins[photo.digest]:
-                    twin.vector = row
+                    twin.vector, twin.tuned = row, tuned_row
                     twin.read = twin.read if twin.read is not None else photo.read
         report.images_embedded += len(to_embed)
+        if tail is not None:  # photos whose raw vector was known: their trunk features are cached, or read again
+            reused = [p for product in products for p in product.usable if p.tuned is None]
+            for photo, tuned_row in zip(
+                reused, tail.embed_stored([p.ref for p in reused], [p.digest for p in reused]), strict=True
+            ):
+                photo.tuned = tuned_row
         texts = [product_text(p.record) for p in products]
         text_vectors = self.text_encoder.embed_texts([t for t in texts if t])
         tuned = encoder_twins(heads, [t for t in texts if t])  # a fine-tuned text encoder's twins, if active
@@ -557,6 +581,8 @@ class Ingestor:
             photos = product.usable
             if photos:
                 vector[IMAGE_VECTOR] = [np.asarray(p.vector).tolist() for p in photos]
+            if tail is not None and (through_tail := [p.tuned.tolist() for p in photos if p.tuned is not None]):
+                vector[ADAPTED_VECTORS[IMAGE_VECTOR]] = through_tail
             if text:
                 vector[TEXT_VECTOR] = text_vectors[text_at].tolist()
                 if tuned is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import TracebackType
 
+from retrieval.adapt.heads import trunk_cache_root
 from retrieval.encoders import ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
 from retrieval.search import SearchEngine
 from retrieval.settings import Settings
@@ -69,5 +70,6 @@ def open_runtime(settings: Settings, *, store: ProductStore | None = None) -> Ru
         query_crops=settings.query_crop_shares,
         models_root=settings.models_root,
         model_precision=settings.text_precision,
+        cache_root=trunk_cache_root(settings),
     )
     return Runtime(settings, store, engine)

@@ -11,7 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from schemas.search import ProductRef
 
 Modality = Literal["image", "text"]
-HeadKind = Literal["linear", "mlp", "encoder"]  # encoder: a fine-tuned text encoder, not a map on vectors
+# encoder: a fine-tuned text encoder; tail: the image backbone's last blocks fine-tuned (neither maps vectors)
+HeadKind = Literal["linear", "mlp", "encoder", "tail"]
+MODEL_KINDS = {"encoder": "text", "tail": "image"}  # the kinds kept as a model folder, and their modality
 Method = Literal["supervised", "spread", "finetune"]
 Loss = Literal["contrastive", "triplet"]
 
@@ -66,21 +68,22 @@ class AdapterRecord(BaseModel):
     model: str | None = Field(
         default=None,
         pattern=r"^[0-9a-f]{64}$",
-        description="encoder only: SHA-256 digest of the fine-tuned model folder (under MODELS_PATH)",
+        description="encoder and tail: SHA-256 digest of the fine-tuned model folder (under MODELS_PATH)",
     )
+    blocks: int | None = Field(default=None, ge=0, description="tail only: the backbone's blocks fine-tuned")
     max_length: int | None = Field(default=None, ge=1, description="encoder only: tokens read per text")
     hard_negatives: int | None = Field(default=None, ge=0, description="encoder only: anchors given a mined negative")
 
     @model_validator(mode="after")
-    def _encoder_names_its_model(self) -> AdapterRecord:
-        if (self.kind == "encoder") != (self.model is not None):
-            raise ValueError("a fine-tuned encoder record names its model folder's digest, and only it does")
-        if self.kind == "encoder" and self.modality != "text":
-            raise ValueError("only the text encoder is fine-tuned")
+    def _model_kinds_name_their_model(self) -> AdapterRecord:
+        if (self.kind in MODEL_KINDS) != (self.model is not None):
+            raise ValueError("a fine-tuned encoder or tail names its model folder's digest, and only they do")
+        if self.kind in MODEL_KINDS and self.modality != MODEL_KINDS[self.kind]:
+            raise ValueError(f"a fine-tuned {self.kind} is of the {MODEL_KINDS[self.kind]} modality")
         return self
 
     @property
     def label(self) -> str:
-        """How the active version is shown: `encoder v2 1a2b3c4d5e6f`, `linear v1`."""
+        """How the active version is shown: `encoder v2 1a2b3c4d5e6f`, `tail v3 ...`, `linear v1`."""
         suffix = f" {self.model[:12]}" if self.model else ""
         return f"{self.kind} v{self.version}{suffix}"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +106,9 @@ class Labelled:
     anchors_from: str  # "photos", "texts", "products" or "catalogue"
 
 
+PhotoVectors = tuple[list[np.ndarray | None], dict[Path, str]]
+
+
 @dataclass
 class _Anchor:
     vector: np.ndarray
@@ -143,7 +146,7 @@ def labelled_examples(
     lines: list[tuple[int, AdaptExample]] | None,
     *,
     base: Path,
-    embed_photos: PhotoEmbedder | None = None,
+    embed_photos: Callable[[Sequence[Path]], PhotoVectors] | None = None,
     text_encoder: TextEncoder | None = None,
     required: bool = True,
 ) -> Labelled:
@@ -246,9 +249,6 @@ def _labels(stored: Stored, condition: str, groups: Groups) -> np.ndarray:
 def _resolve(base: Path, ref: str) -> Path:
     path = Path(ref)
     return path if path.is_absolute() else base / path
-
-
-PhotoVectors = tuple[list[np.ndarray | None], dict[Path, str]]
 
 
 class PhotoEmbedder:

@@ -19,10 +19,12 @@ import math
 import os
 import pickle
 import re
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from timm.data import create_transform, resolve_model_data_config
 from torch.nn import functional as F
 
+from retrieval.adapt.data import Labelled, Stored, labelled_examples
 from retrieval.adapt.train import Examples, batch_loss, gallery_rows, recall_at_1, rows_by_label, split
 from retrieval.encoders.base import PixelTransform, l2_normalise
 from retrieval.encoders.timm_backbone import TimmImageEncoder
@@ -42,7 +45,9 @@ from retrieval.images import (
     decode_image,
     read_regular_file,
 )
-from schemas.adapters import Loss
+from retrieval.store import ProductStore
+from retrieval.weights import keep_model
+from schemas.adapters import AdaptExample, Loss
 
 log = logging.getLogger(__name__)
 
@@ -306,14 +311,40 @@ class TrunkCache:
                 ready.append((index, digest, self.trunk.preprocess(image)))
             if not ready:
                 continue
-            features = self.trunk.features(torch.stack([tensor for _, _, tensor in ready])).numpy()
-            if not np.isfinite(features).all() or float(np.abs(features).max()) > FP16_MAX:
-                raise TailError("trunk features overflow fp16: cache them at another cut")
-            for (index, digest, _), row in zip(ready, features.astype(np.float16), strict=True):
+            rows = self.compute(torch.stack([tensor for _, _, tensor in ready]), [d for _, d, _ in ready], view=view)
+            for (index, _, _), row in zip(ready, rows, strict=True):
                 out[index] = row
-                self._write(self._file(digest, view), row)
-            self.computed += len(ready)
         return out, failures
+
+    def lookup(self, digest: str, *, view: float = 1.0) -> np.ndarray | None:
+        """The cached features of the photo whose bytes have this sha256, or None."""
+        return self._cached(self._file(digest, view))
+
+    def compute(self, batch: torch.Tensor, digests: Sequence[str], *, view: float = 1.0) -> np.ndarray:
+        """Trunk features (fp16, n x C x H x W) of a batch of `preprocess` outputs, kept under their photos'
+        digests: ingest computes them from the tensors it decoded anyway."""
+        features = self.trunk.features(batch).numpy()
+        if not np.isfinite(features).all() or float(np.abs(features).max()) > FP16_MAX:
+            raise TailError("trunk features overflow fp16: cache them at another cut")
+        rows = features.astype(np.float16)
+        for digest, row in zip(digests, rows, strict=True):
+            self._write(self._file(digest, view), row)
+        self.computed += len(rows)
+        return rows
+
+    def of_stored(self, refs: Sequence[str], digests: Sequence[str]) -> list[np.ndarray | None]:
+        """A stored product's photos (its payload's `images` and `image_hashes`): each one's cached
+        features, else its local file read and decoded again; a photo fetched from a URL at ingest is not
+        fetched again (None), nor is a file that is gone or unreadable."""
+        out: list[np.ndarray | None] = [self.lookup(digest) for digest in digests]
+        local = [i for i, (ref, row) in enumerate(zip(refs, out, strict=True)) if row is None and "://" not in ref]
+        if local:
+            rows, failures = self([Path(refs[i]) for i in local])
+            for path, reason in failures.items():
+                log.warning("no trunk features for %s: %s", path, reason)
+            for i, row in zip(local, rows, strict=True):
+                out[i] = row
+        return out
 
     def _write(self, file: Path, row: np.ndarray) -> None:
         file.parent.mkdir(parents=True, exist_ok=True)
@@ -448,3 +479,99 @@ def stack_features(rows: Sequence[np.ndarray | None], shape: Sequence[int]) -> t
     if not len(present):
         return np.zeros((0, *shape), dtype=np.float16), present
     return np.stack([rows[i] for i in present]).astype(np.float16, copy=False), present
+
+
+@dataclass
+class TunedTail:
+    """A tail trained on a catalogue's labelled photos, kept under `digest`."""
+
+    digest: str
+    fit: TailFit
+    trunk: Trunk
+    examples: int  # labelled photos learnt from (anchors)
+    photos: int  # the catalogue's photos in the gallery
+    skipped: list[str]  # example lines not used, and why
+    computed: int  # photo views run through the trunk (the rest came from the cache)
+
+
+def read_photo_catalogue(store: ProductStore, catalogue: str, cache: TrunkCache) -> tuple[Stored, int]:
+    """The catalogue's photos as trunk features (flattened rows, for `labelled_examples`), and how many
+    products had none that could be read (URL photos are not fetched again)."""
+    rows: list[np.ndarray] = []
+    owners: list[int] = []
+    ids: list[tuple[str, str]] = []
+    titles: list[str] = []
+    missing = 0
+    fields = ["retailer", "product_id", "title", "images", "image_hashes"]
+    for points in store.scroll_pages(catalogue, page=256, with_payload=fields):
+        for point in points:
+            payload = point.payload or {}
+            refs, digests = payload.get("images") or [], payload.get("image_hashes") or []
+            if not refs or len(refs) != len(digests):
+                continue
+            found = [
+                row for row in cache.of_stored([str(r) for r in refs], [str(d) for d in digests]) if row is not None
+            ]
+            if not found:
+                missing += 1
+                continue
+            index = len(ids)
+            ids.append((str(payload.get("retailer")), str(payload.get("product_id"))))
+            titles.append(str(payload.get("title") or payload.get("product_id")))
+            rows += [row.reshape(-1) for row in found]
+            owners += [index] * len(found)
+    if not ids:
+        raise ValueError(f"catalogue {catalogue!r} has no photo the tail can read (local files are needed)")
+    stored = Stored(np.stack(rows), np.asarray(owners, dtype=np.int64), ids, [None] * len(ids), titles)
+    return stored, missing
+
+
+def finetune_catalogue_photos(
+    store: ProductStore,
+    catalogue: str,
+    lines: Sequence[tuple[int, AdaptExample]],
+    encoder: TimmImageEncoder,
+    *,
+    base: Path,
+    models_root: Path,
+    cache_root: Path,
+    max_pixels: int,
+    blocks: int = 4,
+    crops: Sequence[float] = (0.8, 0.6),
+    **fit_options: Any,
+) -> TunedTail:
+    """Fine-tune the last `blocks` blocks of `encoder` on the labelled photos (`lines`, paths relative to
+    `base`) against the catalogue's own photos, training on their centre `crops` too (the query path's
+    views), and keep the tail under `models_root` by its digest (nothing is stored in the catalogue: that
+    is `Adapters.save`). `fit_options`: as `fit_tail`."""
+    trunk = Trunk(encoder, blocks=blocks)
+    cache = TrunkCache(trunk, cache_root, max_pixels=max_pixels)
+    stored, missing = read_photo_catalogue(store, catalogue, cache)
+
+    def flattened(view: float) -> Callable[[Sequence[Path]], tuple[list[np.ndarray | None], dict[Path, str]]]:
+        def embed(paths: Sequence[Path]) -> tuple[list[np.ndarray | None], dict[Path, str]]:
+            rows, failures = cache(paths, view=view)
+            return [row.reshape(-1) if row is not None else None for row in rows], failures
+
+        return embed
+
+    def labelled(view: float) -> Labelled:
+        return labelled_examples(stored, "image", "product", list(lines), base=base, embed_photos=flattened(view))
+
+    whole = labelled(1.0)
+    views = [labelled(view).examples.anchors for view in crops]  # the same lines fail alike: row for row
+    shape = (-1, *trunk.shape)
+    found = whole.examples
+    examples = Examples(
+        found.anchors.reshape(shape).astype(np.float16),
+        found.labels,
+        found.owners,
+        found.gallery.reshape(shape),
+        found.gallery_labels,
+        found.gallery_owners,
+    )
+    fit = fit_tail(trunk, examples, views=[v.reshape(shape).astype(np.float16) for v in views], **fit_options)
+    skipped = whole.skipped + ([f"{missing} products have no photo the tail can read"] if missing else [])
+    with tempfile.TemporaryDirectory(prefix="tail-") as folder:
+        digest = keep_model(fit.tail.save(Path(folder) / "tail"), models_root)
+    return TunedTail(digest, fit, trunk, len(examples), len(stored.rows), skipped, cache.computed)

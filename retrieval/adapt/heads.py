@@ -12,6 +12,11 @@ SHA-256 digest it is kept under (retrieval/weights.py, MODELS_PATH); the twin `t
 product's text (rebuilt from the payload) embedded again by that model, and a text query is embedded by it
 rather than by the base model. Every process loads the model from the record and checks the digest.
 
+An image head can be the backbone's last blocks fine-tuned (kind `tail`, retrieval/adapt/finetune_image.py):
+its model folder holds the tail's weights, `image_adapted` is every stored photo through the frozen trunk
+and the tail (the trunk's features cached on disk by the photo's sha256, so a photo seen by training or an
+earlier ingest is not decoded again), and a query photo (and its crops) is embedded by trunk + tail.
+
 Activation first switches the modality off (queries use the raw vectors), rewrites every point, then
 switches the new version on: an interrupted activation leaves the catalogue searchable on raw vectors,
 never on a mix of two heads."""
@@ -20,24 +25,26 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import threading
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from pydantic import ValidationError
 from qdrant_client import models
 
-from retrieval.encoders.base import EncoderError, TextEncoder
+from retrieval.encoders.base import EncoderError, ImageEncoder, TextEncoder
 from retrieval.records import TEXT_FIELDS, payload_text
 from retrieval.settings import Settings
 from retrieval.store import (
     ADAPTED_VECTORS,
     HIDDEN_PREFIX,
+    IMAGE_VECTOR,
     TEXT_VECTOR,
     CollectionMeta,
     ProductStore,
@@ -46,6 +53,12 @@ from retrieval.store import (
 from retrieval.weights import ModelFolderError, kept_model
 from schemas.adapters import AdapterRecord, HeadKind
 
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from retrieval.adapt.finetune_image import TailEncoder, TrunkCache
+
+log = logging.getLogger(__name__)
 HEADS_NAMESPACE = uuid.UUID("6f1c2a52-5d7e-4c1b-9a51-0c6a3f1f7a10")
 PAGE = 256
 
@@ -114,8 +127,44 @@ class EncoderHead:
         return self.encoder.embed_texts(texts)
 
 
-# What a modality's active version is: a map on the raw vectors, or (text) a fine-tuned encoder.
-ActiveHead = Head | EncoderHead
+@dataclass(frozen=True)
+class TailHead:
+    """The image backbone's fine-tuned tail as the image head: photos (decoded, or their cached trunk
+    features) are embedded by trunk + tail instead of mapping the base backbone's vectors."""
+
+    digest: str  # of the kept model folder
+    encoder: TailEncoder
+    cache: TrunkCache
+    kind: HeadKind = "tail"
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.dim
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Decoded photos (a query photo and its crops) through trunk + tail, in one forward."""
+        return self.encoder.embed_tensors(torch.stack([self.encoder.preprocess(image) for image in images]))
+
+    def embed_tensors(self, batch: torch.Tensor, digests: Sequence[str]) -> np.ndarray:
+        """Preprocessed photos (at ingest) through trunk + tail, their trunk features kept in the cache."""
+        return self.encoder.tail.embed(self.cache.compute(batch, digests))
+
+    def embed_stored(self, refs: Sequence[str], digests: Sequence[str]) -> list[np.ndarray | None]:
+        """Stored photos by their payload refs and digests (see `TrunkCache.of_stored`): None where a photo
+        can be neither found in the cache nor read again."""
+        features = self.cache.of_stored(refs, digests)
+        present = [i for i, row in enumerate(features) if row is not None]
+        out: list[np.ndarray | None] = [None] * len(features)
+        if present:
+            rows = self.encoder.tail.embed(np.stack([features[i] for i in present]))  # type: ignore[misc]
+            for i, row in zip(present, rows, strict=True):
+                out[i] = row
+        return out
+
+
+# What a modality's active version is: a map on the raw vectors, a fine-tuned text encoder, or (image) a
+# fine-tuned backbone tail.
+ActiveHead = Head | EncoderHead | TailHead
 
 
 def load_kept_encoder(root: Path, digest: str, *, precision: str = "auto") -> TextEncoder:
@@ -127,6 +176,11 @@ def load_kept_encoder(root: Path, digest: str, *, precision: str = "auto") -> Te
         return SentenceTextEncoder(str(folder), precision=precision)
     except (ModelFolderError, EncoderError) as exc:
         raise AdapterError(f"fine-tuned text encoder {digest[:12]}: {exc}") from exc
+
+
+def trunk_cache_root(settings: Settings) -> Path:
+    """Where trunk features are cached: beside the store, as the adaptation photo cache is."""
+    return settings.store_path.parent / "cache" / "trunk"
 
 
 def head_collection(catalogue: str) -> str:
@@ -146,12 +200,27 @@ class Adapters:
     `models_root`: where fine-tuned encoders are kept (default: the settings' MODELS_PATH); `precision`:
     what they run in (as TEXT_PRECISION)."""
 
-    def __init__(self, store: ProductStore, *, models_root: Path | None = None, precision: str = "auto") -> None:
+    def __init__(
+        self,
+        store: ProductStore,
+        *,
+        models_root: Path | None = None,
+        precision: str = "auto",
+        image_encoder: Callable[[], ImageEncoder] | None = None,
+        cache_root: Path | None = None,
+        max_pixels: int | None = None,
+    ) -> None:
         self.store = store
         self._models_root = models_root
         self.precision = precision
+        # A fine-tuned tail is loaded onto the process's image encoder (asked for only then: loading one is
+        # seconds) and caches trunk features under cache_root (default: the settings' store folder/cache).
+        self._image_encoder = image_encoder
+        self._cache_root = cache_root
+        self._max_pixels = max_pixels
         self._heads: dict[tuple[str, str, int], ActiveHead] = {}
         self._models: dict[str, TextEncoder] = {}  # digest -> the loaded model, shared by its versions
+        self._tails: dict[str, TailHead] = {}
         self._lock = threading.Lock()
         self._loading = threading.Lock()
 
@@ -176,8 +245,8 @@ class Adapters:
         """Store a head as the next version of its modality (the record's version is replaced). A fine-tuned
         encoder's record needs no head: its model must be kept under the record's digest already."""
         info = self.require_slots(record.catalogue)
-        if record.model is not None:
-            self._model(record.model)  # refused here, before a version names a missing or altered folder
+        if record.model is not None:  # refused here, before a version names a missing or altered folder
+            self._tail(record.model) if record.kind == "tail" else self._model(record.model)
         elif head is None:
             raise AdapterError(f"a {record.kind} head is stored with its weights")
         name = head_collection(record.catalogue)
@@ -209,7 +278,9 @@ class Adapters:
         except ValidationError as exc:
             raise AdapterError(f"catalogue {catalogue!r}: {modality} head version {version} is unreadable") from exc
         head: ActiveHead
-        if record.model is not None:
+        if record.model is not None and record.kind == "tail":
+            head = self._tail(record.model)
+        elif record.model is not None:
             head = EncoderHead(record.model, self._model(record.model))
         elif isinstance(weights := payload.get("weights"), str):
             head = Head.decode(record.kind, weights)
@@ -225,6 +296,39 @@ class Adapters:
             if digest not in self._models:
                 self._models[digest] = load_kept_encoder(self.models_root, digest, precision=self.precision)
             return self._models[digest]
+
+    def _tail(self, digest: str) -> TailHead:
+        """The image tail kept under `digest` on this process's image encoder (folder and fit checked)."""
+        from retrieval.adapt.finetune_image import TailEncoder, TailError, TrunkCache, load_tail
+        from retrieval.encoders.timm_backbone import TimmImageEncoder
+
+        with self._loading:
+            if digest not in self._tails:
+                encoder = self._image_encoder() if self._image_encoder is not None else None
+                if not isinstance(encoder, TimmImageEncoder):
+                    raise AdapterError(
+                        f"image tail {digest[:12]}: it runs on the timm image encoder it was trained on, and this "
+                        f"process has {getattr(encoder, 'name', 'none')}"
+                    )
+                try:
+                    trunk, tail = load_tail(kept_model(self.models_root, digest), encoder)
+                except (ModelFolderError, TailError) as exc:
+                    raise AdapterError(f"image tail {digest[:12]}: {exc}") from exc
+                settings = Settings() if self._cache_root is None or self._max_pixels is None else None
+                root = self._cache_root or trunk_cache_root(settings or Settings())
+                pixels = self._max_pixels or (settings or Settings()).max_image_pixels
+                cache = TrunkCache(trunk, root, max_pixels=pixels)
+                self._tails[digest] = TailHead(digest, TailEncoder(trunk, tail, name=f"tail:{digest[:12]}"), cache)
+            return self._tails[digest]
+
+    def image_model(self, catalogue: str, active: dict[str, int] | None = None) -> TailHead | None:
+        """The catalogue's fine-tuned image tail when it is the active image head (its query photos are
+        embedded by it), else None."""
+        versions = self.store.info(catalogue).adapters if active is None else active
+        if (version := versions.get(IMAGE_VECTOR)) is None:
+            return None
+        head = self.load(catalogue, IMAGE_VECTOR, version)
+        return head if isinstance(head, TailHead) else None
 
     def active_heads(self, catalogue: str, active: dict[str, int] | None = None) -> dict[str, ActiveHead]:
         """Raw vector name -> the head its queries and new points go through."""
@@ -315,11 +419,11 @@ class Adapters:
 
 def adapted_vectors(vector: dict[str, Any], heads: dict[str, ActiveHead]) -> dict[str, Any]:
     """The adapted twins of a point's raw vectors, for the modalities whose active head maps vectors (a
-    fine-tuned encoder's twin comes from the text: `encoder_twins`)."""
+    fine-tuned encoder's twin comes from the text, `encoder_twins`; a tail's from the photos)."""
     out: dict[str, Any] = {}
     for modality, head in heads.items():
         raw = vector.get(modality)
-        if not raw or isinstance(head, EncoderHead):
+        if not raw or not isinstance(head, Head):
             continue
         rows = np.asarray(raw, dtype=np.float32)
         adapted = head(rows if rows.ndim == 2 else rows[None, :])
@@ -342,6 +446,8 @@ def rewrite_adapted(
     are not touched (an ingest's payload update between the read and the write is not undone)."""
     if isinstance(head, EncoderHead):
         return _reembed_texts(store, catalogue, head, progress)
+    if isinstance(head, TailHead):
+        return _reembed_photos(store, catalogue, head, progress)
     total = store.count(catalogue)
     done = 0
     for points in store.scroll_pages(catalogue, page=PAGE, with_payload=False, with_vectors=[modality]):
@@ -374,4 +480,39 @@ def _reembed_texts(store: ProductStore, catalogue: str, head: EncoderHead, progr
         done += len(points)
         if progress:
             progress(done, total)
+    return done
+
+
+def _reembed_photos(store: ProductStore, catalogue: str, head: TailHead, progress: Progress | None) -> int:
+    """Every point's photos through the tail (their cached trunk features, else the local file again). A
+    point none of whose photos can be had loses its twin rather than keep an earlier head's, and is
+    counted in the log: it is still found by text, and by photo once ingested again."""
+    total = store.count(catalogue)
+    done = missing = 0
+    twin = ADAPTED_VECTORS[IMAGE_VECTOR]
+    for points in store.scroll_pages(catalogue, page=PAGE, with_payload=["images", "image_hashes"]):
+        batch: list[models.PointVectors] = []
+        lost: list[str | int] = []
+        for point in points:
+            payload = point.payload or {}
+            refs, digests = payload.get("images") or [], payload.get("image_hashes") or []
+            if not refs or len(refs) != len(digests):
+                continue
+            rows = [
+                row for row in head.embed_stored([str(r) for r in refs], [str(d) for d in digests]) if row is not None
+            ]
+            if rows:
+                batch.append(models.PointVectors(id=point.id, vector={twin: [row.tolist() for row in rows]}))
+            else:
+                lost.append(str(point.id) if not isinstance(point.id, int) else point.id)
+        store.update_vectors(catalogue, batch)
+        store.delete_vectors(catalogue, [twin], lost)
+        missing += len(lost)
+        done += len(points)
+        if progress:
+            progress(done, total)
+    if missing:
+        log.warning(
+            "%s: %d products have no photo the tail could read again (URL photos are not fetched)", catalogue, missing
+        )
     return done

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 from qdrant_client import models
 
-from retrieval.adapt.heads import Adapters, EncoderHead, Head
+from retrieval.adapt.heads import Adapters, EncoderHead, Head, TailHead
 from retrieval.encoders.base import ImageEncoder, TextEncoder, embed_images
 from retrieval.images import centre_crop
 from retrieval.lexical import clean, codes_conflict, identifiers, overlap, query_vector
@@ -161,10 +161,17 @@ class SearchEngine:
     reader: TextReader = field(default_factory=TextReader, repr=False)
     models_root: Path | None = None  # fine-tuned text encoders (MODELS_PATH; default: the settings')
     model_precision: str = "auto"  # what they run in (TEXT_PRECISION)
+    cache_root: Path | None = None  # a fine-tuned image tail's trunk features (default: beside the store)
     adapters: Adapters = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.adapters = Adapters(self.store, models_root=self.models_root, precision=self.model_precision)
+        self.adapters = Adapters(
+            self.store,
+            models_root=self.models_root,
+            precision=self.model_precision,
+            image_encoder=lambda: self.image_encoder,
+            cache_root=self.cache_root,
+        )
 
     @property
     def fingerprint(self) -> EncoderFingerprint:
@@ -178,21 +185,26 @@ class SearchEngine:
         embedder: QueryEmbedder | None = None,
         read_text: bool = False,
         text_model: EncoderHead | None = None,
+        image_model: TailHead | None = None,
     ) -> QueryVectors:
         """Query vectors: the photo through the image encoder, the text through the text encoder and into
         lexical terms. With an image encoder that also embeds texts (CLIP) and no photo, the text searches
         the photos too (cross-modal). `read_text` (a catalogue that reads package text): the photo's printed
         text too, when it shows enough of it. `embedder`: where the rows are computed (default: here, now).
         `text_model`: the catalogue's fine-tuned text encoder (`Adapters.text_model`): the text is embedded
-        by it, here, and searches the adapted twin."""
+        by it, here, and searches the adapted twin. `image_model`: the catalogue's fine-tuned image tail
+        (`Adapters.image_model`): the photo and its crops are embedded by it, here, and search the twin."""
         embedder = embedder or DirectEmbedder(self.image_encoder, self.text_encoder, self.reader)
         reading = embedder.read(image) if image is not None and read_text else None
         views = [image, *(centre_crop(image, share) for share in self.query_crops)] if image is not None else []
-        photo_rows = embedder.photos(views) if views else []  # all started before any is awaited
+        tail = image_model is not None and bool(views)
+        photo_rows = embedder.photos(views) if views and not tail else []  # all started before any is awaited
         tuned = text_model is not None and bool(text)
         text_row = embedder.text(text) if text and not tuned else None
         tuned_vector = text_model.embed_texts([text])[0] if text_model is not None and text else None
         image_vector = _mean_direction([row.result() for row in photo_rows]) if photo_rows else None
+        if image_model is not None and views:  # the tail only: raw photo vectors are not searched meanwhile
+            image_vector = _mean_direction(list(image_model.embed_images(views)))
         text_vector = text_row.result() if text_row is not None else tuned_vector
         if image_vector is None and text and isinstance(self.image_encoder, TextEncoder):
             same_model = self.image_encoder is self.text_encoder and not tuned  # a tuned row is not CLIP's
@@ -205,6 +217,7 @@ class SearchEngine:
             ocr=query_read_vector(read) if (read := reading.result() if reading else None) else None,
             read=read,
             text_using=ADAPTED_VECTORS[TEXT_VECTOR] if tuned else TEXT_VECTOR,
+            image_using=ADAPTED_VECTORS[IMAGE_VECTOR] if tail else IMAGE_VECTOR,
         )
 
     def search(
@@ -225,7 +238,10 @@ class SearchEngine:
         # A typed text stands in for what is printed (see search_vectors): the photo is read only without one.
         read_text = bool(info.reads_text) and not text
         text_model = self.adapters.text_model(catalogue, info.adapters) if text else None
-        vectors = self.encode_query(image, text, embedder=embedder, read_text=read_text, text_model=text_model)
+        image_model = self.adapters.image_model(catalogue, info.adapters) if image is not None else None
+        vectors = self.encode_query(
+            image, text, embedder=embedder, read_text=read_text, text_model=text_model, image_model=image_model
+        )
         response = self.search_vectors(
             catalogue, vectors, filters=filters, options=options, image_url=image_url, info=info
         )
@@ -353,9 +369,9 @@ class SearchEngine:
 
     def adapt(self, catalogue: str, vectors: QueryVectors, active: dict[str, int]) -> QueryVectors:
         """Raw query vectors through the catalogue's active heads, aimed at the adapted twins. A fine-tuned
-        text encoder maps no vector: a text reaches its twin only embedded by it (`encode_query` with the
-        `text_model`, as `search` does); a base-model text vector stays on the raw `text` vectors, which
-        rank it as they would with no head."""
+        text encoder (or image tail) maps no vector: a text (photo) reaches its twin only embedded by it
+        (`encode_query` with the `text_model` / `image_model`, as `search` does); a base-model vector stays
+        on the raw vectors, which rank it as they would with no head."""
         if not active:
             return vectors
         heads = self.adapters.active_heads(catalogue, active)

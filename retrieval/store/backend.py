@@ -57,6 +57,8 @@ class StoreBackend(Protocol):
 
     def update_vectors(self, name: str, points: Sequence[models.PointVectors]) -> None: ...
 
+    def delete_vectors(self, name: str, vectors: Sequence[str], ids: Sequence[PointId]) -> None: ...
+
     def delete(self, name: str, ids: Sequence[PointId]) -> None: ...
 
     def retrieve(
@@ -136,6 +138,9 @@ class QdrantBackend:
 
     def update_vectors(self, name: str, points: Sequence[models.PointVectors]) -> None:
         self._client.update_vectors(name, points=list(points), wait=True)
+
+    def delete_vectors(self, name: str, vectors: Sequence[str], ids: Sequence[PointId]) -> None:
+        self._client.delete_vectors(name, vectors=list(vectors), points=list(ids), wait=True)
 
     def delete(self, name: str, ids: Sequence[PointId]) -> None:
         self._client.delete(name, points_selector=models.PointIdsList(points=list(ids)), wait=True)

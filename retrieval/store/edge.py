@@ -246,6 +246,11 @@ class EdgeStore:
             batch = [edge.PointVectors(_edge_id(p.id), _edge_vectors(p.vector)) for p in points]
             _call(self.shard.update, edge.UpdateOperation.update_vectors(batch))
 
+    def delete_vectors(self, names: Sequence[str], ids: Sequence[PointId]) -> None:
+        """Remove some named vectors of existing points; the rest of each point stays."""
+        if ids and names:
+            _call(self.shard.update, edge.UpdateOperation.delete_vectors([_edge_id(i) for i in ids], list(names)))
+
     def _upsert(self, batch: list[edge.Point]) -> int:
         if batch:
             _call(self.shard.update, edge.UpdateOperation.upsert_points(batch))

@@ -92,6 +92,9 @@ class EdgeBackend:
     def update_vectors(self, name: str, points: Sequence[models.PointVectors]) -> None:
         self._store(name).update_vectors(points)
 
+    def delete_vectors(self, name: str, vectors: Sequence[str], ids: Sequence[PointId]) -> None:
+        self._store(name).delete_vectors(vectors, ids)
+
     def delete(self, name: str, ids: Sequence[PointId]) -> None:
         self._store(name).delete(ids)
 

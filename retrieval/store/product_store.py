@@ -347,6 +347,12 @@ class ProductStore:
             with self._call("update_vectors") as backend:
                 backend.update_vectors(catalogue, batch)
 
+    def delete_vectors(self, catalogue: str, vectors: Sequence[str], ids: Sequence[PointId]) -> None:
+        """Remove some named vectors of existing points, leaving their other vectors and payload alone."""
+        if ids and vectors:
+            with self._call("delete_vectors") as backend:
+                backend.delete_vectors(catalogue, vectors, ids)
+
     def get(self, catalogue: str, point: str, *, with_vectors: bool = False) -> models.Record | None:
         found = self.retrieve(catalogue, [point], with_vectors=with_vectors)
         return found[0] if found else None
