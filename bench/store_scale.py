@@ -422,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
             loaded = spawn(backend, "load", store, Path(prefix + "-load.json"), load_options)
             query_options = ["--queries-file", str(queries_file)] + ["--unfiltered"] * args.unfiltered
             served = spawn(backend, "query", store, Path(prefix + "-query.json"), query_options)
-            rows.append({"label": label, "backend": backend, "points": points, **loaded, **served})
+            disk = folder_bytes(store)
+            rows.append({"label": label, "backend": backend, "points": points, "disk": disk, **loaded, **served})
             if not args.keep:
                 shutil.rmtree(store, ignore_errors=True)
     finally:
@@ -432,13 +433,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def folder_bytes(folder: Path) -> int:
+    """Bytes the files under `folder` take on disk (allocated blocks: sparse files count what they hold)."""
+    return sum(p.stat().st_blocks * 512 for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
 def report(rows: list[dict[str, Any]], *, load_end: str) -> str:
     local = {r["points"]: r for r in rows if r["backend"] == "local"}
     lines = [
         "| backend | points | load s | HNSW build s | open s | filtered p50 ms | filtered p95 ms | "
-        "unfiltered p50 / p95 ms | peak RSS load MB | peak RSS serve MB | recall@10 vs local mode | "
-        "recall@10 vs edge exact |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "unfiltered p50 / p95 ms | peak RSS load MB | peak RSS serve MB | disk bytes / point | "
+        "recall@10 vs local mode | recall@10 vs edge exact |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         edge = row["backend"] == "edge"
@@ -460,6 +466,7 @@ def report(rows: list[dict[str, Any]], *, load_end: str) -> str:
             unfiltered,
             f"{row['load_rss_mb']:.0f}",
             f"{row['serve_rss_mb']:.0f}",
+            f"{row['disk'] / row['points']:.0f}",
             versus_local,
             versus_exact,
         ]

@@ -20,6 +20,21 @@ class Settings(BaseSettings):
     qdrant_url: str | None = Field(default=None, description="Qdrant server URL, e.g. http://localhost:6333")
     qdrant_api_key: str | None = Field(default=None, description="API key for the Qdrant server")
     qdrant_path: Path | None = Field(default=None, description="folder of the embedded store (default: ./data/qdrant)")
+    # How a server (QDRANT_URL) lays out a new catalogue's collection (README, Scale out); existing
+    # collections keep theirs. The embedded engines have one shard and keep everything as they do.
+    qdrant_shards: int = Field(default=1, ge=1, le=1_000, description="server: shards of a new collection")
+    qdrant_replicas: int = Field(default=1, ge=1, le=16, description="server: copies of each shard")
+    qdrant_write_consistency: int = Field(
+        default=1, ge=1, le=16, description="server: replicas that must confirm a write (at most QDRANT_REPLICAS)"
+    )
+    qdrant_on_disk: bool = Field(
+        default=False, description="server: original vectors and payload on disk (memory-mapped), indexes in RAM"
+    )
+    qdrant_quantization: Literal["none", "int8"] = Field(
+        default="none",
+        description="server: int8 scalar quantization of the dense vectors, kept in RAM; queries rescore the "
+        "oversampled candidates with the original vectors",
+    )
     store_backend: Literal["auto", "local", "edge"] = Field(
         default="auto",
         description=(
@@ -143,6 +158,17 @@ class Settings(BaseSettings):
             )
         if self.qdrant_api_key and not self.qdrant_url:
             raise ValueError("QDRANT_API_KEY is set without QDRANT_URL: the embedded store takes no key")
+        server_only = {
+            "QDRANT_SHARDS": self.qdrant_shards != 1,
+            "QDRANT_REPLICAS": self.qdrant_replicas != 1,
+            "QDRANT_WRITE_CONSISTENCY": self.qdrant_write_consistency != 1,
+            "QDRANT_ON_DISK": self.qdrant_on_disk,
+            "QDRANT_QUANTIZATION": self.qdrant_quantization != "none",
+        }
+        if not self.qdrant_url and (named := [name for name, used in server_only.items() if used]):
+            raise ValueError(f"{', '.join(named)} lay out a Qdrant server's collections: set QDRANT_URL too")
+        if self.qdrant_write_consistency > self.qdrant_replicas:
+            raise ValueError("QDRANT_WRITE_CONSISTENCY cannot exceed QDRANT_REPLICAS: no write could be confirmed")
         return self
 
     @property

@@ -11,14 +11,23 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from qdrant_client import QdrantClient, models
 
-from retrieval.store.layout import EncoderFingerprint, layout_sparse, layout_vectors
+from retrieval.store.layout import (
+    ADAPTED_VECTORS,
+    IMAGE_VECTOR,
+    TEXT_VECTOR,
+    EncoderFingerprint,
+    ServerLayout,
+    layout_sparse,
+    layout_vectors,
+)
 
 PointId = str | int
 Selection = bool | Sequence[str]
+DENSE_VECTORS = frozenset({IMAGE_VECTOR, TEXT_VECTOR, *ADAPTED_VECTORS.values()})
 
 
 class StoreBackend(Protocol):
@@ -90,8 +99,10 @@ def _selection(value: Selection) -> bool | list[str]:
 class QdrantBackend:
     """qdrant-client for a server (`url`) or its embedded local mode (`path`, or ':memory:')."""
 
-    def __init__(self, client: QdrantClient) -> None:
+    def __init__(self, client: QdrantClient, *, layout: ServerLayout | None = None) -> None:
         self._client = client
+        self._layout = layout or ServerLayout()
+        self._search_params = self._layout.search_params()
         options = getattr(client, "init_options", None) or {}
         self._embedded = options.get("path") is not None or options.get("location") == ":memory:"
 
@@ -116,9 +127,10 @@ class QdrantBackend:
     ) -> None:
         self._client.create_collection(
             name,
-            vectors_config=layout_vectors(layout),
+            vectors_config=layout_vectors(layout, on_disk=True if self._layout.on_disk else None),
             sparse_vectors_config=layout_sparse() if lexical else None,
             metadata=dict(metadata),
+            **self._layout.collection_options(),
         )
 
     def delete_collection(self, name: str) -> None:
@@ -183,4 +195,20 @@ class QdrantBackend:
         return {str(hit.value): hit.count for hit in self._client.facet(name, key=key, limit=limit, exact=True).hits}
 
     def query_batch(self, name: str, requests: Sequence[models.QueryRequest]) -> list[list[models.ScoredPoint]]:
+        if self._search_params is not None:
+            requests = [_rescored(request, self._search_params) for request in requests]
         return [answer.points for answer in self._client.query_batch_points(name, requests=list(requests))]
+
+
+Ranked = TypeVar("Ranked", models.QueryRequest, models.Prefetch)
+
+
+def _rescored(ranking: Ranked, params: models.SearchParams) -> Ranked:
+    """The request with every dense ranking in it (itself, its prefetches) asking for `params`: on a
+    quantized collection, candidates found on the int8 vectors are rescored with the original ones."""
+    prefetch = ranking.prefetch
+    nested = [prefetch] if isinstance(prefetch, models.Prefetch) else list(prefetch or [])
+    update: dict[str, Any] = {"prefetch": [_rescored(p, params) for p in nested] if nested else prefetch}
+    if ranking.using in DENSE_VECTORS and ranking.params is None:
+        update["params"] = params
+    return ranking.model_copy(update=update)

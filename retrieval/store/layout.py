@@ -109,18 +109,58 @@ def layout_sparse() -> dict[str, models.SparseVectorParams]:
     return {name: models.SparseVectorParams(modifier=models.Modifier.IDF) for name in (LEXICAL_VECTOR, OCR_VECTOR)}
 
 
-def layout_vectors(encoders: EncoderFingerprint) -> dict[str, models.VectorParams]:
+def layout_vectors(encoders: EncoderFingerprint, *, on_disk: bool | None = None) -> dict[str, models.VectorParams]:
     """The dense named vectors of a catalogue: photos as one multivector per product (MAX_SIM: the best
-    photo counts), the product text, and each one's adapted twin (filled only while a head is active)."""
+    photo counts), the product text, and each one's adapted twin (filled only while a head is active).
+    `on_disk`: a server keeps the original vectors memory-mapped (None: the engine's default)."""
     photos = models.VectorParams(
         size=encoders.image_dim,
         distance=models.Distance.COSINE,
         multivector_config=models.MultiVectorConfig(comparator=models.MultiVectorComparator.MAX_SIM),
+        on_disk=on_disk,
     )
-    text = models.VectorParams(size=encoders.text_dim, distance=models.Distance.COSINE)
+    text = models.VectorParams(size=encoders.text_dim, distance=models.Distance.COSINE, on_disk=on_disk)
     return {
         IMAGE_VECTOR: photos,
         TEXT_VECTOR: text,
         ADAPTED_VECTORS[IMAGE_VECTOR]: photos,
         ADAPTED_VECTORS[TEXT_VECTOR]: text,
     }
+
+
+@dataclass(frozen=True)
+class ServerLayout:
+    """How a Qdrant server lays out a new catalogue's collection (QDRANT_SHARDS, QDRANT_REPLICAS,
+    QDRANT_WRITE_CONSISTENCY, QDRANT_ON_DISK, QDRANT_QUANTIZATION); the defaults are the server's own."""
+
+    shards: int = 1
+    replicas: int = 1
+    write_consistency: int = 1
+    on_disk: bool = False
+    quantization: str = "none"  # or "int8"
+    oversampling: float = 2.0  # quantized candidates per result that are rescored with the original vectors
+
+    def collection_options(self) -> dict[str, Any]:
+        """Keyword arguments of `create_collection` beyond the vectors (empty: the server's defaults)."""
+        options: dict[str, Any] = {}
+        if self.shards != 1:
+            options["shard_number"] = self.shards
+        if self.replicas != 1:
+            options["replication_factor"] = self.replicas
+        if self.write_consistency != 1:
+            options["write_consistency_factor"] = self.write_consistency
+        if self.on_disk:
+            options["on_disk_payload"] = True
+        if self.quantization == "int8":
+            options["quantization_config"] = models.ScalarQuantization(
+                scalar=models.ScalarQuantizationConfig(type=models.ScalarType.INT8, quantile=0.99, always_ram=True)
+            )
+        return options
+
+    def search_params(self) -> models.SearchParams | None:
+        """What every dense ranking of a quantized collection asks: rescoring, always, with oversampling."""
+        if self.quantization != "int8":
+            return None
+        return models.SearchParams(
+            quantization=models.QuantizationSearchParams(rescore=True, oversampling=self.oversampling)
+        )

@@ -28,6 +28,7 @@ from retrieval.store.layout import (
     READS_TEXT_FROM,
     CollectionMeta,
     EncoderFingerprint,
+    ServerLayout,
     StoredState,
 )
 from schemas.search import Calibration
@@ -38,7 +39,15 @@ def open_backend(settings: Settings) -> StoreBackend:
     STORE_BACKEND: `auto` (the default) opens a folder with the engine that wrote it and a new one with the
     edge engine; a folder written by the other engine is refused (StoreError)."""
     if settings.qdrant_url:
-        return QdrantBackend(QdrantClient(url=settings.qdrant_url, api_key=settings.qdrant_api_key, timeout=30))
+        layout = ServerLayout(
+            shards=settings.qdrant_shards,
+            replicas=settings.qdrant_replicas,
+            write_consistency=settings.qdrant_write_consistency,
+            on_disk=settings.qdrant_on_disk,
+            quantization=settings.qdrant_quantization,
+        )
+        client = QdrantClient(url=settings.qdrant_url, api_key=settings.qdrant_api_key, timeout=30)
+        return QdrantBackend(client, layout=layout)
     path = settings.store_path
     path.mkdir(parents=True, exist_ok=True)
     engine: str = settings.store_backend
