@@ -7,13 +7,14 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from ingest.pipeline import Ingestor
 from ingest.readers import CatalogueError
-from retrieval.encoders import EncoderError
+from retrieval.encoders import EncoderError, ImageEncoder, TextEncoder
 from retrieval.runtime import load_encoders
 from retrieval.settings import Settings
 from retrieval.store import ProductStore, StoreError
@@ -59,7 +60,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "a photo path anywhere else refuses its row",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="embed photos on N Ray actors (a local Ray cluster unless --ray; needs pip install .[ray])",
+    )
+    parser.add_argument("--ray", metavar="ADDRESS", help="an existing Ray cluster's address (e.g. ray://head:10001)")
+    args = parser.parse_args(argv)
+    if args.ray and args.workers is None:
+        args.workers = 2
+    if args.workers is not None and not 1 <= args.workers <= 256:
+        parser.error("--workers must be between 1 and 256")
+    return args
 
 
 def print_summary(report: IngestReport) -> None:
@@ -122,9 +134,20 @@ def main(argv: list[str] | None = None) -> int:
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    closing: list[Callable[[], None]] = []
     try:
         log.info("loading encoders %s and %s", settings.image_model, settings.text_model)
-        ingestor = Ingestor(settings, store, *load_encoders(settings))
+        encoders: tuple[ImageEncoder, TextEncoder] = load_encoders(settings)
+        image_encoder, text_encoder = encoders
+        if args.workers is not None:
+            from ingest.distributed import RayImageEncoder
+
+            pool = RayImageEncoder(
+                settings.image_model, settings.image_precision, workers=args.workers, address=args.ray
+            )
+            closing.append(pool.close)
+            image_encoder = pool
+        ingestor = Ingestor(settings, store, image_encoder, text_encoder)
         log.info("ingesting %s into %s (%s)", args.path, catalogue, settings.describe_store(store.engine))
         report = ingestor.run(
             args.path,
@@ -139,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
+        for close in closing:
+            close()
         store.close()
     print_summary(report)
     if args.rejects:
