@@ -307,8 +307,8 @@ class Adapters:
                 encoder = self._image_encoder() if self._image_encoder is not None else None
                 if not isinstance(encoder, TimmImageEncoder):
                     raise AdapterError(
-                        f"image tail {digest[:12]}: it runs on the timm image encoder it was trained on, and this "
-                        f"process has {getattr(encoder, 'name', 'none')}"
+                        f"image tail {digest[:12]}: it runs on the timm image encoder it was trained on, loaded in "
+                        "this process (not on Ray workers: ingest this catalogue without --workers)"
                     )
                 try:
                     trunk, tail = load_tail(kept_model(self.models_root, digest), encoder)
