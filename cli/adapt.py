@@ -235,16 +235,14 @@ def finetune_and_store(args: argparse.Namespace, settings: Settings, adapters: A
     )
     saved = adapters.save(record)
     print(describe_finetune(saved, fit))
-    if args.no_activate or not (fit.after > fit.before or args.force):
-        why = "--no-activate" if args.no_activate else "it does not beat what is active on the held-out anchors"
-        print(
-            f"  not switched to ({why}); switch with: "
-            f"python -m ingest adapt --catalogue {catalogue} --modality text --use {saved.version}"
-        )
-        return 0
-    rewritten = adapters.activate(catalogue, "text", saved.version, progress=_progress)
-    print(f"  active: text queries are embedded by it; {rewritten} points re-embedded (undo: --rollback)")
-    return 0
+    return switch_if_better(
+        adapters,
+        args,
+        saved,
+        better=fit.after > fit.before,
+        short="it does not beat what is active on the held-out anchors",
+        done="text queries are embedded by it; {} points re-embedded",
+    )
 
 
 def finetune_image_and_store(args: argparse.Namespace, settings: Settings, adapters: Adapters) -> int:
@@ -312,15 +310,30 @@ def finetune_image_and_store(args: argparse.Namespace, settings: Settings, adapt
         f"(kept {fit.best}), {fit.seconds:.1f} s; {tuned.computed} photo views through the trunk, the rest cached\n"
         f"  model {tuned.digest} in {settings.models_root}"
     )
-    if args.no_activate or not (fit.after > to_beat or args.force):
-        why = "--no-activate" if args.no_activate else "it does not beat what is active on the held-out photos"
+    return switch_if_better(
+        adapters,
+        args,
+        saved,
+        better=fit.after > to_beat,
+        short="it does not beat what is active on the held-out photos",
+        done="query photos are embedded by it; {} points re-embedded",
+    )
+
+
+def switch_if_better(
+    adapters: Adapters, args: argparse.Namespace, saved: AdapterRecord, *, better: bool, short: str, done: str
+) -> int:
+    """Switch to the version just stored when it is `better` (or with --force), unless --no-activate; say
+    which, and how to switch by hand. `short`: why it falls short; `done`: the switch ({} the points)."""
+    if args.no_activate or not (better or args.force):
+        why = "--no-activate" if args.no_activate else short
         print(
-            f"  not switched to ({why}); switch with: "
-            f"python -m ingest adapt --catalogue {catalogue} --modality image --use {saved.version}"
+            f"  not switched to ({why}); switch with: python -m ingest adapt --catalogue {saved.catalogue} "
+            f"--modality {saved.modality} --use {saved.version}"
         )
         return 0
-    rewritten = adapters.activate(catalogue, "image", saved.version, progress=_progress)
-    print(f"  active: query photos are embedded by it; {rewritten} points re-embedded (undo: --rollback)")
+    rewritten = adapters.activate(saved.catalogue, saved.modality, saved.version, progress=_progress)
+    print(f"  active: {done.format(rewritten)} (undo: --rollback)")
     return 0
 
 
@@ -410,17 +423,14 @@ def fit_and_store(args: argparse.Namespace, settings: Settings, store: ProductSt
         title = f"{catalogue}: {modality} head v{saved.version} ({args.method}, condition {args.condition})"
         plot_adaptation(examples, fit.head, args.plot, title=title, names=_label_names(stored, examples))
         print(f"  map of the vectors before and after: {args.plot}")
-    better = fit.after > fit.before if fit.holdout or args.method == "supervised" else True
-    if args.no_activate or not (better or args.force):
-        why = "--no-activate" if args.no_activate else "it does not beat no head on the held-out examples"
-        print(
-            f"  not switched to ({why}); switch with: "
-            f"python -m ingest adapt --catalogue {catalogue} --use {saved.version}"
-        )
-        return 0
-    rewritten = adapters.activate(catalogue, modality, saved.version, progress=_progress)
-    print(f"  active: queries go through it; {rewritten} points rewritten (undo: --rollback)")
-    return 0
+    return switch_if_better(
+        adapters,
+        args,
+        saved,
+        better=fit.after > fit.before if fit.holdout or args.method == "supervised" else True,
+        short="it does not beat no head on the held-out examples",
+        done="queries go through it; {} points rewritten",
+    )
 
 
 def _check_encoder(loaded: str, built_with: str, variable: str) -> None:

@@ -26,8 +26,8 @@ ACTOR_CPUS = 0.5
 class EncoderActor:
     """One model load, in a Ray worker process."""
 
-    def __init__(self, spec: str, precision: str, threads: int) -> None:
-        torch.set_num_threads(max(1, threads))
+    def __init__(self, spec: str, precision: str) -> None:
+        torch.set_num_threads(1)  # one thread an actor: more cores are used by more workers
         self.encoder = load_image_encoder(spec, precision)
 
     def name(self) -> str:
@@ -60,8 +60,7 @@ class RayImageEncoder:
         resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
         gpus = 1 if resources.get("GPU", 0) >= workers else 0
         actor = ray.remote(num_cpus=ACTOR_CPUS, num_gpus=gpus)(EncoderActor)
-        threads = 1 if address is None else 2
-        self._actors: list[Any] = [actor.remote(spec, precision, threads) for _ in range(workers)]
+        self._actors: list[Any] = [actor.remote(spec, precision) for _ in range(workers)]
         names = set(ray.get([a.name.remote() for a in self._actors]))
         if names != {self.name}:
             self.close()

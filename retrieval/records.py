@@ -59,6 +59,15 @@ def _embedding_text(
 SIGNALS_VERSION = 2
 
 
+def stored_photos(payload: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """A stored product's photos as ingest recorded them: (refs, sha256 digests), row for row; empty when
+    it has none or the two lists disagree."""
+    refs, digests = payload.get("images") or [], payload.get("image_hashes") or []
+    if not isinstance(refs, list) or not isinstance(digests, list) or len(refs) != len(digests):
+        return [], []
+    return [str(r) for r in refs], [str(d) for d in digests]
+
+
 def content_hash(record: CatalogueRecord, image_digests: Sequence[str | None], *, reads_text: bool = False) -> str:
     """sha256 over the record's fields, its images' bytes digests and SIGNALS_VERSION (and whether its photos'
     text is read: switching OCR on rebuilds the catalogue): equal hash, nothing to redo."""

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from timm.data import create_transform, resolve_model_data_config
 from torch.nn import functional as F
 
-from retrieval.adapt.data import Labelled, Stored, labelled_examples
+from retrieval.adapt.data import Labelled, PhotoVectors, Stored, labelled_examples
 from retrieval.adapt.train import Examples, batch_loss, gallery_rows, recall_at_1, rows_by_label, split
 from retrieval.encoders.base import PixelTransform, l2_normalise
 from retrieval.encoders.timm_backbone import TimmImageEncoder
@@ -45,6 +45,7 @@ from retrieval.images import (
     decode_image,
     read_regular_file,
 )
+from retrieval.records import stored_photos
 from retrieval.store import ProductStore
 from retrieval.weights import keep_model
 from schemas.adapters import AdaptExample, Loss
@@ -249,7 +250,8 @@ class TailEncoder:
         return self.tail.embed(self.trunk.features(batch))
 
 
-FeatureRows = tuple[list[np.ndarray | None], dict[Path, str]]
+FeatureList = list[np.ndarray | None]
+FeatureRows = tuple[FeatureList, dict[Path, str]]
 
 
 class TrunkCache:
@@ -332,11 +334,11 @@ class TrunkCache:
         self.computed += len(rows)
         return rows
 
-    def of_stored(self, refs: Sequence[str], digests: Sequence[str]) -> list[np.ndarray | None]:
+    def of_stored(self, refs: Sequence[str], digests: Sequence[str]) -> FeatureList:
         """A stored product's photos (its payload's `images` and `image_hashes`): each one's cached
         features, else its local file read and decoded again; a photo fetched from a URL at ingest is not
         fetched again (None), nor is a file that is gone or unreadable."""
-        out: list[np.ndarray | None] = [self.lookup(digest) for digest in digests]
+        out: FeatureList = [self.lookup(digest) for digest in digests]
         local = [i for i, (ref, row) in enumerate(zip(refs, out, strict=True)) if row is None and "://" not in ref]
         if local:
             rows, failures = self([Path(refs[i]) for i in local])
@@ -506,12 +508,10 @@ def read_photo_catalogue(store: ProductStore, catalogue: str, cache: TrunkCache)
     for points in store.scroll_pages(catalogue, page=256, with_payload=fields):
         for point in points:
             payload = point.payload or {}
-            refs, digests = payload.get("images") or [], payload.get("image_hashes") or []
-            if not refs or len(refs) != len(digests):
+            refs, digests = stored_photos(payload)
+            if not refs:
                 continue
-            found = [
-                row for row in cache.of_stored([str(r) for r in refs], [str(d) for d in digests]) if row is not None
-            ]
+            found = [row for row in cache.of_stored(refs, digests) if row is not None]
             if not found:
                 missing += 1
                 continue
@@ -548,8 +548,8 @@ def finetune_catalogue_photos(
     cache = TrunkCache(trunk, cache_root, max_pixels=max_pixels)
     stored, missing = read_photo_catalogue(store, catalogue, cache)
 
-    def flattened(view: float) -> Callable[[Sequence[Path]], tuple[list[np.ndarray | None], dict[Path, str]]]:
-        def embed(paths: Sequence[Path]) -> tuple[list[np.ndarray | None], dict[Path, str]]:
+    def flattened(view: float) -> Callable[[Sequence[Path]], PhotoVectors]:
+        def embed(paths: Sequence[Path]) -> PhotoVectors:
             rows, failures = cache(paths, view=view)
             return [row.reshape(-1) if row is not None else None for row in rows], failures
 

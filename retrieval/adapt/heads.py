@@ -39,7 +39,7 @@ from pydantic import ValidationError
 from qdrant_client import models
 
 from retrieval.encoders.base import EncoderError, ImageEncoder, TextEncoder
-from retrieval.records import TEXT_FIELDS, payload_text
+from retrieval.records import TEXT_FIELDS, payload_text, stored_photos
 from retrieval.settings import Settings
 from retrieval.store import (
     ADAPTED_VECTORS,
@@ -152,13 +152,12 @@ class TailHead:
     def embed_stored(self, refs: Sequence[str], digests: Sequence[str]) -> list[np.ndarray | None]:
         """Stored photos by their payload refs and digests (see `TrunkCache.of_stored`): None where a photo
         can be neither found in the cache nor read again."""
-        features = self.cache.of_stored(refs, digests)
-        present = [i for i, row in enumerate(features) if row is not None]
-        out: list[np.ndarray | None] = [None] * len(features)
-        if present:
-            rows = self.encoder.tail.embed(np.stack([features[i] for i in present]))  # type: ignore[misc]
-            for i, row in zip(present, rows, strict=True):
-                out[i] = row
+        from retrieval.adapt.finetune_image import stack_features
+
+        features, present = stack_features(self.cache.of_stored(refs, digests), self.cache.trunk.shape)
+        out: list[np.ndarray | None] = [None] * len(refs)
+        for i, row in zip(present, self.encoder.tail.embed(features), strict=True):
+            out[int(i)] = row
         return out
 
 
@@ -314,10 +313,11 @@ class Adapters:
                     trunk, tail = load_tail(kept_model(self.models_root, digest), encoder)
                 except (ModelFolderError, TailError) as exc:
                     raise AdapterError(f"image tail {digest[:12]}: {exc}") from exc
-                settings = Settings() if self._cache_root is None or self._max_pixels is None else None
-                root = self._cache_root or trunk_cache_root(settings or Settings())
-                pixels = self._max_pixels or (settings or Settings()).max_image_pixels
-                cache = TrunkCache(trunk, root, max_pixels=pixels)
+                if self._cache_root is None or self._max_pixels is None:
+                    defaults = Settings()
+                    self._cache_root = self._cache_root or trunk_cache_root(defaults)
+                    self._max_pixels = self._max_pixels or defaults.max_image_pixels
+                cache = TrunkCache(trunk, self._cache_root, max_pixels=self._max_pixels)
                 self._tails[digest] = TailHead(digest, TailEncoder(trunk, tail, name=f"tail:{digest[:12]}"), cache)
             return self._tails[digest]
 
@@ -494,13 +494,10 @@ def _reembed_photos(store: ProductStore, catalogue: str, head: TailHead, progres
         batch: list[models.PointVectors] = []
         lost: list[str | int] = []
         for point in points:
-            payload = point.payload or {}
-            refs, digests = payload.get("images") or [], payload.get("image_hashes") or []
-            if not refs or len(refs) != len(digests):
+            refs, digests = stored_photos(point.payload or {})
+            if not refs:
                 continue
-            rows = [
-                row for row in head.embed_stored([str(r) for r in refs], [str(d) for d in digests]) if row is not None
-            ]
+            rows = [row for row in head.embed_stored(refs, digests) if row is not None]
             if rows:
                 batch.append(models.PointVectors(id=point.id, vector={twin: [row.tolist() for row in rows]}))
             else:

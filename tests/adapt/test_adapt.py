@@ -546,16 +546,14 @@ def _twin_cosines(store: ProductStore, tail: TailHead, product_id: str) -> np.nd
     return np.asarray(np.sum(twin * again, axis=1))
 
 
-@pytest.mark.parametrize("backend", ["edge"])
 def test_a_fine_tuned_image_tail_is_the_image_head_for_search_ingest_and_rollback(
     tiny: TinySet,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     image_encoder: ImageEncoder,
     text_encoder: TextEncoder,
-    backend: str,
 ) -> None:
-    env = _env(tiny, monkeypatch, capsys, backend)
+    env = _env(tiny, monkeypatch, capsys, "edge")  # the default engine (its delete_vectors included)
     photos = _val_photos()
     ingested(env, tiny)
     with env.store() as store:
