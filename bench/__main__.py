@@ -123,26 +123,36 @@ def calibrate(args: argparse.Namespace) -> int:
 
 
 def speed(args: argparse.Namespace) -> int:
-    if args.what == "serve":
+    """`speed ingest`, `speed serve`, or both in one run (`speed`, the default: one after the other, each
+    table measured side by side, written together to speed.md)."""
+    tables = []
+    if args.what in ("ingest", "all"):
+        from bench.speed import run_ingest
+        from retrieval.encoders import load_text_encoder
+        from retrieval.settings import Settings
+
+        settings = Settings()
+        ingest_table = run_ingest(
+            args.shared,
+            images=args.images,
+            products=args.products,
+            rounds=args.rounds,
+            text_encoder=load_text_encoder(settings.text_model, settings.text_precision),
+            settings=settings,
+            ray_workers=args.ray_workers,
+        )
+        if args.what == "ingest":
+            emit(ingest_table, args.out, "speed-ingest.md")
+        tables.append("### Ingest\n\n" + ingest_table)
+    if args.what in ("serve", "all"):
         from bench.serve_load import run_serve
 
-        emit(run_serve(seconds=args.seconds, soak_s=args.soak_s), args.out, "speed-serve.md")
-        return 0
-
-    from bench.speed import run_ingest
-    from retrieval.encoders import load_text_encoder
-    from retrieval.settings import Settings
-
-    settings = Settings()
-    ingest_table = run_ingest(
-        args.shared,
-        images=args.images,
-        products=args.products,
-        rounds=args.rounds,
-        text_encoder=load_text_encoder(settings.text_model, settings.text_precision),
-        settings=settings,
-    )
-    emit(ingest_table, args.out, "speed-ingest.md")
+        serve_table = run_serve(seconds=args.seconds, soak_s=args.soak_s)
+        if args.what == "serve":
+            emit(serve_table, args.out, "speed-serve.md")
+        tables.append("### Serving\n\n" + serve_table)
+    if args.what == "all":
+        emit("\n\n".join(tables), args.out, "speed.md")
     return 0
 
 
@@ -362,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", type=Path, default=Path("bench/out"))
 
     sp = sub.add_parser("speed", help="ingest throughput vs the model alone and a naive loop; re-ingest speed")
-    sp.add_argument("what", choices=["ingest", "serve"])
+    sp.add_argument("what", nargs="?", choices=["ingest", "serve", "all"], default="all")
+    sp.add_argument("--ray-workers", type=int, default=2, help="ingest: also on this many Ray actors (0: no Ray row)")
     sp.add_argument("--seconds", type=float, default=20, help="serve: seconds of load per row")
     sp.add_argument("--soak-s", type=float, default=0, help="serve: then a steady-load soak of this many seconds")
     sp.add_argument("--images", type=int, default=512, help="photos for the throughput rows")

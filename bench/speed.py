@@ -149,8 +149,18 @@ def ingest(
 
 
 def run_ingest(
-    shared: Path, *, images: int, products: int, rounds: int, text_encoder: TextEncoder, settings: Settings
+    shared: Path,
+    *,
+    images: int,
+    products: int,
+    rounds: int,
+    text_encoder: TextEncoder,
+    settings: Settings,
+    ray_workers: int = 2,
 ) -> str:
+    """The throughput rows in alternating rounds (the model alone, the naive loop, ingest end to end on both
+    embedded engines and, with `ray_workers`, on the edge engine with both encoders on that many Ray workers
+    of a local cluster, started once before the rounds), then the re-ingest rows."""
     paths = photos(shared)
     batch = settings.batch_size
     encoder = load_image_encoder(settings.image_model, settings.image_precision)
@@ -168,6 +178,22 @@ def run_ingest(
         backend: Row(f"ingest end to end, {len(sample)} products, one photo each, {backend} store", len(sample), [])
         for backend in backends
     }
+    on_ray = Row(
+        f"ingest end to end, {len(sample)} products, edge store, encoders on {ray_workers} Ray workers",
+        len(sample),
+        [],
+    )
+    on_ray_pool = None
+    if ray_workers:
+        from ingest.distributed import RayEncoders
+
+        on_ray_pool = RayEncoders(
+            settings.image_model,
+            settings.text_model,
+            image_precision=settings.image_precision,
+            text_precision=settings.text_precision,
+            workers=ray_workers,
+        )
     reingest: dict[str, tuple[IngestReport, IngestReport, IngestReport]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-speed-") as tmp:
         folder = Path(tmp)
@@ -191,6 +217,18 @@ def run_ingest(
                     if first.images_embedded != len(sample):
                         raise SystemExit(f"ingest embedded {first.images_embedded} of {len(sample)} photos")
                     end_to_end[backend].rounds.append(first.seconds)
+                if on_ray_pool is not None:
+                    spread = ingest(
+                        run_settings["edge"],
+                        stores["edge"],
+                        on_ray_pool.image,
+                        on_ray_pool.text,
+                        throughput,
+                        f"ray-{round_}",
+                    )
+                    if spread.images_embedded != len(sample):
+                        raise SystemExit(f"ingest on Ray embedded {spread.images_embedded} of {len(sample)} photos")
+                    on_ray.rounds.append(spread.seconds)
             big = folder / "b"
             big.mkdir()
             catalogue = write_catalogue(big, paths, products)
@@ -206,6 +244,8 @@ def run_ingest(
         finally:
             for store in stores.values():
                 store.close()
+            if on_ray_pool is not None:
+                on_ray_pool.close()
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     lines = [
         f"{rounds} alternating rounds of the rows below the first; median round shown, every round's rate after it.",
@@ -214,11 +254,18 @@ def run_ingest(
         "| --- | --- | --- | --- | --- |",
     ]
     lines += [row.line() for row in (fp32_alone, alone, naive, *end_to_end.values())]
+    if on_ray.rounds:
+        lines.append(on_ray.line())
     lines.append("")
     for backend, row in end_to_end.items():
         lines.append(
             f"- {backend} store: end to end / model alone ({precision}) **{row.rate / alone.rate:.2f}** "
-            f"(target >= 0.85), end to end / naive loop **{row.rate / naive.rate:.2f}x** (target >= 2.5x)"
+            f"(target >= 0.90), end to end / naive loop **{row.rate / naive.rate:.2f}x**"
+        )
+    if on_ray.rounds:
+        lines.append(
+            f"- Ray ({ray_workers} workers) / one process, edge store: **{on_ray.rate / end_to_end['edge'].rate:.2f}** "
+            "(target >= 0.85 on this machine: the engine's cost where 2 cores leave it nothing to win)"
         )
     lines.append("")
     lines.append("| store | catalogue run | products | new / updated / unchanged | images embedded | s |")

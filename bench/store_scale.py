@@ -8,7 +8,11 @@ category filter that keeps ~5% of the catalogue (one level-2 category), top 10.
 
 Each backend loads in one child process and is queried in another (reopened from disk), so peak RSS is
 per backend and per phase. The parent prints a Markdown table: load and open seconds, query p50 / p95,
-peak RSS, and recall@10 of edge against local mode's exact results on the same data.
+peak RSS and, after the filtered queries, resident memory split into the process's own (anonymous) and
+mapped files (page cache the kernel may drop), disk bytes per point, and recall@10 of edge against local
+mode's exact results on the same data and against its own exact search. `--quantization` adds an edge store
+with int8 scalar-quantized vectors in RAM and the original vectors memory-mapped from disk, queried with
+rescoring (oversampling 2) as `ProductStore` queries a quantized collection.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from qdrant_client import QdrantClient, models
 from retrieval.search import fused_request
 from retrieval.store import IMAGE_VECTOR, LEXICAL_VECTOR, TEXT_VECTOR, EncoderFingerprint, ProductStore, QdrantBackend
 from retrieval.store.edge import EdgeStore
+from retrieval.store.layout import StorageLayout, rescored
 
 IMAGE_DIM = 1280
 TEXT_DIM = 384
@@ -57,9 +62,13 @@ WORDS = "fresh organic light classic premium original natural extra mild strong 
 # -- synthetic catalogue -------------------------------------------------------------------------------------
 
 
-def fused(store: EdgeStore, rankings: Any, **options: Any) -> list[models.ScoredPoint]:
-    """The rankings fused as the engine fuses them (`fused_request`), on the edge store."""
-    return store.query(fused_request(rankings, **options))
+def fused(
+    store: EdgeStore, rankings: Any, *, rescore: models.SearchParams | None = None, **options: Any
+) -> list[models.ScoredPoint]:
+    """The rankings fused as the engine fuses them (`fused_request`), on the edge store; `rescore`: the
+    search params a quantized store's dense rankings get (as `ProductStore` asks them)."""
+    request = fused_request(rankings, **options)
+    return store.query(rescored(request, rescore) if rescore is not None else request)
 
 
 def _unit(a: np.ndarray) -> np.ndarray:
@@ -222,9 +231,11 @@ def load_local(path: Path, seed: int, points: int) -> dict[str, Any]:
     return {"load_s": spent + time.perf_counter() - started, "load_rss_mb": peak_rss_mb()}
 
 
-def load_edge(path: Path, seed: int, points: int, optimize: bool) -> dict[str, Any]:
+def load_edge(path: Path, seed: int, points: int, optimize: bool, quantization: str) -> dict[str, Any]:
+    """Load the catalogue; `optimize` builds HNSW, or with int8 the quantized segments (no graph)."""
     started = time.perf_counter()
-    store = EdgeStore.open(path, image_dim=IMAGE_DIM, text_dim=TEXT_DIM)
+    int8 = quantization == "int8"  # with the originals on disk, as a million products would be kept
+    store = EdgeStore.open(path, image_dim=IMAGE_DIM, text_dim=TEXT_DIM, quantization=quantization, on_disk=int8)
     spent = time.perf_counter() - started
     for batch in catalogue(seed, points):
         started = time.perf_counter()
@@ -258,7 +269,7 @@ def timed_queries(run: Any, queries: list[dict[str, Any]], *, filtered: bool) ->
     return times, results
 
 
-def query_local(path: Path, queries: list[dict[str, Any]], unfiltered: bool) -> dict[str, Any]:
+def query_local(path: Path, queries: list[dict[str, Any]], unfiltered: bool, quantization: str) -> dict[str, Any]:
     started = time.perf_counter()
     client = local_client(path)
     opened = time.perf_counter() - started
@@ -278,6 +289,7 @@ def query_local(path: Path, queries: list[dict[str, Any]], unfiltered: bool) -> 
 
     out: dict[str, Any] = {"open_s": opened}
     out["filtered_ms"], out["filtered"] = timed_queries(run, queries, filtered=True)
+    out["memory"] = memory_now()
     if unfiltered:
         out["unfiltered_ms"], out["unfiltered"] = timed_queries(run, queries, filtered=False)
     client.close()
@@ -285,18 +297,22 @@ def query_local(path: Path, queries: list[dict[str, Any]], unfiltered: bool) -> 
     return out
 
 
-def query_edge(path: Path, queries: list[dict[str, Any]], unfiltered: bool) -> dict[str, Any]:
+def query_edge(path: Path, queries: list[dict[str, Any]], unfiltered: bool, quantization: str) -> dict[str, Any]:
     """The same fused queries through EdgeStore, plus each filtered query again with exact=True (full
-    scoring, HNSW bypassed): the reference an HNSW-indexed store is compared with."""
+    scoring on the original vectors, HNSW and quantization bypassed): the reference an indexed or quantized
+    store is compared with. A quantized store's dense rankings ask for rescoring as the product's do."""
     started = time.perf_counter()
     store = EdgeStore.open(path)
     opened = time.perf_counter() - started
     names = [IMAGE_VECTOR, TEXT_VECTOR, LEXICAL_VECTOR]
 
+    rescore = StorageLayout(quantization=quantization).search_params()
+
     def search(query: dict[str, Any], filtered: bool, exact: bool) -> list[models.ScoredPoint]:
         return fused(
             store,
             rankings(query),
+            rescore=None if exact else rescore,
             query_filter=category_filter(query) if filtered else None,
             limit=TOP,
             prefetch_limit=50,
@@ -312,12 +328,26 @@ def query_edge(path: Path, queries: list[dict[str, Any]], unfiltered: bool) -> d
 
     out: dict[str, Any] = {"open_s": opened, "info": store.info()}
     out["filtered_ms"], out["filtered"] = timed_queries(run, queries, filtered=True)
+    # Memory as the service would hold it: after the filtered queries, before the exact ones (which read
+    # every original vector of the filtered points) and the unfiltered ones (which read them all).
+    out["serve_rss_mb"], out["memory"] = peak_rss_mb(), memory_now()
     out["exact_ms"], out["exact"] = timed_queries(run_exact, queries, filtered=True)
     if unfiltered:
         out["unfiltered_ms"], out["unfiltered"] = timed_queries(run, queries, filtered=False)
     store.close()
-    out["serve_rss_mb"] = peak_rss_mb()
     return out
+
+
+def memory_now() -> dict[str, float]:
+    """This process's resident memory now, MB: anonymous (its own) and file-backed (mapped files, page
+    cache the kernel can drop), from /proc/self/status."""
+    fields = {"RssAnon": "anon_mb", "RssFile": "file_mb"}
+    found: dict[str, float] = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key = line.split(":")[0]
+        if key in fields:
+            found[fields[key]] = int(line.split()[1]) / 1024
+    return found
 
 
 def worker(args: argparse.Namespace) -> int:
@@ -327,11 +357,11 @@ def worker(args: argparse.Namespace) -> int:
         if args.worker == "local":
             result = load_local(path, args.seed, args.points)
         else:
-            result = load_edge(path, args.seed, args.points, args.optimize)
+            result = load_edge(path, args.seed, args.points, args.optimize, args.storage)
     else:
         queries = json.loads(Path(args.queries_path).read_text())
         run = query_local if args.worker == "local" else query_edge
-        result = run(path, queries, args.unfiltered)
+        result = run(path, queries, args.unfiltered, args.storage)
     out.write_text(json.dumps(result))
     return 0
 
@@ -378,11 +408,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--backends", nargs="+", choices=["local", "edge"], default=["local", "edge"])
     parser.add_argument("--optimize", action="store_true", help="also build HNSW (EdgeStore.optimize) and query again")
+    parser.add_argument(
+        "--quantization",
+        action="store_true",
+        help="also an edge store with int8 quantized vectors in RAM and the originals on disk (optimized, no graph)",
+    )
     parser.add_argument("--unfiltered", action="store_true", help="also time the queries without the filter")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, help="where the stores go (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the stores afterwards")
     # internal: one backend and phase in a child process
+    parser.add_argument("--storage", dest="storage", choices=["none", "int8"], default="none", help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=["local", "edge"], help=argparse.SUPPRESS)
     parser.add_argument("--phase", choices=["load", "query"], help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
@@ -393,19 +429,23 @@ def main(argv: list[str] | None = None) -> int:
         return worker(args)
 
     local_points = min(args.local_points or LOCAL_POINTS, args.points)
-    # (label, backend, points, optimize): local mode at its size, edge at the same size (recall against
-    # local mode's exact results on identical data), edge at full size, then the same with HNSW built.
-    plan: list[tuple[str, str, int, bool]] = []
+    # (label, backend, points, optimize, quantization): local mode at its size, edge at the same size (recall
+    # against local mode's exact results on identical data), edge at full size, then with HNSW built, then
+    # int8-quantized (optimize() without a graph) with the original vectors on disk.
+    plan: list[tuple[str, str, int, bool, str]] = []
     if "local" in args.backends:
-        plan.append(("local mode", "local", local_points, False))
+        plan.append(("local mode", "local", local_points, False, "none"))
     if "edge" in args.backends:
         if "local" in args.backends and local_points != args.points:
-            plan.append(("edge, plain segments", "edge", local_points, False))
-        plan.append(("edge, plain segments", "edge", args.points, False))
+            plan.append(("edge, plain segments", "edge", local_points, False, "none"))
+        plan.append(("edge, plain segments", "edge", args.points, False, "none"))
         if args.optimize:
-            plan.append(("edge, HNSW (optimize)", "edge", args.points, True))
+            plan.append(("edge, HNSW (optimize)", "edge", args.points, True, "none"))
+        if args.quantization:
+            label = "edge, int8 in RAM, originals on disk (optimize, no graph)"
+            plan.append((label, "edge", args.points, True, "int8"))
     work = Path(tempfile.mkdtemp(prefix="store-scale-", dir=args.workdir))
-    query_points = min(points for _, _, points, _ in plan)
+    query_points = min(points for _, _, points, _, _ in plan)
     queries = make_queries(args.seed, query_points, args.queries)
     queries_file = work / "queries.json"
     queries_file.write_text(json.dumps(queries))
@@ -416,11 +456,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows: list[dict[str, Any]] = []
     try:
-        for n, (label, backend, points, optimize) in enumerate(plan):
+        for n, (label, backend, points, optimize, quantization) in enumerate(plan):
             store, prefix = work / f"{n}-{backend}", str(work / f"{n}-{backend}")
-            load_options = ["--seed", str(args.seed), "--points", str(points)] + ["--optimize"] * optimize
+            load_options = ["--seed", str(args.seed), "--points", str(points), "--storage", quantization]
+            load_options += ["--optimize"] * optimize
             loaded = spawn(backend, "load", store, Path(prefix + "-load.json"), load_options)
-            query_options = ["--queries-file", str(queries_file)] + ["--unfiltered"] * args.unfiltered
+            query_options = ["--queries-file", str(queries_file), "--storage", quantization]
+            query_options += ["--unfiltered"] * args.unfiltered
             served = spawn(backend, "query", store, Path(prefix + "-query.json"), query_options)
             disk = folder_bytes(store)
             rows.append({"label": label, "backend": backend, "points": points, "disk": disk, **loaded, **served})
@@ -441,10 +483,10 @@ def folder_bytes(folder: Path) -> int:
 def report(rows: list[dict[str, Any]], *, load_end: str) -> str:
     local = {r["points"]: r for r in rows if r["backend"] == "local"}
     lines = [
-        "| backend | points | load s | HNSW build s | open s | filtered p50 ms | filtered p95 ms | "
-        "unfiltered p50 / p95 ms | peak RSS load MB | peak RSS serve MB | disk bytes / point | "
+        "| backend | points | load s | optimize s | open s | filtered p50 ms | filtered p95 ms | "
+        "unfiltered p50 / p95 ms | peak RSS load MB | peak RSS serve MB | RSS anon / file MB | disk bytes / point | "
         "recall@10 vs local mode | recall@10 vs edge exact |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         edge = row["backend"] == "edge"
@@ -466,6 +508,7 @@ def report(rows: list[dict[str, Any]], *, load_end: str) -> str:
             unfiltered,
             f"{row['load_rss_mb']:.0f}",
             f"{row['serve_rss_mb']:.0f}",
+            f"{row['memory'].get('anon_mb', float('nan')):.0f} / {row['memory'].get('file_mb', float('nan')):.0f}",
             f"{row['disk'] / row['points']:.0f}",
             versus_local,
             versus_exact,

@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--workers",
         type=int,
-        help="embed photos on N Ray actors (a local Ray cluster unless --ray; needs pip install .[ray])",
+        help="run the image and text encoders on N Ray workers (a local Ray cluster unless --ray; pip install .[ray])",
     )
     parser.add_argument("--ray", metavar="ADDRESS", help="an existing Ray cluster's address (e.g. ray://head:10001)")
     args = parser.parse_args(argv)
@@ -140,13 +140,18 @@ def main(argv: list[str] | None = None) -> int:
         encoders: tuple[ImageEncoder, TextEncoder] = load_encoders(settings)
         image_encoder, text_encoder = encoders
         if args.workers is not None:
-            from ingest.distributed import RayImageEncoder
+            from ingest.distributed import RayEncoders
 
-            pool = RayImageEncoder(
-                settings.image_model, settings.image_precision, workers=args.workers, address=args.ray
+            pool = RayEncoders(
+                settings.image_model,
+                settings.text_model,
+                image_precision=settings.image_precision,
+                text_precision=settings.text_precision,
+                workers=args.workers,
+                address=args.ray,
             )
             closing.append(pool.close)
-            image_encoder = pool
+            image_encoder, text_encoder = pool.image, pool.text
         ingestor = Ingestor(settings, store, image_encoder, text_encoder)
         log.info("ingesting %s into %s (%s)", args.path, catalogue, settings.describe_store(store.engine))
         report = ingestor.run(

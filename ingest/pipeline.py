@@ -303,6 +303,10 @@ class Ingestor:
         bar.close()
         if prune:
             report.pruned = self._prune(catalogue, seen, rejected_ids)
+        if report.written or report.pruned:
+            began = time.perf_counter()
+            if self.store.compact(catalogue):
+                log.info("catalogue %s: quantized segments built in %.1f s", catalogue, time.perf_counter() - began)
         report.seconds = round(time.perf_counter() - started, 3)
 
     def _text_reading(self, catalogue: str) -> bool | None:

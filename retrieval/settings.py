@@ -21,19 +21,21 @@ class Settings(BaseSettings):
     qdrant_api_key: str | None = Field(default=None, description="API key for the Qdrant server")
     qdrant_path: Path | None = Field(default=None, description="folder of the embedded store (default: ./data/qdrant)")
     # How a server (QDRANT_URL) lays out a new catalogue's collection (README, Scale out); existing
-    # collections keep theirs. The embedded engines have one shard and keep everything as they do.
+    # collections keep theirs. The embedded engines have one shard; the edge engine takes the storage
+    # choices (on disk, int8) for a new catalogue, local mode none.
     qdrant_shards: int = Field(default=1, ge=1, le=1_000, description="server: shards of a new collection")
     qdrant_replicas: int = Field(default=1, ge=1, le=16, description="server: copies of each shard")
     qdrant_write_consistency: int = Field(
         default=1, ge=1, le=16, description="server: replicas that must confirm a write (at most QDRANT_REPLICAS)"
     )
     qdrant_on_disk: bool = Field(
-        default=False, description="server: original vectors and payload on disk (memory-mapped), indexes in RAM"
+        default=False,
+        description="server and edge engine: original vectors (server: and payload) on disk, memory-mapped",
     )
     qdrant_quantization: Literal["none", "int8"] = Field(
         default="none",
-        description="server: int8 scalar quantization of the dense vectors, kept in RAM; queries rescore the "
-        "oversampled candidates with the original vectors",
+        description="server and edge engine: int8 scalar quantization of the dense vectors, kept in RAM; queries "
+        "rescore the oversampled candidates with the original vectors",
     )
     store_backend: Literal["auto", "local", "edge"] = Field(
         default="auto",
@@ -162,11 +164,14 @@ class Settings(BaseSettings):
             "QDRANT_SHARDS": self.qdrant_shards != 1,
             "QDRANT_REPLICAS": self.qdrant_replicas != 1,
             "QDRANT_WRITE_CONSISTENCY": self.qdrant_write_consistency != 1,
-            "QDRANT_ON_DISK": self.qdrant_on_disk,
-            "QDRANT_QUANTIZATION": self.qdrant_quantization != "none",
         }
         if not self.qdrant_url and (named := [name for name, used in server_only.items() if used]):
             raise ValueError(f"{', '.join(named)} lay out a Qdrant server's collections: set QDRANT_URL too")
+        if self.store_backend == "local" and (self.qdrant_on_disk or self.qdrant_quantization != "none"):
+            raise ValueError(
+                "QDRANT_ON_DISK and QDRANT_QUANTIZATION need the edge engine or a server: qdrant-client's local "
+                "mode (STORE_BACKEND=local) keeps every vector in memory"
+            )
         if self.qdrant_write_consistency > self.qdrant_replicas:
             raise ValueError("QDRANT_WRITE_CONSISTENCY cannot exceed QDRANT_REPLICAS: no write could be confirmed")
         return self

@@ -11,23 +11,20 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from qdrant_client import QdrantClient, models
 
 from retrieval.store.layout import (
-    ADAPTED_VECTORS,
-    IMAGE_VECTOR,
-    TEXT_VECTOR,
     EncoderFingerprint,
-    ServerLayout,
+    StorageLayout,
     layout_sparse,
     layout_vectors,
+    rescored,
 )
 
 PointId = str | int
 Selection = bool | Sequence[str]
-DENSE_VECTORS = frozenset({IMAGE_VECTOR, TEXT_VECTOR, *ADAPTED_VECTORS.values()})
 
 
 class StoreBackend(Protocol):
@@ -91,6 +88,11 @@ class StoreBackend(Protocol):
 
     def query_batch(self, name: str, requests: Sequence[models.QueryRequest]) -> list[list[models.ScoredPoint]]: ...
 
+    def compact(self, name: str) -> bool:
+        """Bring freshly written points into the collection's storage layout where the engine does not do it
+        by itself (True when it did something): the edge engine's int8 quantized segments."""
+        ...
+
 
 def _selection(value: Selection) -> bool | list[str]:
     return value if isinstance(value, bool) else list(value)
@@ -99,9 +101,9 @@ def _selection(value: Selection) -> bool | list[str]:
 class QdrantBackend:
     """qdrant-client for a server (`url`) or its embedded local mode (`path`, or ':memory:')."""
 
-    def __init__(self, client: QdrantClient, *, layout: ServerLayout | None = None) -> None:
+    def __init__(self, client: QdrantClient, *, layout: StorageLayout | None = None) -> None:
         self._client = client
-        self._layout = layout or ServerLayout()
+        self._layout = layout or StorageLayout()
         self._search_params = self._layout.search_params()
         options = getattr(client, "init_options", None) or {}
         self._embedded = options.get("path") is not None or options.get("location") == ":memory:"
@@ -194,21 +196,10 @@ class QdrantBackend:
     def facet(self, name: str, key: str, *, limit: int) -> dict[str, int]:
         return {str(hit.value): hit.count for hit in self._client.facet(name, key=key, limit=limit, exact=True).hits}
 
+    def compact(self, name: str) -> bool:
+        return False  # a server optimizes in the background; local mode has no segments
+
     def query_batch(self, name: str, requests: Sequence[models.QueryRequest]) -> list[list[models.ScoredPoint]]:
         if self._search_params is not None:
-            requests = [_rescored(request, self._search_params) for request in requests]
+            requests = [rescored(request, self._search_params) for request in requests]
         return [answer.points for answer in self._client.query_batch_points(name, requests=list(requests))]
-
-
-Ranked = TypeVar("Ranked", models.QueryRequest, models.Prefetch)
-
-
-def _rescored(ranking: Ranked, params: models.SearchParams) -> Ranked:
-    """The request with every dense ranking in it (itself, its prefetches) asking for `params`: on a
-    quantized collection, candidates found on the int8 vectors are rescored with the original ones."""
-    prefetch = ranking.prefetch
-    nested = [prefetch] if isinstance(prefetch, models.Prefetch) else list(prefetch or [])
-    update: dict[str, Any] = {"prefetch": [_rescored(p, params) for p in nested] if nested else prefetch}
-    if ranking.using in DENSE_VECTORS and ranking.params is None:
-        update["params"] = params
-    return ranking.model_copy(update=update)

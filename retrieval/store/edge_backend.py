@@ -14,7 +14,7 @@ from qdrant_client import models
 from retrieval.store.backend import PointId, Selection
 from retrieval.store.edge import EdgeStore, FolderLock
 from retrieval.store.errors import CatalogueNotFound, StoreError
-from retrieval.store.layout import SHARD_DIR, EncoderFingerprint
+from retrieval.store.layout import SHARD_DIR, EncoderFingerprint, StorageLayout, rescored
 
 
 class EdgeBackend:
@@ -23,8 +23,13 @@ class EdgeBackend:
 
     embedded = True  # in-process and not safe for concurrent calls: ProductStore serialises them
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, layout: StorageLayout | None = None) -> None:
+        """`layout`: how a new catalogue's shard keeps its vectors (QDRANT_ON_DISK, QDRANT_QUANTIZATION; the
+        server-only parts of it do not apply here)."""
         self.root = root
+        self._layout = layout or StorageLayout()
+        # What every dense ranking of a quantized shard asks: rescoring, as on a server.
+        self._rescore = StorageLayout(quantization="int8", oversampling=self._layout.oversampling).search_params()
         root.mkdir(parents=True, exist_ok=True)
         self._lock = FolderLock(root)
         self._lock.acquire()  # EdgeStoreBusy (a StoreBusy) when another process serves this folder
@@ -64,7 +69,13 @@ class EdgeBackend:
         collection that does not use it leaves empty."""
         if self.collection_exists(name):
             raise StoreError(f"catalogue {name!r} already exists")
-        store = EdgeStore.open(self._folder(name), image_dim=layout.image_dim, text_dim=layout.text_dim)
+        store = EdgeStore.open(
+            self._folder(name),
+            image_dim=layout.image_dim,
+            text_dim=layout.text_dim,
+            quantization=self._layout.quantization,
+            on_disk=self._layout.on_disk,
+        )
         self._stores[name] = store
         if metadata:
             store.update_metadata(metadata)
@@ -128,4 +139,14 @@ class EdgeBackend:
         return self._store(name).facet(key, limit=limit)
 
     def query_batch(self, name: str, requests: Sequence[models.QueryRequest]) -> list[list[models.ScoredPoint]]:
-        return self._store(name).query_batch(requests)
+        store = self._store(name)
+        if store.quantized and self._rescore is not None:
+            requests = [rescored(request, self._rescore) for request in requests]
+        return store.query_batch(requests)
+
+    def compact(self, name: str) -> bool:
+        """A quantized shard's new points sit in plain segments, scored on their original vectors, until
+        `optimize()` builds their int8 copies (seconds per 100k points: no graph is built). Plain shards
+        are left alone: there it would build HNSW (17 minutes at 100k, and slower filtered queries)."""
+        store = self._store(name)
+        return store.optimize() if store.quantized else False

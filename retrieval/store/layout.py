@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol, cast
+from typing import Any, NamedTuple, Protocol, TypeVar, cast
 
 from qdrant_client import models
 
@@ -18,6 +18,7 @@ ADAPTED_VECTORS = {IMAGE_VECTOR: "image_adapted", TEXT_VECTOR: "text_adapted"}
 LAYOUT_VERSION = 4  # 2: + the `lexical` sparse vector; 3: + the adapted vectors; 4: + the `ocr` sparse vector
 READABLE_LAYOUTS = (2, 3, 4)  # older layouts search as before; adaptation needs 3, reading package text 4
 READS_TEXT_FROM = 4  # the first layout with the `ocr` vector
+DENSE_VECTORS = frozenset({IMAGE_VECTOR, TEXT_VECTOR, *ADAPTED_VECTORS.values()})
 HIDDEN_PREFIX = "_"  # collections of the tool's own (adaptation heads); a catalogue name cannot start so
 
 # Every field a query can filter on gets an index (a server needs them; local mode ignores them).
@@ -129,7 +130,7 @@ def layout_vectors(encoders: EncoderFingerprint, *, on_disk: bool | None = None)
 
 
 @dataclass(frozen=True)
-class ServerLayout:
+class StorageLayout:
     """How a Qdrant server lays out a new catalogue's collection (QDRANT_SHARDS, QDRANT_REPLICAS,
     QDRANT_WRITE_CONSISTENCY, QDRANT_ON_DISK, QDRANT_QUANTIZATION); the defaults are the server's own."""
 
@@ -164,3 +165,17 @@ class ServerLayout:
         return models.SearchParams(
             quantization=models.QuantizationSearchParams(rescore=True, oversampling=self.oversampling)
         )
+
+
+Ranked = TypeVar("Ranked", models.QueryRequest, models.Prefetch)
+
+
+def rescored(ranking: Ranked, params: models.SearchParams) -> Ranked:
+    """The request with every dense ranking in it (itself, its prefetches) asking for `params`: on a
+    quantized collection, candidates found on the int8 vectors are rescored with the original ones."""
+    prefetch = ranking.prefetch
+    nested = [prefetch] if isinstance(prefetch, models.Prefetch) else list(prefetch or [])
+    update: dict[str, Any] = {"prefetch": [rescored(p, params) for p in nested] if nested else prefetch}
+    if ranking.using in DENSE_VECTORS and ranking.params is None:
+        update["params"] = params
+    return ranking.model_copy(update=update)

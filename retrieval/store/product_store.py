@@ -28,7 +28,7 @@ from retrieval.store.layout import (
     READS_TEXT_FROM,
     CollectionMeta,
     EncoderFingerprint,
-    ServerLayout,
+    StorageLayout,
     StoredState,
 )
 from schemas.search import Calibration
@@ -38,14 +38,14 @@ def open_backend(settings: Settings) -> StoreBackend:
     """The server at QDRANT_URL, else the embedded store folder (one process at a time) on the engine of
     STORE_BACKEND: `auto` (the default) opens a folder with the engine that wrote it and a new one with the
     edge engine; a folder written by the other engine is refused (StoreError)."""
+    layout = StorageLayout(
+        shards=settings.qdrant_shards,
+        replicas=settings.qdrant_replicas,
+        write_consistency=settings.qdrant_write_consistency,
+        on_disk=settings.qdrant_on_disk,
+        quantization=settings.qdrant_quantization,
+    )
     if settings.qdrant_url:
-        layout = ServerLayout(
-            shards=settings.qdrant_shards,
-            replicas=settings.qdrant_replicas,
-            write_consistency=settings.qdrant_write_consistency,
-            on_disk=settings.qdrant_on_disk,
-            quantization=settings.qdrant_quantization,
-        )
         client = QdrantClient(url=settings.qdrant_url, api_key=settings.qdrant_api_key, timeout=30)
         return QdrantBackend(client, layout=layout)
     path = settings.store_path
@@ -53,9 +53,14 @@ def open_backend(settings: Settings) -> StoreBackend:
     engine: str = settings.store_backend
     if engine == "auto":
         engine = folder_engine(path) or DEFAULT_ENGINE
+    if engine == "local" and (layout.on_disk or layout.quantization != "none"):
+        raise StoreError(
+            f"the embedded store {path} is qdrant-client's local mode, which keeps every vector in memory: "
+            "QDRANT_ON_DISK and QDRANT_QUANTIZATION need the edge engine (a new folder) or a server (QDRANT_URL)"
+        )
     claim_folder(path, engine)
     if engine == "edge":
-        return EdgeBackend(path)
+        return EdgeBackend(path, layout=layout)
     try:
         return QdrantBackend(QdrantClient(path=str(path)))
     except RuntimeError as exc:
@@ -214,6 +219,12 @@ class ProductStore:
         with self._call("create_payload_indexes") as backend:
             backend.create_payload_indexes(catalogue, PAYLOAD_INDEXES)
         return created
+
+    def compact(self, catalogue: str) -> bool:
+        """After a bulk write: bring the new points into the catalogue's storage layout where the engine
+        does not by itself (an embedded int8-quantized catalogue's segments); True when something was done."""
+        with self._call("compact") as backend:
+            return backend.compact(catalogue)
 
     def ensure_side_collection(self, name: str, layout: EncoderFingerprint, *, owner: str) -> None:
         """A collection of the tool's own beside catalogue `owner` (its adaptation heads), with its layout."""

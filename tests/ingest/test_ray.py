@@ -1,4 +1,4 @@
-"""`python -m ingest --workers 2`: the image encoder on a 2-actor local Ray cluster gives the same catalogue
+"""`python -m ingest --workers 2`: both encoders on 2 Ray workers of a local cluster give the same catalogue
 as a single-process ingest of the same file (the bundled sample: 81 real products and photos), and a second
 run embeds nothing again."""
 

@@ -10,18 +10,19 @@ import pytest
 from pydantic import ValidationError
 from qdrant_client import QdrantClient, models
 
-from retrieval.store.backend import QdrantBackend, _rescored
-from retrieval.store.layout import EncoderFingerprint, ServerLayout
+from retrieval.store.backend import QdrantBackend
+from retrieval.store.layout import EncoderFingerprint, StorageLayout, rescored
 
 URL = "http://qdrant-1:6333"
-QUANTIZED = ServerLayout(shards=6, replicas=2, write_consistency=2, on_disk=True, quantization="int8")
+QUANTIZED = StorageLayout(shards=6, replicas=2, write_consistency=2, on_disk=True, quantization="int8")
 
 
 def test_server_layout_settings_need_a_server_and_a_possible_consistency() -> None:
     from retrieval.settings import Settings
 
-    with pytest.raises(ValidationError, match="QDRANT_SHARDS, QDRANT_QUANTIZATION lay out a Qdrant server"):
-        Settings(qdrant_shards=3, qdrant_quantization="int8")
+    with pytest.raises(ValidationError, match="QDRANT_SHARDS, QDRANT_REPLICAS lay out a Qdrant server"):
+        Settings(qdrant_shards=3, qdrant_replicas=2, qdrant_quantization="int8")
+    assert Settings(qdrant_quantization="int8").qdrant_quantization == "int8"  # the edge engine takes it too
     with pytest.raises(ValidationError, match="QDRANT_WRITE_CONSISTENCY cannot exceed QDRANT_REPLICAS"):
         Settings(qdrant_url=URL, qdrant_replicas=2, qdrant_write_consistency=3)
     with pytest.raises(ValidationError):
@@ -31,7 +32,7 @@ def test_server_layout_settings_need_a_server_and_a_possible_consistency() -> No
 
 
 def test_collection_options_are_the_server_defaults_unless_asked() -> None:
-    assert ServerLayout().collection_options() == {} and ServerLayout().search_params() is None
+    assert StorageLayout().collection_options() == {} and StorageLayout().search_params() is None
     options = QUANTIZED.collection_options()
     assert (options["shard_number"], options["replication_factor"], options["write_consistency_factor"]) == (6, 2, 2)
     assert options["on_disk_payload"] is True
@@ -55,11 +56,11 @@ def _request(query: np.ndarray, terms: list[int]) -> models.QueryRequest:
     )
 
 
-def test_every_dense_ranking_is_rescored_and_sparse_ones_are_left_alone() -> None:
+def test_every_dense_ranking_isrescored_and_sparse_ones_are_left_alone() -> None:
     params = QUANTIZED.search_params()
     assert params is not None and params.quantization is not None
     assert params.quantization.rescore is True and params.quantization.oversampling == 2.0
-    request = _rescored(_request(np.ones(4, dtype=np.float32), [1, 2]), params)
+    request = rescored(_request(np.ones(4, dtype=np.float32), [1, 2]), params)
     assert isinstance(request.prefetch, list)
     dense, sparse, nested = request.prefetch
     assert dense.params == params and sparse.params is None
@@ -74,7 +75,7 @@ def test_a_quantized_layout_answers_as_the_plain_one() -> None:
     rows = rng.normal(size=(50, 4)).astype(np.float32)
     fingerprint = EncoderFingerprint(image="i", image_dim=4, text="t", text_dim=4)
     answers = []
-    for layout in (ServerLayout(), QUANTIZED):
+    for layout in (StorageLayout(), QUANTIZED):
         backend = QdrantBackend(QdrantClient(":memory:"), layout=layout)
         backend.create_collection("c", fingerprint, metadata={})
         points = [
