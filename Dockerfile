@@ -6,12 +6,16 @@ WORKDIR /app
 
 # Optional: PyTorch's CPU-only wheel index, for an image without the CUDA libraries (several GB smaller).
 ARG TORCH_INDEX_URL=""
+# Optional extras of pyproject.toml, e.g. EXTRAS=ray for the Ray head, workers and ingest of the cluster file.
+ARG EXTRAS=""
 # Dependencies first, for layer caching: pyproject.toml alone decides them.
 COPY pyproject.toml README.md ./
 RUN if [ -n "$TORCH_INDEX_URL" ]; then \
       pip install --index-url "$TORCH_INDEX_URL" torch==2.14.1 torchvision==0.29.1; \
     fi \
- && mkdir -p schemas retrieval ingest service && pip install . && pip uninstall -y product-match
+ && mkdir -p schemas retrieval ingest service \
+ && if [ -n "$EXTRAS" ]; then pip install ".[$EXTRAS]"; else pip install .; fi \
+ && pip uninstall -y product-match
 
 COPY schemas ./schemas
 COPY retrieval ./retrieval

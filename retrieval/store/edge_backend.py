@@ -145,8 +145,9 @@ class EdgeBackend:
         return store.query_batch(requests)
 
     def compact(self, name: str) -> bool:
-        """A quantized shard's new points sit in plain segments, scored on their original vectors, until
-        `optimize()` builds their int8 copies (seconds per 100k points: no graph is built). Plain shards
-        are left alone: there it would build HNSW (17 minutes at 100k, and slower filtered queries)."""
+        """A quantized shard's new points sit in an appendable segment, scored on their original vectors,
+        until `optimize()` builds their int8 copies (no graph is built: 514 s for a million points at once on
+        2 cores, docs/BENCHMARKS.md). Plain shards are left alone: there it would build HNSW (17 minutes at
+        100k, and slower filtered queries)."""
         store = self._store(name)
         return store.optimize() if store.quantized else False

@@ -131,8 +131,9 @@ def layout_vectors(encoders: EncoderFingerprint, *, on_disk: bool | None = None)
 
 @dataclass(frozen=True)
 class StorageLayout:
-    """How a Qdrant server lays out a new catalogue's collection (QDRANT_SHARDS, QDRANT_REPLICAS,
-    QDRANT_WRITE_CONSISTENCY, QDRANT_ON_DISK, QDRANT_QUANTIZATION); the defaults are the server's own."""
+    """How a new catalogue's collection is laid out: on a Qdrant server (QDRANT_SHARDS, QDRANT_REPLICAS,
+    QDRANT_WRITE_CONSISTENCY, QDRANT_ON_DISK, QDRANT_QUANTIZATION; the defaults are the server's own), and
+    on the embedded edge engine, which takes the last two (`edge_config`)."""
 
     shards: int = 1
     replicas: int = 1

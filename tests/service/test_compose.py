@@ -75,3 +75,20 @@ def test_the_cluster_is_three_nodes_bootstrapped_from_the_first() -> None:
     api = services["api"]["environment"]
     assert api["QDRANT_URL"].startswith("http://qdrant-1:")
     assert int(api["QDRANT_WRITE_CONSISTENCY"]) <= int(api["QDRANT_REPLICAS"]) <= len(nodes)
+
+
+def test_the_cluster_ingest_runs_its_encoders_on_the_ray_workers() -> None:
+    services = _load("docker-compose.cluster.yml")["services"]
+    ray_services = ("ray-head", "ray-worker", "ingest")
+    images = {services[name]["image"] for name in ray_services}
+    assert len(images) == 1  # Ray needs the same Ray and Python on the driver and every node
+    for name in ray_services:
+        assert "ray" in services[name]["build"]["args"]["EXTRAS"].split(",")
+    head = services["ray-head"]["command"]
+    client_port = next(arg.split("=")[1] for arg in head if arg.startswith("--ray-client-server-port="))
+    assert "--head" in head and "--num-cpus=0" in head  # the head schedules, the workers embed
+    assert "--address=ray-head:6379" in services["ray-worker"]["command"] and "--port=6379" in head
+    ingest = services["ingest"]["command"]
+    assert ingest[ingest.index("--ray") + 1] == f"ray://ray-head:{client_port}"
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    assert 'ARG EXTRAS=""' in dockerfile and 'pip install ".[$EXTRAS]"' in dockerfile
