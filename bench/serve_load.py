@@ -129,6 +129,26 @@ def serving(env: dict[str, str], *, batching: bool) -> Iterator[tuple[str, subpr
         process.wait(timeout=60)
 
 
+async def search_once(
+    http: httpx.AsyncClient, base: str, i: int, photos: list[bytes], result: Load, since: float
+) -> None:
+    """Query `i` of the rotation (a photo and its text) against /search; its latency counted from `since`."""
+    name, text = QUERIES[i % len(QUERIES)]
+    try:
+        response = await http.post(
+            f"{base}/search",
+            files={"image": (name, photos[i % len(photos)], "image/jpeg")},
+            data={"text": text, "limit": "10"},
+        )
+        ok = response.status_code == 200
+    except httpx.HTTPError:
+        ok = False
+    if ok:
+        result.latencies.append(time.perf_counter() - since)
+    else:
+        result.errors += 1
+
+
 async def load(base: str, label: str, clients: int, seconds: float) -> Load:
     photos = [(SAMPLE / "queries" / name).read_bytes() for name, _ in QUERIES]
     result = Load(label, clients, seconds)
@@ -137,21 +157,7 @@ async def load(base: str, label: str, clients: int, seconds: float) -> Load:
     async def client(number: int, http: httpx.AsyncClient) -> None:
         i = number
         while time.perf_counter() < stop:
-            name, text = QUERIES[i % len(QUERIES)]
-            started = time.perf_counter()
-            try:
-                response = await http.post(
-                    f"{base}/search",
-                    files={"image": (name, photos[i % len(photos)], "image/jpeg")},
-                    data={"text": text, "limit": "10"},
-                )
-                ok = response.status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            if ok:
-                result.latencies.append(time.perf_counter() - started)
-            else:
-                result.errors += 1
+            await search_once(http, base, i, photos, result, time.perf_counter())
             i += clients
 
     async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=clients)) as http:
@@ -167,29 +173,13 @@ async def open_loop(base: str, rate: float, seconds: float, *, seed: int = 0) ->
     result = Load(f"open loop, {rate:.1f} requests/s", 0, seconds)
     rng = random.Random(seed)
 
-    async def one(i: int, due: float, http: httpx.AsyncClient) -> None:
-        name, text = QUERIES[i % len(QUERIES)]
-        try:
-            response = await http.post(
-                f"{base}/search",
-                files={"image": (name, photos[i % len(photos)], "image/jpeg")},
-                data={"text": text, "limit": "10"},
-            )
-            ok = response.status_code == 200
-        except httpx.HTTPError:
-            ok = False
-        if ok:
-            result.latencies.append(time.perf_counter() - due)
-        else:
-            result.errors += 1
-
     tasks: list[asyncio.Task[None]] = []
     async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=256)) as http:
         start, offset, i = time.perf_counter(), 0.0, 0
         while (offset := offset + rng.expovariate(rate)) < seconds:
             due = start + offset
             await asyncio.sleep(max(0.0, due - time.perf_counter()))
-            tasks.append(asyncio.create_task(one(i, due, http)))
+            tasks.append(asyncio.create_task(search_once(http, base, i, photos, result, due)))
             i += 1
         await asyncio.gather(*tasks)
     return result
