@@ -403,6 +403,7 @@ class Adapters:
         if head is not None:
             self.require_slots(catalogue)
             rewritten = rewrite_adapted(self.store, catalogue, modality, head, progress=progress)
+            self.store.compact(catalogue)  # a quantized catalogue's rewritten twins get their int8 copies
             active[modality] = version  # type: ignore[assignment]  # version is not None with a head
             self._set(catalogue, active, history)
         return rewritten

@@ -234,8 +234,9 @@ class EdgeStore:
         return self._quantized
 
     def optimize(self) -> bool:
-        """Merge segments and build HNSW indexes for segments over the indexing threshold. Blocks until done
-        (minutes at 100k+ points); edge has no background optimizer, so nothing is indexed until this runs."""
+        """Merge segments and build HNSW indexes (a quantized shard: the int8 copies, no graph) for segments
+        over the indexing threshold. Blocks until done (minutes at 100k+ points); edge has no background
+        optimizer, so nothing is indexed until this runs."""
         return bool(_call(self.shard.optimize))
 
     def info(self) -> dict[str, int]:

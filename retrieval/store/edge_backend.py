@@ -28,8 +28,6 @@ class EdgeBackend:
         server-only parts of it do not apply here)."""
         self.root = root
         self._layout = layout or StorageLayout()
-        # What every dense ranking of a quantized shard asks: rescoring, as on a server.
-        self._rescore = StorageLayout(quantization="int8", oversampling=self._layout.oversampling).search_params()
         root.mkdir(parents=True, exist_ok=True)
         self._lock = FolderLock(root)
         self._lock.acquire()  # EdgeStoreBusy (a StoreBusy) when another process serves this folder
@@ -140,14 +138,13 @@ class EdgeBackend:
 
     def query_batch(self, name: str, requests: Sequence[models.QueryRequest]) -> list[list[models.ScoredPoint]]:
         store = self._store(name)
-        if store.quantized and self._rescore is not None:
-            requests = [rescored(request, self._rescore) for request in requests]
+        if store.quantized:  # whatever the settings say now: the shard was created quantized
+            requests = [rescored(request, self._layout.rescoring()) for request in requests]
         return store.query_batch(requests)
 
     def compact(self, name: str) -> bool:
-        """A quantized shard's new points sit in an appendable segment, scored on their original vectors,
-        until `optimize()` builds their int8 copies (no graph is built: 514 s for a million points at once on
-        2 cores, docs/BENCHMARKS.md). Plain shards are left alone: there it would build HNSW (17 minutes at
-        100k, and slower filtered queries)."""
+        """A quantized shard's new or rewritten points sit in an appendable segment, scored on their original
+        vectors, until `optimize()` builds their int8 copies (its cost: `edge_config`). Plain shards are left
+        alone: there it would build HNSW (17 minutes at 100k, and slower filtered queries)."""
         store = self._store(name)
         return store.optimize() if store.quantized else False

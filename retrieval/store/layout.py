@@ -160,9 +160,12 @@ class StorageLayout:
         return options
 
     def search_params(self) -> models.SearchParams | None:
+        """What every dense ranking of a collection laid out so asks: `rescoring()` when quantized, else
+        nothing beyond the engine's defaults."""
+        return self.rescoring() if self.quantization == "int8" else None
+
+    def rescoring(self) -> models.SearchParams:
         """What every dense ranking of a quantized collection asks: rescoring, always, with oversampling."""
-        if self.quantization != "int8":
-            return None
         return models.SearchParams(
             quantization=models.QuantizationSearchParams(rescore=True, oversampling=self.oversampling)
         )

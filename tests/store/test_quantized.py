@@ -6,18 +6,22 @@ store does (the million-product figures: docs/BENCHMARKS.md, "A million products
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from pydantic import ValidationError
 
 from ingest.pipeline import Ingestor
+from retrieval.adapt.heads import Adapters, Head
 from retrieval.encoders import ImageEncoder, TextEncoder
 from retrieval.search import SearchEngine
 from retrieval.settings import Settings
 from retrieval.store import ProductStore, StoreError
 from retrieval.store.edge import EdgeStore
+from schemas.adapters import AdapterRecord
 from schemas.search import SearchOptions
 from tests.conftest import SAMPLE, sample_rows, write_catalogue
 
@@ -80,6 +84,27 @@ def test_every_ingest_leaves_its_new_points_in_quantized_segments(
         # The run ended by building the quantized segments, so the optimizers find nothing left to do (the
         # 5 new points were written to an appendable, unquantized segment first).
         assert shard.optimize() is False
+
+
+def test_switching_a_head_leaves_its_rewritten_twins_in_quantized_segments(
+    tmp_path: Path, image_encoder: ImageEncoder, text_encoder: TextEncoder
+) -> None:
+    root = tmp_path / "store"
+    settings = Settings(qdrant_path=root, qdrant_quantization="int8", qdrant_on_disk=True)
+    with ProductStore.open(settings) as store:
+        ingestor = Ingestor(settings, store, image_encoder, text_encoder)
+        assert ingestor.run(write_catalogue(tmp_path / "feed", sample_rows(10)), "few", progress=False).new == 10
+        dim = text_encoder.dim
+        head = Head("linear", {"weight": np.eye(dim, dtype=np.float32) * 2.0, "bias": np.zeros(dim, np.float32)})
+        record = AdapterRecord(
+            catalogue="few", modality="text", version=1, method="supervised", kind="linear", condition="product",
+            encoder=text_encoder.name, dim=dim, created=datetime.now(UTC), examples=0,
+        )  # fmt: skip
+        adapters = Adapters(store)
+        saved = adapters.save(record, head)
+        assert adapters.activate("few", "text", saved.version) == 10  # every point's text twin rewritten
+    with EdgeStore.open(root / "few") as shard:
+        assert shard.optimize() is False  # the switch ended by building the rewritten points' int8 copies
 
 
 def test_quantization_is_refused_where_no_engine_can_keep_it(tmp_path: Path) -> None:
