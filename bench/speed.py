@@ -193,6 +193,7 @@ def run_ingest(
             image_precision=settings.image_precision,
             text_precision=settings.text_precision,
             workers=ray_workers,
+            batch=batch,
         )
     reingest: dict[str, tuple[IngestReport, IngestReport, IngestReport]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-speed-") as tmp:

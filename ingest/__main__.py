@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                 text_precision=settings.text_precision,
                 workers=args.workers,
                 address=args.ray,
+                batch=settings.batch_size,
             )
             closing.append(pool.close)
             image_encoder, text_encoder = pool.image, pool.text

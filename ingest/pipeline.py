@@ -30,7 +30,7 @@ from ingest.inputs import CatalogueInput, open_input
 from ingest.readers import validate_rows
 from ingest.sources import FetchCancelled, OutsideRoot, PhotoAccess, SourceError, UrlFetcher, file_signature
 from retrieval.adapt.heads import ActiveHead, Adapters, TailHead, adapted_vectors, encoder_twins, trunk_cache_root
-from retrieval.encoders.base import ImageEncoder, TextEncoder
+from retrieval.encoders.base import ImageEncoder, PhotoEmbedder, TextEncoder
 from retrieval.images import ImageDecodeError, decode_image
 from retrieval.lexical import document_vector
 from retrieval.ocr import ENGINE as OCR_ENGINE
@@ -116,6 +116,7 @@ class Prepared:
     rejected: list[Rejection]
     unchanged: int
     work: list[Listing]
+    embedded: int = 0  # photos embedded already (by a PhotoEmbedder, while preparing)
 
 
 class PhotoCache:
@@ -255,6 +256,11 @@ class Ingestor:
             max_pixels=self.settings.max_image_pixels,
         )
         heads = adapters.active_heads(catalogue)  # new points get the adapted twins too
+        # An encoder that decodes where it runs (Ray workers) is sent photo bytes; an active image tail needs
+        # the tensors here, so then this process decodes and the encoder only runs the forward passes.
+        remote = self.image_encoder if isinstance(self.image_encoder, PhotoEmbedder) else None
+        if isinstance(heads.get(IMAGE_VECTOR), TailHead):
+            remote = None
         show = sys.stderr.isatty() if progress is None else progress
         bar = tqdm(desc=f"ingest {catalogue}", unit="product", disable=not show, file=sys.stderr)
         stream = itertools.chain([first], records) if first is not None else iter(())
@@ -291,7 +297,15 @@ class Ingestor:
                     elif item.id:
                         rejected_ids.add(item.id)
                 upcoming = preparer.submit(
-                    self._prepare, chunk, catalogue, source.photos, (readers, pool), http, cache, reuse_stored=existed
+                    self._prepare,
+                    chunk,
+                    catalogue,
+                    source.photos,
+                    (readers, pool),
+                    http,
+                    cache,
+                    reuse_stored=existed,
+                    remote=remote,
                 )
                 if pending is not None:
                     finish(pending.result(), number - 1)
@@ -381,9 +395,11 @@ class Ingestor:
         cache: PhotoCache,
         *,
         reuse_stored: bool,
+        remote: PhotoEmbedder | None = None,
     ) -> Prepared:
         """Read and hash the images, leave out unchanged products, reuse known photo vectors (this run's,
-        or stored ones with the same bytes), and decode + preprocess the rest."""
+        or stored ones with the same bytes), and decode + preprocess the rest (or have `remote` decode and
+        embed them)."""
         readers, decoders = pools
         if self._reads_text is None:
             self._decide_text_reading(catalogue, chunk, access, http, cache)
@@ -413,12 +429,17 @@ class Ingestor:
                         photo.vector = np.asarray(found.vector, dtype=np.float32)
                     if photo.read is None and found.read is not None:
                         photo.read = found.read
-        list(decoders.map(lambda p: self._decode(p, access, http, cache), work))
+        embedded = 0
+        if remote is None:
+            list(decoders.map(lambda p: self._decode(p, access, http, cache), work))
+        else:
+            embedded = self._embed_remotely(work, access, http, cache, remote, readers)
         return Prepared(
             read=len(chunk),
             rejected=sorted([r for r in chunk if isinstance(r, Rejection)] + refused, key=lambda r: r.line or 0),
             unchanged=len(products) - len(work),
             work=work,
+            embedded=embedded,
         )
 
     def _finish(
@@ -436,6 +457,7 @@ class Ingestor:
         report.read += prepared.read
         report.rejected_rows += prepared.rejected
         report.unchanged += prepared.unchanged
+        report.images_embedded += prepared.embedded
         ready = []
         for product in prepared.work:
             report.skipped_images += product.errors
@@ -508,26 +530,87 @@ class Ingestor:
             digests.append(digest)
         product.digest = content_hash(product.record, digests, reads_text=bool(self._reads_text))
 
+    def _pending_bytes(
+        self, product: Listing, photo: Photo, access: PhotoAccess, http: UrlFetcher, cache: PhotoCache
+    ) -> bytes | None:
+        """The bytes of a photo that still has to be decoded (embedded, or read), taken off the photo; None
+        when nothing is left to do or they cannot be read (the reason is then recorded)."""
+        reading = bool(self._reads_text)
+        blob, photo.blob = photo.blob, None  # the bytes are not needed after this
+        if photo.read is None and reading:
+            photo.read = cache.read(photo.digest)  # read meanwhile for another listing of the run
+        if photo.vector is not None and (photo.read is not None or not reading):
+            return None
+        if blob is None and photo.unread:  # its vector was neither in this run's cache nor stored
+            try:
+                blob = access.read(photo.ref, client=http)
+            except SourceError as exc:
+                self._undecodable(product, photo, str(exc))
+                return None
+            photo.digest = hashlib.sha256(blob).hexdigest()
+        return blob
+
+    @staticmethod
+    def _undecodable(product: Listing, photo: Photo, reason: str) -> None:
+        if photo.vector is not None:  # only its text was wanted: the photo keeps its vector, unread
+            photo.read = ""
+        else:
+            product.image_error(photo.ref, reason)
+
+    def _embed_remotely(
+        self,
+        work: list[Listing],
+        access: PhotoAccess,
+        http: UrlFetcher,
+        cache: PhotoCache,
+        remote: PhotoEmbedder,
+        readers: ThreadPoolExecutor,
+    ) -> int:
+        """Send the bytes of the photos still to embed (or read) to `remote`, each distinct photo once, and
+        keep what comes back as if decoded here; returns how many photos were embedded."""
+        reading = bool(self._reads_text)
+        pending = readers.map(
+            lambda product: [
+                (product, photo, blob)
+                for photo in product.photos
+                if (blob := self._pending_bytes(product, photo, access, http, cache)) is not None
+            ],
+            work,
+        )
+        sharing: dict[str, list[tuple[Listing, Photo]]] = {}  # digest -> the photos with those bytes
+        blobs: list[bytes] = []
+        for product, photo, blob in (item for items in pending for item in items):
+            if photo.digest not in sharing:
+                sharing[photo.digest] = []
+                blobs.append(blob)
+            sharing[photo.digest].append((product, photo))
+        done = remote.embed_photos(blobs, max_pixels=self.settings.max_image_pixels, read=reading)
+        embedded = 0
+        for (digest, photos), result in zip(sharing.items(), done, strict=True):
+            if result.vector is not None and any(photo.vector is None for _, photo in photos):
+                cache.put(digest, result.vector)
+                embedded += 1
+            if reading and result.read is not None:
+                cache.put_read(digest, result.read)
+            for product, photo in photos:
+                if result.error is not None:
+                    self._undecodable(product, photo, result.error)
+                    continue
+                if photo.vector is None:
+                    photo.vector = result.vector
+                if reading and photo.read is None:
+                    photo.read = result.read
+        return embedded
+
     def _decode(self, product: Listing, access: PhotoAccess, http: UrlFetcher, cache: PhotoCache) -> None:
         reading = bool(self._reads_text)
         for photo in product.photos:
-            blob, photo.blob = photo.blob, None  # the bytes are not needed after this
-            if photo.read is None and reading:
-                photo.read = cache.read(photo.digest)  # read meanwhile for another listing of the run
-            if photo.vector is not None and (photo.read is not None or not reading):
+            if (blob := self._pending_bytes(product, photo, access, http, cache)) is None:
                 continue
             try:
-                if blob is None and photo.unread:  # its vector was neither in this run's cache nor stored
-                    blob = access.read(photo.ref, client=http)
-                    photo.digest = hashlib.sha256(blob).hexdigest()
-                if blob is None:
-                    continue
                 image = decode_image(blob, max_pixels=self.settings.max_image_pixels)
-            except (SourceError, ImageDecodeError) as exc:
-                if photo.vector is not None:  # only its text was wanted: the photo keeps its vector, unread
-                    photo.read = ""
-                    continue
-                product.image_error(photo.ref, str(exc))
+            except ImageDecodeError as exc:
+                self._undecodable(product, photo, str(exc))
                 continue
             if reading and photo.read is None:
                 photo.read = self.reader.read(image)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -29,6 +30,26 @@ class ImageEncoder(Protocol):
 
     def embed_tensors(self, batch: torch.Tensor) -> np.ndarray:
         """A stacked batch of `preprocess` outputs to embeddings, in order."""
+        ...
+
+
+@dataclass(frozen=True)
+class EmbeddedPhoto:
+    """What a `PhotoEmbedder` made of one photo's bytes: its row, the text read off it (None when not
+    asked), or why it could not be decoded (then neither)."""
+
+    vector: np.ndarray | None
+    read: str | None = None
+    error: str | None = None
+
+
+@runtime_checkable
+class PhotoEmbedder(Protocol):
+    """An image encoder that also decodes: photo bytes in, rows (and read text) out, wherever it runs. Ray
+    workers are one; the ingest then sends bytes instead of decoding on its own machine."""
+
+    def embed_photos(self, blobs: Sequence[bytes], *, max_pixels: int, read: bool) -> list[EmbeddedPhoto]:
+        """One `EmbeddedPhoto` a blob, in order; `read`: OCR each photo too; `max_pixels`: the decode guard."""
         ...
 
 
