@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             closing.append(pool.close)
             image_encoder, text_encoder = pool.image, pool.text
-        ingestor = Ingestor(settings, store, image_encoder, text_encoder)
+        # an active image tail runs here, on this process's copy of the model the workers load
+        ingestor = Ingestor(settings, store, image_encoder, text_encoder, tail_encoder=encoders[0])
         log.info("ingesting %s into %s (%s)", args.path, catalogue, settings.describe_store(store.engine))
         report = ingestor.run(
             args.path,

@@ -159,11 +159,20 @@ class Ingestor:
     """Holds the encoders, the store and the worker pools for one or more ingest runs."""
 
     def __init__(
-        self, settings: Settings, store: ProductStore, image_encoder: ImageEncoder, text_encoder: TextEncoder
+        self,
+        settings: Settings,
+        store: ProductStore,
+        image_encoder: ImageEncoder,
+        text_encoder: TextEncoder,
+        *,
+        tail_encoder: ImageEncoder | None = None,
     ) -> None:
+        """`tail_encoder`: the same image model loaded in this process, for a fine-tuned image tail to run
+        on when `image_encoder` runs elsewhere (Ray workers); default `image_encoder`."""
         self.settings = settings
         self.store = store
         self.image_encoder = image_encoder
+        self.tail_encoder = tail_encoder or image_encoder
         self.text_encoder = text_encoder
         self.reader = TextReader()
         self._reads_text: bool | None = False  # this run's catalogue: read its photos' text; None: undecided
@@ -251,7 +260,7 @@ class Ingestor:
             self.store,
             models_root=self.settings.models_root,
             precision=self.settings.text_precision,
-            image_encoder=lambda: self.image_encoder,
+            image_encoder=lambda: self.tail_encoder,
             cache_root=trunk_cache_root(self.settings),
             max_pixels=self.settings.max_image_pixels,
         )

@@ -587,8 +587,9 @@ def test_a_fine_tuned_image_tail_is_the_image_head_for_search_ingest_and_rollbac
     # the in-store val photos no tail saw: 0.839 raw, 1.000 through the tail when this was written
     assert after >= 0.9 and after > before, (before, after)
 
-    # a product ingested while the tail is active gets its twin from its photo through the tail
-    code, out, err = env.cli(tiny.late, "--catalogue", CATALOGUE, "--photo-root", GROCERY)
+    # a product ingested while the tail is active gets its twin from its photo through the tail, with the
+    # encoders on Ray workers too (the tail runs in the ingest process; `make test` installs the ray extra)
+    code, out, err = env.cli(tiny.late, "--catalogue", CATALOGUE, "--photo-root", GROCERY, "--workers", "2")
     assert code == 0 and "new 1, updated 0" in out, err
     with env.store() as store:
         assert _twin_cosines(store, tail, LATE).min() >= 0.999
