@@ -239,28 +239,21 @@ def run_ingest(
                         raise SystemExit(f"ingest embedded {first.images_embedded} of {len(sample)} photos")
                     end_to_end[backend].rounds.append(first.seconds)
                 if on_ray_pool is not None:
-                    spread = ingest(
-                        run_settings["edge"],
-                        stores["edge"],
-                        on_ray_pool.image,
-                        on_ray_pool.text,
-                        throughput,
-                        f"ray-{round_}",
-                    )
-                    if spread.images_embedded != len(sample):
-                        raise SystemExit(f"ingest on Ray embedded {spread.images_embedded} of {len(sample)} photos")
-                    on_ray.rounds.append(spread.seconds)
-                    here = ingest(
-                        run_settings["edge"],
-                        stores["edge"],
-                        ForwardsOnly(on_ray_pool.image),
-                        on_ray_pool.text,
-                        throughput,
-                        f"ray-forwards-{round_}",
-                    )
-                    if here.images_embedded != len(sample):
-                        raise SystemExit(f"ingest on Ray embedded {here.images_embedded} of {len(sample)} photos")
-                    forwards_only.rounds.append(here.seconds)
+                    for image_encoder, row, tag in (
+                        (on_ray_pool.image, on_ray, "ray"),
+                        (ForwardsOnly(on_ray_pool.image), forwards_only, "ray-forwards"),
+                    ):
+                        spread = ingest(
+                            run_settings["edge"],
+                            stores["edge"],
+                            image_encoder,
+                            on_ray_pool.text,
+                            throughput,
+                            f"{tag}-{round_}",
+                        )
+                        if spread.images_embedded != len(sample):
+                            raise SystemExit(f"ingest on Ray embedded {spread.images_embedded} of {len(sample)} photos")
+                        row.rounds.append(spread.seconds)
             big = folder / "b"
             big.mkdir()
             catalogue = write_catalogue(big, paths, products)

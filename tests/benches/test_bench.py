@@ -81,5 +81,6 @@ def test_ingest_speed_bench_runs_on_both_embedded_stores(text_encoder: TextEncod
     for row in ("image model alone, fp32", "naive loop", "12 products, one photo each, local store", "edge store"):
         assert row in table
     assert "edge store, encoders on 2 Ray workers | 12 |" in table and "Ray (2 workers) / one process" in table
+    assert "only the forwards on the 2 workers) | 12 |" in table and "decoding on the workers / in the ingest" in table
     assert table.count("| again, unchanged | 30 | 0 / 0 / 30 | 0 |") == 2
     assert table.count("| first ingest | 30 | 30 / 0 / 0 |") == 2
