@@ -60,7 +60,7 @@ class ImageEncoderActor:
             done.append(EmbeddedPhoto(None, read=self.reader.read(image) if read else None))
             tensors.append(self.encoder.preprocess(image))
         rows = iter(self.encoder.embed_tensors(torch.stack(tensors)) if tensors else ())
-        return [photo if photo.error else EmbeddedPhoto(next(rows), photo.read) for photo in done]
+        return [photo if photo.error is not None else EmbeddedPhoto(next(rows), photo.read) for photo in done]
 
 
 class TextEncoderActor:
@@ -106,7 +106,8 @@ class _Pool:
 
 
 class RayImageEncoder:
-    """An `ImageEncoder` whose `embed_tensors` runs on Ray actors; `preprocess` runs here (decode threads)."""
+    """An `ImageEncoder` whose `embed_tensors` runs on Ray actors (`preprocess` runs here, for a catalogue
+    decoded here) and a `PhotoEmbedder` whose photos are decoded, read and embedded on them."""
 
     def __init__(self, pool: _Pool, name: str, dim: int, preprocess: Any, batch: int) -> None:
         self._pool, self.name, self.dim, self._preprocess, self.batch = pool, name, dim, preprocess, batch
