@@ -9,6 +9,7 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
 
 from pydantic import ValidationError
 
@@ -18,7 +19,7 @@ from retrieval.encoders import EncoderError, ImageEncoder, TextEncoder
 from retrieval.runtime import load_encoders
 from retrieval.settings import Settings
 from retrieval.store import ProductStore, StoreError
-from schemas.report import IngestReport
+from schemas.report import IngestReport, Rejection, RejectionSink
 from schemas.search import CATALOGUE_PATTERN
 
 log = logging.getLogger("ingest")
@@ -75,7 +76,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def print_summary(report: IngestReport) -> None:
-    rejected, skipped = len(report.rejected_rows), len(report.skipped_images)
+    rejected, skipped = report.rejected_count, report.skipped_count
     print(
         f"catalogue {report.catalogue}: read {report.read} rows from {report.source}\n"
         f"  new {report.new}, updated {report.updated}, unchanged {report.unchanged}, "
@@ -84,20 +85,26 @@ def print_summary(report: IngestReport) -> None:
         + "\n"
         f"  {report.seconds:.1f} s, {report.products_per_second:.1f} products/s"
     )
-    for kind, items in (("rejected", report.rejected_rows), ("skipped image", report.skipped_images)):
+    for kind, items, count in (
+        ("rejected", report.rejected_rows, rejected),
+        ("skipped image", report.skipped_images, skipped),
+    ):
         for item in items[:SHOWN_REJECTIONS]:
             where = f"line {item.line}" if item.line else "file"
             ident = f" id {item.id}" if item.id else ""
-            print(f"  {kind}: {where}{ident}: {item.reason}", file=sys.stderr)
-        if len(items) > SHOWN_REJECTIONS:
-            print(f"  ... {len(items) - SHOWN_REJECTIONS} more {kind} entries (see --rejects)", file=sys.stderr)
+            field = f"{item.field}: " if item.field else ""
+            print(f"  {kind}: {where}{ident}: {field}{item.reason}", file=sys.stderr)
+        if count > SHOWN_REJECTIONS:
+            print(f"  ... {count - SHOWN_REJECTIONS} more {kind} entries (see --rejects)", file=sys.stderr)
 
 
-def write_rejects(report: IngestReport, target: Path) -> None:
-    with target.open("w", encoding="utf-8") as out:
-        for kind, items in (("row", report.rejected_rows), ("image", report.skipped_images)):
-            for item in items:
-                out.write(json.dumps({"kind": kind, **item.model_dump(exclude_none=True)}, ensure_ascii=False) + "\n")
+def rejects_writer(out: TextIO) -> RejectionSink:
+    """Writes each rejection to `out` as a JSON line the moment it happens (`--rejects`)."""
+
+    def write(kind: str, item: Rejection) -> None:
+        out.write(json.dumps({"kind": kind, **item.model_dump(exclude_none=True)}, ensure_ascii=False) + "\n")
+
+    return write
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,11 +137,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: catalogue name {catalogue!r} must be letters, digits, '_', '-', '.' (max 63)", file=sys.stderr)
         return 2
     try:
+        rejects = args.rejects.open("w", encoding="utf-8") if args.rejects else None
+    except OSError as exc:
+        print(f"error: cannot write the reject report {args.rejects}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    closing: list[Callable[[], None]] = [rejects.close] if rejects is not None else []
+    try:
         store = ProductStore.open(settings)
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        for close in closing:
+            close()
         return 2
-    closing: list[Callable[[], None]] = []
     try:
         log.info("loading encoders %s and %s", settings.image_model, settings.text_model)
         encoders: tuple[ImageEncoder, TextEncoder] = load_encoders(settings)
@@ -164,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             product_folders=args.product_folders,
             prune=args.prune,
             photo_roots=args.photo_root,
+            on_rejection=rejects_writer(rejects) if rejects is not None else None,
         )
     except (CatalogueError, EncoderError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -174,7 +189,6 @@ def main(argv: list[str] | None = None) -> int:
         store.close()
     print_summary(report)
     if args.rejects:
-        write_rejects(report, args.rejects)
         print(f"  reject report: {args.rejects}")
     if report.written == 0 and report.unchanged == 0:
         print("error: nothing could be ingested; fix the rows listed above", file=sys.stderr)

@@ -65,6 +65,7 @@ class CatalogueInput:
     source: str
     catalogue_file: bool  # rows from a catalogue file, not from a folder of images
     extracted: Path | None = None  # the folder a zip was extracted to by this run (None: reused, or no zip)
+    zip_folder: Path | None = None  # the folder the zip's files are in, extracted by this run or an earlier one
 
 
 def open_input(
@@ -96,6 +97,7 @@ def open_input(
         found.photos = PhotoAccess.within(root, (extracted, *extra), ZIP_OUTSIDE, expand_user=not uploaded)
         found.source = f"{path} (extracted to {root})"
         found.extracted = extracted if fresh else None
+        found.zip_folder = extracted
         return found
     if path.is_dir():
         found = _open_tree(path, retailer, path.name, product_folders)

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import itertools
 import logging
+import os
 import shutil
 import sys
 import threading
@@ -50,7 +51,7 @@ from retrieval.store import (
     StoreError,
 )
 from schemas.catalogue import CatalogueRecord
-from schemas.report import IngestReport, Rejection
+from schemas.report import IngestReport, Rejection, RejectionSink
 
 T = TypeVar("T")
 log = logging.getLogger("ingest")
@@ -191,6 +192,7 @@ class Ingestor:
         photo_roots: Sequence[Path] = (),
         cancel: threading.Event | None = None,
         on_chunk: Callable[[IngestReport], None] | None = None,
+        on_rejection: RejectionSink | None = None,
     ) -> IngestReport:
         """Ingest a catalogue file, folder or zip (ingest/inputs.py); bad rows are reported, the rest lands.
         `prune`: then delete the products of the feed's retailers that the feed no longer lists.
@@ -199,7 +201,8 @@ class Ingestor:
         `cancel`: when set, the run stops after the chunk being stored, or at once while photos are being
         fetched (IngestCancelled; the chunk being read is not stored; no pruning).
         `on_chunk`: called with the report so far after each chunk (embedded, and being stored while the
-        next one is embedded).
+        next one is embedded). `on_rejection`: called with each rejected row and skipped photo as it happens
+        (the report keeps the first ones only).
         A zip extracted by this run is removed again when the run stores nothing (a refused or failed input
         leaves nothing on disk)."""
         source = open_input(
@@ -214,6 +217,7 @@ class Ingestor:
             photo_roots=photo_roots,
         )
         report = IngestReport(catalogue=catalogue, source=source.source)
+        report.send_rejections_to(on_rejection)
         try:
             self._run(source, catalogue, report, progress=progress, prune=prune, cancel=cancel, on_chunk=on_chunk)
         except FetchCancelled:
@@ -227,7 +231,28 @@ class Ingestor:
                 shutil.rmtree(source.extracted, ignore_errors=True)
                 with contextlib.suppress(OSError):  # the catalogue's sources folder, when nothing else is there
                     source.extracted.parent.rmdir()
+        if source.zip_folder is not None and (report.written or report.unchanged):
+            self._remove_old_extractions(catalogue, source.zip_folder)
         return report
+
+    def _remove_old_extractions(self, catalogue: str, current: Path) -> None:
+        """After a zip's ingest: remove the catalogue's other extracted zips that no stored product's photo
+        lies in any more (v1 and v2 of a feed, once v3 has replaced their products)."""
+        parent = current.parent
+        others = {p for p in parent.iterdir() if p.is_dir() and p != current and not p.name.startswith(".")}
+        if not others:
+            return
+        prefix = str(parent) + os.sep
+        for page in self.store.scroll_pages(catalogue, with_payload=["images"]):
+            for point in page:
+                for ref in (point.payload or {}).get("images", []):
+                    if isinstance(ref, str) and ref.startswith(prefix):
+                        others.discard(parent / ref[len(prefix) :].split(os.sep, 1)[0])
+            if not others:
+                return
+        for folder in others:
+            log.info("removing %s: no product of catalogue %s refers to it any more", folder.name, catalogue)
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _drop_if_empty(self, catalogue: str) -> None:
         """Remove a catalogue this run created and stored nothing in (a refused feed leaves none behind);
@@ -300,7 +325,7 @@ class Ingestor:
 
             number = 0
             for number, chunk in enumerate(chunked(stream, self.settings.ingest_chunk), start=1):
-                for item in chunk:
+                for item in chunk if prune else ():  # the ids are kept only to know what to prune
                     if isinstance(item, CatalogueRecord):
                         seen.setdefault(item.retailer, set()).add(item.id)
                     elif item.id:
@@ -464,21 +489,23 @@ class Ingestor:
         """Embed what the preparing stage left to embed and count the chunk; its points are returned for
         the store thread to upsert while the next chunk is embedded."""
         report.read += prepared.read
-        report.rejected_rows += prepared.rejected
+        report.reject(prepared.rejected)
         report.unchanged += prepared.unchanged
         report.images_embedded += prepared.embedded
         ready = []
         for product in prepared.work:
-            report.skipped_images += product.errors
+            report.skip(product.errors)
             if not product.usable and not product.record.title:
                 reasons = "; ".join(e.reason for e in product.errors[:3])
-                report.rejected_rows.append(
-                    Rejection(
-                        line=product.record.line,
-                        id=product.record.id,
-                        field="image",
-                        reason=f"no usable image and no title ({reasons})",
-                    )
+                report.reject(
+                    [
+                        Rejection(
+                            line=product.record.line,
+                            id=product.record.id,
+                            field="image",
+                            reason=f"no usable image and no title ({reasons})",
+                        )
+                    ]
                 )
             else:
                 ready.append(product)

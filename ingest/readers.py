@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
-import io
 import json
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from pydantic import ValidationError
 
@@ -31,22 +32,46 @@ class RawRow:
     data: dict[str, Any]
 
 
-def _text(path: Path) -> str:
+def _checked_utf8(path: Path) -> None:
+    """A file that is not UTF-8 is refused before any of its rows is used, read block by block (a catalogue
+    of any size costs one block of memory, not the whole file and a copy)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
     try:
-        data = path.read_bytes()
+        with path.open("rb") as raw:
+            while block := raw.read(1 << 20):
+                try:
+                    decoder.decode(block)
+                except UnicodeDecodeError as exc:
+                    raise CatalogueError(
+                        f"{path} is not UTF-8 (bad byte at offset {offset + exc.start}); re-save the file as UTF-8"
+                    ) from None
+                offset += len(block)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise CatalogueError(f"{path} is not UTF-8 (it ends inside a character); re-save the file as UTF-8") from None
     except OSError as exc:
         raise CatalogueError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+@contextmanager
+def _lines(path: Path) -> Iterator[TextIO]:
+    """The catalogue as text, streamed (UTF-8, a byte order mark dropped), once it is known to be UTF-8."""
+    _checked_utf8(path)
     try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise CatalogueError(
-            f"{path} is not UTF-8 (bad byte at offset {exc.start}); re-save the file as UTF-8"
-        ) from exc
+        with path.open(encoding="utf-8-sig", newline="") as text:
+            yield text
+    except OSError as exc:
+        raise CatalogueError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
 
 def read_csv(path: Path) -> Iterator[RawRow | Rejection]:
     csv.field_size_limit(MAX_FIELD_CHARS)
-    reader = csv.DictReader(io.StringIO(_text(path), newline=""))
+    with _lines(path) as text:
+        yield from _csv_rows(path, csv.DictReader(text))
+
+
+def _csv_rows(path: Path, reader: csv.DictReader[str]) -> Iterator[RawRow | Rejection]:
     header = reader.fieldnames or []
     if not header:
         raise CatalogueError(f"{path} is empty: the first line must be a header (id,retailer,title,...)")
@@ -81,7 +106,12 @@ def read_csv(path: Path) -> Iterator[RawRow | Rejection]:
 
 
 def read_jsonl(path: Path) -> Iterator[RawRow | Rejection]:
-    for number, raw in enumerate(_text(path).splitlines(), start=1):
+    with _lines(path) as text:
+        yield from _jsonl_rows(text)
+
+
+def _jsonl_rows(text: TextIO) -> Iterator[RawRow | Rejection]:
+    for number, raw in enumerate(text, start=1):
         if not raw.strip():
             continue
         try:

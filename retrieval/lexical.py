@@ -67,14 +67,20 @@ _UNITS = [
     (r"-?(?:ch|channels?)\b", "ch"),
     (r"-?(?:pk|pack|count|ct)\b", "pk"),
 ]
-# Not inside a code: `dcs-5030l` keeps its `5030l`.
-_UNIT_PATTERNS = [(re.compile(r"(?<![0-9a-z./-])" + _NUMBER + r"\s*" + written), unit) for written, unit in _UNITS]
+# Not inside a code: `dcs-5030l` keeps its `5030l`. A number starts only where no number goes on before it
+# (not after a digit, nor after `1,`): otherwise every digit of `1,1,1,...` would start a scan to its end and
+# the cleaning of a 20,000-character title would take minutes (quadratic backtracking); this way each
+# character is scanned a bounded number of times (tests/search/test_hostile_text.py).
+_UNIT_PATTERNS = [
+    (re.compile(r"(?<![0-9a-z./-])(?<!\d,)" + _NUMBER + r"\s*" + written), unit) for written, unit in _UNITS
+]
 # A token that is a size, a version or a resolution, not a code: `500gb`, `27in`, `60w`, `720p`, `v2.1`.
-_MEASURE = re.compile(
-    r"(?:\d+(?:\.\d+)?(?:in|gb|tb|mb|kb|mp|ghz|mhz|khz|hz|mm|cm|ml|lb|oz|cuft|ft|btu|mah|ch|pk|ms|db|th|st|nd|rd"
+_MEASURE = re.compile(  # matched whole (fullmatch); the lookbehind keeps a scan of a long number linear
+    r"(?<![0-9a-z.])(?:\d+(?:\.\d+)?(?:in|gb|tb|mb|kb|mp|ghz|mhz|khz|hz|mm|cm|ml|lb|oz|cuft|ft|btu|mah|ch|pk|ms|db|th|st|nd|rd"
     r"|bit|gbps|mbps|rpm|fps|hr|hrs|min|yr)|\d{1,4}(?:\.\d+)?[wlvxpiksd]|1080[pi]|v\d+(?:\.\d+)*)"
 )
-_QUOTE_DEBRIS = re.compile(r'(?:^|(?<=\s))["`´]+|["`´]+(?=\s|$)')  # stray quotes at either end of a word
+# Stray quotes at either end of a word; a run is matched from its first quote only (linear on `x""""...x`).
+_QUOTE_DEBRIS = re.compile(r'(?:^|(?<=\s))["`´]+|(?<!["`´])["`´]+(?=\s|$)')
 _SPACES = re.compile(r"\s+")
 
 

@@ -71,5 +71,6 @@ def open_runtime(settings: Settings, *, store: ProductStore | None = None) -> Ru
         models_root=settings.models_root,
         model_precision=settings.text_precision,
         cache_root=trunk_cache_root(settings),
+        read_deadline_s=settings.ocr_deadline_s,
     )
     return Runtime(settings, store, engine)

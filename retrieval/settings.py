@@ -74,6 +74,13 @@ class Settings(BaseSettings):
             "separated) and searches with the mean direction; empty: the whole photo only"
         ),
     )
+    ocr_deadline_s: float = Field(
+        default=3.0,
+        gt=0,
+        le=60,
+        description="longest read of a query photo's text; past it the search answers without the ocr ranking",
+    )
+    ocr_queue: int = Field(default=8, ge=1, le=1_000, description="query photos waiting to be read; more: 503")
     micro_batching: bool = Field(default=True, description="gather concurrent requests' photos / texts into one batch")
     batch_window_ms: float = Field(
         default=0.0, ge=0, le=1_000, description="extra wait for a query batch to fill (0: take what is queued)"
@@ -104,7 +111,7 @@ class Settings(BaseSettings):
     )
     jobs_path: Path | None = Field(
         default=None,
-        description="the service's job records, kept across restarts (default: jobs.sqlite beside the store)",
+        description="the service's job records, kept across restarts (default: jobs.sqlite in the store's folder)",
     )
     max_archive_entries: int = Field(default=200_000, ge=1, description="entry count cap of a zip input")
     models_path: Path | None = Field(
@@ -117,8 +124,20 @@ class Settings(BaseSettings):
         default=None, description="when set, write and admin endpoints need it in the X-API-Key header"
     )
     cors_origins: str = Field(default="", description="comma-separated origins allowed by CORS ('*': any); none")
+    allowed_hosts: str = Field(
+        default="",
+        max_length=4_000,
+        description="comma-separated host names a request's Host header may name (others: 400); always the "
+        "loopback names and the served --host; '*': any (behind a proxy that checks them)",
+    )
     max_ingest_upload_bytes: int = Field(
         default=512 * 1024**2, ge=1024, description="largest catalogue file or zip POST /catalogues/{c}/ingest takes"
+    )
+    max_queued_jobs: int = Field(default=8, ge=1, le=10_000, description="jobs waiting at once; more: 429")
+    max_stored_uploads_bytes: int = Field(
+        default=2 * 1024**3,
+        ge=1024,
+        description="bytes of uploads waiting for their ingest jobs, all together; more: 429",
     )
     shutdown_timeout_s: int = Field(
         default=30, ge=0, le=3_600, description="on SIGTERM, seconds in-flight requests get to finish"
@@ -190,11 +209,30 @@ class Settings(BaseSettings):
 
     @property
     def jobs_file(self) -> Path:
-        return (self.jobs_path or self.store_path.parent / "jobs.sqlite").resolve()
+        # inside the store's folder: two stores under one parent (stores/a, stores/b) keep their jobs apart
+        return (self.jobs_path or self.store_path / "jobs.sqlite").resolve()
+
+    @property
+    def allowed_host_list(self) -> list[str]:
+        return [host.strip().lower() for host in self.allowed_hosts.split(",") if host.strip()]
 
     @property
     def cors_origin_list(self) -> list[str]:
         return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
+
+    def redact_paths(self, text: str) -> str:
+        """`text` with this machine's data folders named, not shown (messages that reach clients)."""
+        for path, name in (
+            (self.sources_root, "<sources>"),
+            (self.models_root, "<models>"),
+            (self.store_path, "<store>"),
+            (self.jobs_file.parent, "<data>"),
+            (self.store_path.parent, "<data>"),
+            (Path.cwd(), "<cwd>"),
+        ):
+            if len(path.parts) > 2:  # never `/` or `/tmp` alone
+                text = text.replace(str(path), name)
+        return text
 
     def describe_store(self, engine: str, *, public: bool = False) -> str:
         """Which store, for logs and the command line (`engine`: the opened store's, `ProductStore.engine`);

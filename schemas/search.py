@@ -10,6 +10,20 @@ from schemas.catalogue import category_path, parse_category
 from schemas.payload import Product
 
 CATALOGUE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+# Names of the embedded store's own files and folders, beside which each catalogue has a folder of its own; a
+# catalogue of such a name would collide with them (any case: a file system may fold it).
+RESERVED_CATALOGUE_NAMES = frozenset(
+    {"edge.lock", "engine", "meta.json", "collection", ".lock", "storage.sqlite", "jobs.sqlite", "sources", "models"}
+)
+
+
+def catalogue_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a new catalogue (beyond CATALOGUE_PATTERN), or None."""
+    if name.casefold() in RESERVED_CATALOGUE_NAMES:
+        return f"catalogue name {name!r} is a name the store keeps for its own files; choose another"
+    if name.endswith("."):
+        return f"catalogue name {name!r} ends with '.', which some file systems drop; choose another"
+    return None
 MAX_TEXT_LENGTH = 2_000
 
 
@@ -193,6 +207,10 @@ class SearchResponse(BaseModel):
     )
     took_ms: float
     results: list[SearchResult]
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="what the search left out and why (a query photo's text not read within OCR_DEADLINE_S)",
+    )
 
 
 class ProductRef(BaseModel):

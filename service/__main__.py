@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     server = StoppingServer(
-        server_config(create_app(settings, state=state), settings, args.host, args.port), state.jobs.stop
+        server_config(create_app(settings, state=state, served_host=args.host), settings, args.host, args.port),
+        state.jobs.stop,
     )
     try:
         server.run()

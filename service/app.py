@@ -14,20 +14,24 @@ from fastapi.staticfiles import StaticFiles
 
 from retrieval.images import ImageDecodeError
 from retrieval.settings import Settings
-from retrieval.store import CatalogueNotFound, EncoderMismatch, ProductNotFound, StoreError
+from retrieval.store import CatalogueNameRefused, CatalogueNotFound, EncoderMismatch, ProductNotFound, StoreError
 from service import metrics, middleware
 from service.batching import Overloaded, batched_encoders
-from service.jobs import JobsClosed
+from service.jobs import JobsClosed, JobsFull
 from service.routes import catalogues, health, ingest, jobs, search
 from service.state import AppState, build_state
 from service.validation import validation_failed
 
 STATIC = Path(__file__).parent / "static"
+RETRY_AFTER_S = 30  # a refused job: about what a small ingest takes
 log = logging.getLogger("service")
 
 
-def create_app(settings: Settings | None = None, *, state: AppState | None = None) -> FastAPI:
-    """Build the app; models and the store load in the lifespan (or come ready-made in `state`)."""
+def create_app(
+    settings: Settings | None = None, *, state: AppState | None = None, served_host: str | None = None
+) -> FastAPI:
+    """Build the app; models and the store load in the lifespan (or come ready-made in `state`).
+    `served_host`: the interface `python -m service --host` listens on, a name the Host header may give."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -52,7 +56,7 @@ def create_app(settings: Settings | None = None, *, state: AppState | None = Non
         version="0.1.0",
         lifespan=lifespan,
     )
-    middleware.install(app, config)
+    middleware.install(app, config, served_host=served_host)
     app.include_router(health.router)
     app.include_router(search.router)
     app.include_router(catalogues.router)
@@ -77,6 +81,10 @@ def create_app(settings: Settings | None = None, *, state: AppState | None = Non
     def _no_product(request: Request, exc: ProductNotFound) -> JSONResponse:
         return error(404, str(exc))
 
+    @app.exception_handler(CatalogueNameRefused)
+    def _bad_name(request: Request, exc: CatalogueNameRefused) -> JSONResponse:
+        return error(422, str(exc))
+
     @app.exception_handler(EncoderMismatch)
     def _mismatch(request: Request, exc: EncoderMismatch) -> JSONResponse:
         return error(409, str(exc))
@@ -89,6 +97,12 @@ def create_app(settings: Settings | None = None, *, state: AppState | None = Non
     def _overloaded(request: Request, exc: Overloaded) -> JSONResponse:
         response = error(503, f"busy: {exc}; retry in {exc.retry_after_s} s")
         response.headers["Retry-After"] = str(exc.retry_after_s)
+        return response
+
+    @app.exception_handler(JobsFull)
+    def _full(request: Request, exc: JobsFull) -> JSONResponse:
+        response = error(429, f"{exc}; retry in {RETRY_AFTER_S} s")
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
         return response
 
     @app.exception_handler(JobsClosed)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -155,14 +156,21 @@ class BatchedEncoders:
         timeout_s: float,
         observe: Callable[[str], BatchObserver] | None = None,
         reader: TextReader | None = None,
+        read_deadline_s: float | None = None,
+        max_reads: int = 8,
     ) -> None:
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self._loop = asyncio.get_running_loop()  # made on the app's loop, where the batchers run
         self._reader = reader or TextReader()
         # OCR is not batched (one photo at a time is how the engine runs): one thread of its own, beside the
-        # encoders' threads, so a photo's text is read while its vector is computed.
+        # encoders' threads, so a photo's text is read while its vector is computed. Each read has a deadline
+        # counted from its submission (a read that waited past it gives up at once), and at most `max_reads`
+        # are queued or running: more are refused (503) rather than piled up.
         self._reading = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-text")
+        self._read_deadline_s = read_deadline_s
+        self._max_reads = max_reads
+        self._reads = threading.BoundedSemaphore(max_reads)
 
         def batcher(name: str, embed: Callable[[Sequence[Item]], np.ndarray]) -> MicroBatcher[Item]:
             return MicroBatcher(
@@ -206,7 +214,16 @@ class BatchedEncoders:
         return self._submit(self.cross_modal, text)
 
     def read(self, image: Image.Image) -> Future[str]:
-        return self._reading.submit(self._reader.read, image)
+        if not self._reads.acquire(blocking=False):
+            raise Overloaded(f"{self._max_reads} query photos are waiting for their text to be read")
+        deadline = None if self._read_deadline_s is None else time.monotonic() + self._read_deadline_s
+        try:
+            future = self._reading.submit(self._reader.read, image, deadline=deadline)
+        except BaseException:
+            self._reads.release()
+            raise
+        future.add_done_callback(lambda _: self._reads.release())
+        return future
 
     async def close(self) -> None:
         for batcher in (self.images, self.texts, self.cross_modal):
@@ -233,4 +250,6 @@ def batched_encoders(state: AppState) -> BatchedEncoders:
         timeout_s=settings.request_timeout_s,
         observe=encoder_batch_observer,
         reader=state.engine.reader,
+        read_deadline_s=settings.ocr_deadline_s,
+        max_reads=settings.ocr_queue,
     )

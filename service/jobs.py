@@ -20,6 +20,7 @@ import queue
 import shutil
 import sqlite3
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -47,6 +48,10 @@ class JobsClosed(RuntimeError):
 
 class JobCancelled(RuntimeError):
     """The service stopped while the job was queued or running."""
+
+
+class JobsFull(RuntimeError):
+    """Too many jobs are waiting: try again later."""
 
 
 class JobsBusy(RuntimeError):
@@ -114,10 +119,17 @@ class JobRecords:
                 [(job_id, start + i, json.dumps(row, ensure_ascii=False)) for i, row in enumerate(rows)],
             )
 
-    def rows(self, job_id: str) -> list[dict[str, str]]:
+    def rows(self, job_id: str, offset: int = 0, limit: int = -1) -> list[dict[str, str]]:
+        """The job's rows from `offset`, `limit` of them (-1: all)."""
         with self._lock:
-            found = self._db.execute("SELECT row FROM job_rows WHERE job = ? ORDER BY seq", (job_id,)).fetchall()
+            found = self._db.execute(
+                "SELECT row FROM job_rows WHERE job = ? ORDER BY seq LIMIT ? OFFSET ?", (job_id, limit, offset)
+            ).fetchall()
         return [json.loads(row) for (row,) in found]
+
+    def count_rows(self, job_id: str) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM job_rows WHERE job = ?", (job_id,)).fetchone()[0])
 
     def forget(self, job_id: str) -> None:
         with self._lock:
@@ -131,11 +143,18 @@ class JobRecords:
 
 
 class Jobs:
-    def __init__(self, path: Path | None = None) -> None:
+    def __init__(
+        self, path: Path | None = None, *, max_queued: int = 1_000, redact: Callable[[str], str] = lambda text: text
+    ) -> None:
         """Jobs kept in memory, or (`path`) in a SQLite file that survives a restart: the jobs a previous
-        process left queued or running are marked `interrupted` here."""
+        process left queued or running are marked `interrupted` here, and the rows of every job live there
+        (not in memory). `max_queued`: jobs waiting at most (JobsFull past it). `redact`: what an error
+        message becomes before a client or the record sees it (server paths taken out)."""
         self._jobs: OrderedDict[str, Job] = OrderedDict()
-        self._rows: dict[str, list[dict[str, str]]] = {}
+        self._rows: dict[str, list[dict[str, str]]] = {}  # only without a file
+        self._row_counts: dict[str, int] = {}
+        self._max_queued = max_queued
+        self._redact = redact
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._queue: queue.SimpleQueue[tuple[Job, Work, Cleanup | None, contextvars.Context] | None] = (
@@ -162,6 +181,8 @@ class Jobs:
         before its status says so. `warning` is shown with the job."""
         if self._stop.is_set():
             raise JobsClosed("the service is stopping and takes no new jobs")
+        if self.queued() >= self._max_queued:
+            raise JobsFull(f"{self._max_queued} jobs are waiting already (MAX_QUEUED_JOBS)")
         job = Job(
             id=uuid.uuid4().hex, kind=kind, catalogue=catalogue, status="queued", created_at=_now(), warning=warning
         )
@@ -174,6 +195,10 @@ class Jobs:
         log.info("%s job %s queued for catalogue %s", kind, job.id, catalogue)
         return job.model_copy()
 
+    def queued(self) -> int:
+        with self._lock:
+            return sum(job.status == "queued" for job in self._jobs.values())
+
     def _trim(self) -> None:
         while len(self._jobs) > KEPT_JOBS:
             oldest = next((k for k, j in self._jobs.items() if j.status in ("done", "failed", "interrupted")), None)
@@ -181,6 +206,7 @@ class Jobs:
                 break
             del self._jobs[oldest]
             self._rows.pop(oldest, None)
+            self._row_counts.pop(oldest, None)
             if self._records is not None:
                 self._records.forget(oldest)
 
@@ -243,10 +269,13 @@ class Jobs:
                 with self._lock:
                     if job.status != "running":
                         break
-                    kept = self._rows.setdefault(job.id, [])
-                    if self._records is not None and rows:
-                        self._records.add_rows(job.id, len(kept), rows)
-                    kept.extend(rows)
+                    start = self._row_counts.get(job.id, 0)
+                    if self._records is not None:
+                        if rows:
+                            self._records.add_rows(job.id, start, rows)
+                    else:
+                        self._rows.setdefault(job.id, []).extend(rows)
+                    self._row_counts[job.id] = start + len(rows)
                     job.done += 1
                     self._save(job)
                 if stop.is_set():
@@ -259,7 +288,7 @@ class Jobs:
             if stop.is_set():  # stopped by the shutdown, whatever the work raised on its way out
                 self._end(job, "interrupted", f"{type(exc).__name__}: {INTERRUPTED}")
                 log.warning("%s job interrupted by the shutdown: %s", job.kind, exc)
-            elif self._end(job, "failed", f"{type(exc).__name__}: {exc}"):
+            elif self._end(job, "failed", self._redact(f"{type(exc).__name__}: {exc}")):
                 log.warning("%s job failed: %s", job.kind, job.error, exc_info=exc)
         finally:
             metrics.JOBS_RUNNING.dec()
@@ -273,11 +302,13 @@ class Jobs:
             job = self._jobs.get(job_id)
             return job.model_copy() if job else None
 
-    def rows(self, job_id: str) -> list[dict[str, str]]:
+    def rows(self, job_id: str, offset: int = 0, limit: int | None = None) -> list[dict[str, str]]:
+        """A job's rows from `offset`, `limit` of them (None: all)."""
+        if self._records is not None:
+            return self._records.rows(job_id, offset, -1 if limit is None else limit)
         with self._lock:
-            if job_id in self._rows:
-                return list(self._rows[job_id])
-        return self._records.rows(job_id) if self._records is not None else []
+            kept = self._rows.get(job_id, [])
+            return list(kept[offset : None if limit is None else offset + limit])
 
     def stop(self) -> None:
         """Take no new job and ask the running one to stop at once (an ingest stops its photo fetches, a match
@@ -325,6 +356,27 @@ def sweep_uploads(folder: Path) -> int:
             removed += 1
         except OSError as exc:
             log.warning("cannot remove the orphaned upload %s: %s", entry.name, exc.strerror or exc)
+    return removed
+
+
+def sweep_extractions(sources: Path, *, older_than_s: float = 3_600) -> int:
+    """Remove half-extracted zips (`<sources>/<catalogue>/.<name>.<random>`, renamed into place only when
+    whole) that a killed ingest left behind; ones younger than `older_than_s` may belong to a running ingest
+    of another process and stay. Returns how many were removed."""
+    if not sources.is_dir():
+        return 0
+    removed = 0
+    now = time.time()
+    for catalogue in sources.iterdir():
+        if not catalogue.is_dir() or catalogue.name.startswith("."):
+            continue
+        for entry in catalogue.iterdir():
+            try:
+                if entry.name.startswith(".") and entry.is_dir() and now - entry.stat().st_mtime > older_than_s:
+                    shutil.rmtree(entry)
+                    removed += 1
+            except OSError as exc:
+                log.warning("cannot remove the half-extracted %s: %s", entry.name, exc.strerror or exc)
     return removed
 
 

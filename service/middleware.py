@@ -16,6 +16,7 @@ import re
 import time
 import uuid
 from typing import Any
+from urllib.parse import quote, unquote
 
 from fastapi import FastAPI, HTTPException
 from starlette.datastructures import Headers, MutableHeaders
@@ -134,9 +135,143 @@ class RequestContext:
             REQUEST_ID.reset(token)
 
 
-def install(app: FastAPI, settings: Settings) -> None:
-    """Request ids, metrics and the catch-all 500 on every request; CORS when `CORS_ORIGINS` names origins.
-    CORS goes outside, so that its headers are on every answer, the 500 included."""
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+_WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# The page and its files load only from the service itself (photos may be remote: product images are linked
+# where a catalogue keeps them); the API's answers are data, never a document to render.
+PAGE_POLICY = (
+    "default-src 'self'; img-src 'self' data: blob: http: https:; object-src 'none'; base-uri 'none'; "
+    "form-action 'self'; frame-ancestors 'none'"
+)
+API_POLICY = "default-src 'none'; frame-ancestors 'none'"
+DOCS_POLICY = "frame-ancestors 'none'"  # Swagger UI and ReDoc load their scripts, styles and fonts themselves
+_DOCS = ("/docs", "/redoc")
+
+
+def host_name(value: str) -> str:
+    """The host of a Host or Origin authority, lower case, without port or trailing dot: `[::1]:8000` -> `::1`."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        value = value[1 : value.find("]")] if "]" in value else value
+    elif value.count(":") == 1:
+        value = value.split(":", 1)[0]
+    return value.rstrip(".")
+
+
+def _policy(path: str) -> str:
+    if path.startswith(_DOCS):
+        return DOCS_POLICY
+    if path == "/" or path.startswith("/static/"):
+        return PAGE_POLICY
+    return API_POLICY
+
+
+class BrowserGuard:
+    """What keeps browsers from being used against the service (README, Security):
+
+    - a Host header that names no allowed host is refused with 400 (DNS rebinding: a page whose name now
+      points at 127.0.0.1 would otherwise read the answers);
+    - a write (POST, PUT, PATCH, DELETE) sent by a page of another origin is refused with 403, with or without
+      an API key: its `Origin` is not the service's own nor in CORS_ORIGINS, or, without an `Origin`, its
+      `Sec-Fetch-Site` says cross-site or same-site (a page on another port of the same machine). Clients that
+      are not browsers send neither header and are not affected;
+    - every answer says `nosniff`, refuses framing and sends no referrer; the page carries a Content Security
+      Policy that loads nothing from elsewhere;
+    - HEAD is answered wherever GET is (the headers of the GET answer, no body)."""
+
+    def __init__(self, app: ASGIApp, *, hosts: frozenset[str], origins: frozenset[str]) -> None:
+        self.app = app
+        self.any_host = "*" in hosts
+        self.hosts = hosts
+        self.any_origin = "*" in origins
+        self.origins = frozenset(origin.rstrip("/").lower() for origin in origins)
+
+    def _refusal(self, scope: Scope, headers: Headers) -> tuple[int, str] | None:
+        host = headers.get("host")
+        if host is not None and not self.any_host and host_name(host) not in self.hosts:
+            return 400, "the Host header names a host this service does not answer for (ALLOWED_HOSTS)"
+        if scope["method"] not in _WRITES:
+            return None
+        origin = headers.get("origin")
+        if origin is not None:
+            origin = origin.strip().rstrip("/").lower()
+            own = host is not None and origin.partition("://")[2] == host.strip().lower()
+            if own or self.any_origin or origin in self.origins:
+                return None
+            return 403, "a write from another site's page is refused (its Origin is not allowed: CORS_ORIGINS)"
+        if headers.get("sec-fetch-site", "").lower() in ("cross-site", "same-site"):
+            return 403, "a write from another site's page is refused (Sec-Fetch-Site)"
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        policy = _policy(scope.get("path", ""))
+        head = scope["method"] == "HEAD"
+
+        async def send_guarded(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                extra = MutableHeaders(scope=message)
+                extra["X-Content-Type-Options"] = "nosniff"
+                extra["X-Frame-Options"] = "DENY"
+                extra["Referrer-Policy"] = "no-referrer"
+                extra.setdefault("Content-Security-Policy", policy)
+            elif head and message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        refusal = self._refusal(scope, headers)
+        if refusal is not None:
+            status, message = refusal
+            await JSONResponse({"detail": message}, status_code=status)(scope, receive, send_guarded)
+            return
+        if head:
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send_guarded)
+
+
+def product_path(scope: Scope) -> str | None:
+    """The path routes see for `/catalogues/{c}/products/{retailer}/{id}[/...]`, with the retailer and id kept
+    percent-encoded (`Fruit%2FApple%2FGranny-Smith_001`), or None for any other path.
+
+    The server decodes `%2F` into `/` before routing, so an id holding `/` (every product of a folder-per-category
+    feed) would no longer match its route; taken from the raw path instead, the two segments reach the handlers
+    encoded, and `service.routes.catalogues` decodes them (`unquote`)."""
+    raw = scope.get("raw_path")
+    path = raw.decode("latin-1") if isinstance(raw, bytes) else quote(scope.get("path", ""), safe="/")
+    parts = path.split("/")
+    if len(parts) < 6 or parts[1] != "catalogues" or parts[3] != "products":
+        return None
+    decoded = [unquote(part) for part in parts]
+    for place in (4, 5):
+        decoded[place] = quote(decoded[place], safe="")
+    return "/".join(decoded)
+
+
+class ProductPaths:
+    """Routes product URLs by their raw path (see `product_path`)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (path := product_path(scope)) is not None:
+            scope = {**scope, "path": path}
+        await self.app(scope, receive, send)
+
+
+def allowed_hosts(settings: Settings, served_host: str | None) -> frozenset[str]:
+    """The loopback names, the served `--host` (unless it is every interface) and ALLOWED_HOSTS."""
+    served = {host_name(served_host)} if served_host and served_host not in ("0.0.0.0", "::") else set()
+    return frozenset(LOOPBACK_HOSTS | served | {host_name(h) if h != "*" else h for h in settings.allowed_host_list})
+
+
+def install(app: FastAPI, settings: Settings, *, served_host: str | None = None) -> None:
+    """Request ids, metrics and the catch-all 500 on every request; CORS when `CORS_ORIGINS` names origins;
+    the browser guard outermost (a refused request costs nothing else). CORS goes outside the rest, so that
+    its headers are on every answer, the 500 included."""
     app.add_middleware(RequestContext, body_cap=request_body_cap(settings), ingest_body_cap=ingest_body_cap(settings))
     origins = settings.cors_origin_list
     if origins:
@@ -148,3 +283,7 @@ def install(app: FastAPI, settings: Settings) -> None:
             expose_headers=[REQUEST_ID_HEADER],
             max_age=600,
         )
+    app.add_middleware(ProductPaths)
+    app.add_middleware(
+        BrowserGuard, hosts=allowed_hosts(settings, served_host), origins=frozenset(settings.cors_origin_list)
+    )

@@ -9,7 +9,7 @@ from retrieval.runtime import open_runtime
 from retrieval.search import SearchEngine
 from retrieval.settings import Settings
 from retrieval.store import ProductStore
-from service.jobs import Jobs, sweep_uploads
+from service.jobs import Jobs, sweep_extractions, sweep_uploads
 from service.uploads import UPLOADS
 
 log = logging.getLogger("service")
@@ -37,7 +37,10 @@ def build_state(settings: Settings) -> AppState:
     store = ProductStore.open(settings)
     jobs: Jobs | None = None
     try:
-        jobs = Jobs(settings.jobs_file)  # marks what a crashed process left running as interrupted
+        # marks what a crashed process left running as interrupted
+        jobs = Jobs(settings.jobs_file, max_queued=settings.max_queued_jobs, redact=settings.redact_paths)
+        if swept := sweep_extractions(settings.sources_root):
+            log.warning("removed %d half-extracted zips that a stopped process left behind", swept)
         if swept := sweep_uploads(settings.sources_root / UPLOADS):
             log.warning("removed %d uploads that a stopped process left behind", swept)
         catalogues = ", ".join(store.catalogues()) or "none"

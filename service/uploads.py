@@ -56,6 +56,17 @@ class Upload:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def stored_bytes(folder: Path) -> int:
+    """Bytes of the uploads under `folder` (one sub-folder each) waiting for their jobs."""
+    total = 0
+    for entry in folder.glob("*/*") if folder.is_dir() else ():
+        try:
+            total += entry.lstat().st_size
+        except OSError:  # removed meanwhile: its job ended
+            pass
+    return total
+
+
 def safe_name(filename: str, suffix: str) -> str:
     """A file name for the client's one: its stem with only letters, digits, `_` and `-`, and `suffix`."""
     stem = _UNSAFE.sub("_", Path(filename.replace("\\", "/")).stem).strip("_-")[:80]

@@ -186,5 +186,7 @@ def client(engine: SearchEngine, sample_settings: Settings, request: pytest.Fixt
     service's settings with a `SERVICE_SETTINGS` dict. A 500 comes back as a response, as a client sees it."""
     settings = sample_settings.model_copy(update=getattr(request.module, "SERVICE_SETTINGS", {}))
     state = AppState(settings, engine.store, engine)
-    with TestClient(create_app(settings, state=state), raise_server_exceptions=False) as test_client:
+    with TestClient(
+        create_app(settings, state=state), raise_server_exceptions=False, base_url="http://localhost"
+    ) as test_client:
         yield test_client

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -31,6 +32,26 @@ COLUMNS = (
 NO_CANDIDATE = "no_candidate"  # the decision of the one row written for a product nothing was found for
 
 Row = dict[str, str]
+# A cell a spreadsheet would run as a formula (`=HYPERLINK(...)`, `+1+1`, `-2+3+cmd|...`, `@SUM(...)`, or one that
+# starts with a tab or a carriage return) gets a leading `'`, which spreadsheets show as text; numbers stay as
+# they are. Titles and ids come from catalogues, so any of them may be such a cell.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def spreadsheet_safe(cell: str) -> str:
+    """`cell` as a spreadsheet will show it and never run it (OWASP's CSV injection advice)."""
+    if cell.startswith(_FORMULA_START) and not _NUMBER.fullmatch(cell):
+        return "'" + cell
+    return cell
+
+
+def _unescaped(cell: str) -> str:
+    """What `spreadsheet_safe` was given (for reading back a file this module wrote; a short row's missing
+    cells, None, stay None)."""
+    if isinstance(cell, str) and cell.startswith("'") and cell[1:].startswith(_FORMULA_START):
+        return cell[1:]
+    return cell
 
 
 def _number(value: float | None) -> str:
@@ -93,10 +114,11 @@ def match_retailer(
 
 def as_csv(rows: Iterable[Row], *, header: bool) -> str:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+    # RFC 4180 line ends: with "\n" alone, a cell holding "\r" would be written unquoted and split its row
+    writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\r\n")
     if header:
         writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({key: spreadsheet_safe(value) for key, value in row.items()} for row in rows)
     return out.getvalue()
 
 
@@ -108,7 +130,7 @@ def done_products(path: Path) -> set[str]:
     cut = bool(data) and not data.endswith(b"\n")
     try:
         reader = csv.DictReader(io.StringIO(data[: data.rfind(b"\n") + 1].decode("utf-8"), newline=""))
-        rows = list(reader)
+        rows = [{key: _unescaped(value) for key, value in row.items()} for row in reader]
     except (UnicodeDecodeError, csv.Error) as exc:
         raise ValueError(f"{path} cannot be read as a matches file: {exc}") from None
     if reader.fieldnames is not None and list(reader.fieldnames) != list(COLUMNS):

@@ -19,7 +19,7 @@ from retrieval.adapt.heads import Adapters, EncoderHead, Head, TailHead
 from retrieval.encoders.base import ImageEncoder, TextEncoder, embed_images
 from retrieval.images import centre_crop
 from retrieval.lexical import clean, codes_conflict, identifiers, overlap, query_vector
-from retrieval.ocr import TextReader, matched_words
+from retrieval.ocr import ReadTimeout, TextReader, matched_words
 from retrieval.ocr import query_vector as query_read_vector
 from retrieval.search.products import ImageUrl, ref_as_url, to_product
 from retrieval.search.requests import (
@@ -77,6 +77,7 @@ class QueryVectors:
     codes: frozenset[str] = frozenset()  # the model numbers a typed query names (`lexical.identifiers`)
     ocr: models.SparseVector | None = None  # trigrams of the text read off the query photo
     read: str | None = None  # that text
+    unread: str | None = None  # why the photo's text was not read although the catalogue reads it
 
     def rankings(self) -> list[tuple[str, Query]]:
         """(stored vector name, query) per ranking."""
@@ -114,7 +115,7 @@ class QueryEmbedder(Protocol):
         ...
 
     def read(self, image: Image.Image) -> Future[str]:
-        """The text printed on the photo (OCR)."""
+        """The text printed on the photo (OCR); the future raises ReadTimeout past the read's deadline."""
         ...
 
 
@@ -134,12 +135,19 @@ class DirectEmbedder:
     image_encoder: ImageEncoder
     text_encoder: TextEncoder
     reader: TextReader
+    read_deadline_s: float | None = None
 
     def photos(self, images: Sequence[Image.Image]) -> list[Future[np.ndarray]]:
         return [_done(row) for row in embed_images(self.image_encoder, images)]  # one forward for all
 
     def read(self, image: Image.Image) -> Future[str]:
-        return _done(self.reader.read(image))
+        deadline = None if self.read_deadline_s is None else time.monotonic() + self.read_deadline_s
+        future: Future[str] = Future()
+        try:
+            future.set_result(self.reader.read(image, deadline=deadline))
+        except ReadTimeout as exc:
+            future.set_exception(exc)
+        return future
 
     def text(self, text: str) -> Future[np.ndarray]:
         return _done(self.text_encoder.embed_texts([text])[0])
@@ -162,6 +170,7 @@ class SearchEngine:
     models_root: Path | None = None  # fine-tuned text encoders (MODELS_PATH; default: the settings')
     model_precision: str = "auto"  # what they run in (TEXT_PRECISION)
     cache_root: Path | None = None  # a fine-tuned image tail's trunk features (default: beside the store)
+    read_deadline_s: float | None = None  # longest read of a query photo's text (OCR_DEADLINE_S); None: no limit
     adapters: Adapters = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -194,7 +203,9 @@ class SearchEngine:
         `text_model`: the catalogue's fine-tuned text encoder (`Adapters.text_model`): the text is embedded
         by it, here, and searches the adapted twin. `image_model`: the catalogue's fine-tuned image tail
         (`Adapters.image_model`): the photo and its crops are embedded by it, here, and search the twin."""
-        embedder = embedder or DirectEmbedder(self.image_encoder, self.text_encoder, self.reader)
+        embedder = embedder or DirectEmbedder(
+            self.image_encoder, self.text_encoder, self.reader, read_deadline_s=self.read_deadline_s
+        )
         reading = embedder.read(image) if image is not None and read_text else None
         views = [image, *(centre_crop(image, share) for share in self.query_crops)] if image is not None else []
         tail = image_model is not None and bool(views)
@@ -206,6 +217,12 @@ class SearchEngine:
         if image_model is not None and views:  # the tail only: raw photo vectors are not searched meanwhile
             image_vector = _mean_direction(list(image_model.embed_images(views)))
         text_vector = text_row.result() if text_row is not None else tuned_vector
+        read, unread = None, None
+        if reading is not None:
+            try:
+                read = reading.result()
+            except ReadTimeout as exc:  # a photo covered in print: the other rankings answer without it
+                unread = f"the photo's printed text was not read: {exc} (OCR_DEADLINE_S); searched without it"
         if image_vector is None and text and isinstance(self.image_encoder, TextEncoder):
             same_model = self.image_encoder is self.text_encoder and not tuned  # a tuned row is not CLIP's
             image_vector = text_vector if same_model else embedder.text_as_photo(text).result()
@@ -214,8 +231,9 @@ class SearchEngine:
             text=text_vector,
             lexical=query_vector(text) if text else None,
             codes=frozenset(identifiers(clean(text))) if text else frozenset(),
-            ocr=query_read_vector(read) if (read := reading.result() if reading else None) else None,
+            ocr=query_read_vector(read) if read else None,
             read=read,
+            unread=unread,
             text_using=ADAPTED_VECTORS[TEXT_VECTOR] if tuned else TEXT_VECTOR,
             image_using=ADAPTED_VECTORS[IMAGE_VECTOR] if tail else IMAGE_VECTOR,
         )
@@ -311,6 +329,7 @@ class SearchEngine:
             adapted={m: active[m] for m, used in vectors.adapted().items() if used and m in active},
             took_ms=round((time.perf_counter() - started) * 1000, 2),
             results=results,
+            warnings=[vectors.unread] if vectors.unread else [],
         )
 
     def search_product(

@@ -7,7 +7,14 @@ adapter; `folders` records which engine wrote an embedded folder; `product_store
 settings and is the one object the layers above talk to. The names below are what those layers import."""
 
 from retrieval.store.backend import QdrantBackend, StoreBackend
-from retrieval.store.errors import CatalogueNotFound, EncoderMismatch, ProductNotFound, StoreBusy, StoreError
+from retrieval.store.errors import (
+    CatalogueNameRefused,
+    CatalogueNotFound,
+    EncoderMismatch,
+    ProductNotFound,
+    StoreBusy,
+    StoreError,
+)
 from retrieval.store.folders import ENGINE_FILE, claim_folder, folder_engine
 from retrieval.store.layout import (
     ADAPTED_VECTORS,
@@ -29,6 +36,7 @@ from retrieval.store.layout import (
 from retrieval.store.product_store import ProductStore, StoreObserver, open_backend
 
 __all__ = [
+    "CatalogueNameRefused",
     "ADAPTED_VECTORS",
     "ENGINE_FILE",
     "HIDDEN_PREFIX",

@@ -9,6 +9,10 @@ class StoreError(RuntimeError):
     """The store cannot do what was asked; the message says why and what to do."""
 
 
+class CatalogueNameRefused(StoreError):
+    """A new catalogue's name would collide with the store's own files or with another catalogue."""
+
+
 class StoreBusy(StoreError):
     """The embedded store folder is held by another process."""
 

@@ -16,7 +16,14 @@ from retrieval.records import point_id
 from retrieval.settings import Settings
 from retrieval.store.backend import PointId, QdrantBackend, Selection, StoreBackend
 from retrieval.store.edge_backend import EdgeBackend
-from retrieval.store.errors import CatalogueNotFound, EncoderMismatch, ProductNotFound, StoreBusy, StoreError
+from retrieval.store.errors import (
+    CatalogueNameRefused,
+    CatalogueNotFound,
+    EncoderMismatch,
+    ProductNotFound,
+    StoreBusy,
+    StoreError,
+)
 from retrieval.store.folders import DEFAULT_ENGINE, claim_folder, folder_engine
 from retrieval.store.layout import (
     ADAPTED_VECTORS,
@@ -31,7 +38,7 @@ from retrieval.store.layout import (
     StorageLayout,
     StoredState,
 )
-from schemas.search import Calibration
+from schemas.search import Calibration, catalogue_name_problem
 
 
 def open_backend(settings: Settings) -> StoreBackend:
@@ -213,12 +220,23 @@ class ProductStore:
         with self._call("create_collection") as backend:
             created = not backend.collection_exists(catalogue)
             if created:
+                self.check_new_name(catalogue)
                 backend.create_collection(catalogue, encoders, metadata=encoders.as_metadata())
         if not created:
             self.check_encoders(catalogue, encoders)
         with self._call("create_payload_indexes") as backend:
             backend.create_payload_indexes(catalogue, PAYLOAD_INDEXES)
         return created
+
+    def check_new_name(self, catalogue: str) -> None:
+        """CatalogueNameRefused when `catalogue` cannot name a new catalogue: one of the store's own file names,
+        a trailing dot, or another catalogue's name in another case (one folder on a case-folding disk)."""
+        problem = catalogue_name_problem(catalogue)
+        twin = next((c for c in self.catalogues() if c != catalogue and c.casefold() == catalogue.casefold()), None)
+        if problem is None and twin is not None:
+            problem = f"catalogue name {catalogue!r} differs from the existing {twin!r} only by case; use {twin!r}"
+        if problem is not None:
+            raise CatalogueNameRefused(problem)
 
     def compact(self, catalogue: str) -> bool:
         """After a bulk write: bring the new points into the catalogue's storage layout where the engine

@@ -6,7 +6,7 @@ import hashlib
 import mimetypes
 from pathlib import Path
 from typing import Annotated
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from fastapi import APIRouter, HTTPException, Query
 from fastapi import Path as PathParam
@@ -34,8 +34,21 @@ from service.validation import StrictJsonRoute
 
 router = APIRouter(tags=["catalogues"], route_class=StrictJsonRoute)
 Catalogue = Annotated[str, PathParam(pattern=CATALOGUE_PATTERN)]
-Retailer = Annotated[str, PathParam(min_length=1, max_length=128)]
-ProductId = Annotated[str, PathParam(min_length=1, max_length=256)]
+# Both arrive percent-encoded (service.middleware.product_path: an id may hold `/`), each character at most
+# 12 bytes so written (4 UTF-8 bytes, each `%XX`); `_decoded` turns them back and checks the decoded length.
+Retailer = Annotated[str, PathParam(min_length=1, max_length=128 * 12)]
+ProductId = Annotated[str, PathParam(min_length=1, max_length=256 * 12)]
+
+
+def _decoded(retailer: str, product_id: str) -> tuple[str, str]:
+    retailer, product_id = unquote(retailer), unquote(product_id)
+    if len(retailer) > 128 or len(product_id) > 256:
+        raise HTTPException(
+            422,
+            f"a retailer has at most 128 characters ({len(retailer)} given), a product id at most 256 "
+            f"({len(product_id)} given)",
+        )
+    return retailer, product_id
 
 
 def photo_url_for(catalogue: str) -> ImageUrl:
@@ -79,6 +92,7 @@ NOT_FOUND: dict[int | str, dict[str, object]] = {404: {"model": ErrorResponse}}
 @router.get("/catalogues/{catalogue}/products/{retailer}/{product_id}", response_model=Product, responses=NOT_FOUND)
 async def get_product(state: StateDep, catalogue: Catalogue, retailer: Retailer, product_id: ProductId) -> Product:
     """One stored product, as search results show it."""
+    retailer, product_id = _decoded(retailer, product_id)
     record = await run_in_threadpool(state.store.product, catalogue, retailer, product_id)
     return to_product(record.payload or {}, photo_url_for(catalogue))
 
@@ -102,6 +116,7 @@ async def product_matches(
     fitted match model and each gets a decision with a confidence; without one, in search order, every
     decision is 'uncalibrated'. A model that reached no threshold at its target precision is `reliable:
     false`: it re-ranks and decides 'uncertain' / 'no_match' only, and `warning` says why."""
+    retailer, product_id = _decoded(retailer, product_id)
 
     try:
         filters = SearchFilters(category=category or None)
@@ -153,6 +168,7 @@ async def product_image(
     """A stored photo of a product. Only photos recorded at ingest are served (no request names a file), and
     only while the file still holds the bytes whose hash was recorded then: whatever a path points to later, the
     endpoint never hands out anything but the exact photo that was checked and embedded."""
+    retailer, product_id = _decoded(retailer, product_id)
     record = await run_in_threadpool(state.store.product, catalogue, retailer, product_id)
     payload = record.payload or {}
     images, hashes = payload.get("images", []), payload.get("image_hashes", [])

@@ -25,11 +25,11 @@ from schemas.jobs import IngestSummary, Job
 from schemas.report import IngestReport
 from schemas.search import CATALOGUE_PATTERN, ErrorResponse
 from service.deps import StateDep
-from service.jobs import JobHandle
+from service.jobs import JobHandle, JobsFull
 from service.middleware import ingest_body_cap
 from service.security import API_KEY, WRITE_ERRORS
 from service.state import AppState
-from service.uploads import UPLOADS, UploadRefused, receive_upload
+from service.uploads import UPLOADS, UploadRefused, receive_upload, stored_bytes
 from service.validation import StrictJsonRoute
 
 router = APIRouter(tags=["catalogues"], route_class=StrictJsonRoute)
@@ -78,9 +78,12 @@ class IngestFailed(RuntimeError):
 
 
 def _check_target(state: AppState, catalogue: str) -> None:
-    """A catalogue built with other encoders is refused (409) before the upload is read."""
+    """A catalogue built with other encoders (409), or a new one whose name cannot be used (422), is refused
+    before the upload is read."""
     if catalogue in state.store.catalogues():
         state.store.check_encoders(catalogue, state.engine.fingerprint)
+    else:
+        state.store.check_new_name(catalogue)
 
 
 @router.post(
@@ -95,6 +98,7 @@ def _check_target(state: AppState, catalogue: str) -> None:
         413: {"model": ErrorResponse, "description": "the upload is larger than MAX_INGEST_UPLOAD_BYTES"},
         415: {"model": ErrorResponse, "description": "not a multipart/form-data body"},
         422: {"model": ErrorResponse, "description": "no file, another kind of file, an unknown or bad field"},
+        429: {"model": ErrorResponse, "description": "MAX_QUEUED_JOBS or MAX_STORED_UPLOADS_BYTES reached"},
         507: {"model": ErrorResponse, "description": "the upload cannot be stored (disk full)"},
     },
 )
@@ -112,10 +116,16 @@ async def ingest_catalogue(
     if declared.isdigit() and int(declared) > ingest_body_cap(settings):
         raise HTTPException(413, f"the upload is larger than {settings.max_ingest_upload_bytes} bytes")
     await run_in_threadpool(_check_target, state, catalogue)
+    uploads = settings.sources_root / UPLOADS
+    if state.jobs.queued() >= settings.max_queued_jobs:
+        raise JobsFull(f"{settings.max_queued_jobs} jobs are waiting already (MAX_QUEUED_JOBS)")
+    waiting = await run_in_threadpool(stored_bytes, uploads)
+    if waiting + (int(declared) if declared.isdigit() else 0) > settings.max_stored_uploads_bytes:
+        raise JobsFull(f"uploads waiting for their jobs hold {waiting:,} bytes (MAX_STORED_UPLOADS_BYTES)")
     try:
         upload = await receive_upload(
             request,
-            parent=settings.sources_root / UPLOADS,
+            parent=uploads,
             file_field="file",
             suffixes=SUFFIXES,
             max_bytes=settings.max_ingest_upload_bytes,
@@ -123,6 +133,9 @@ async def ingest_catalogue(
         )
     except UploadRefused as exc:
         raise HTTPException(exc.status, exc.message) from None
+    if waiting + upload.size > settings.max_stored_uploads_bytes:  # sent without a length: checked once here
+        upload.discard()
+        raise JobsFull(f"uploads waiting for their jobs hold {waiting:,} bytes (MAX_STORED_UPLOADS_BYTES)")
     try:
         options = IngestOptions.model_validate({k: v.strip() for k, v in upload.fields.items() if v.strip()})
         assert upload.path is not None  # receive_upload returns a file or raises

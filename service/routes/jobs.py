@@ -99,10 +99,11 @@ async def job_rows(
 ) -> list[dict[str, str]]:
     """The rows written so far (all of them once the job is done), paged."""
     _job(state, job_id)
-    return state.jobs.rows(job_id)[offset : offset + limit]
+    return await run_in_threadpool(state.jobs.rows, job_id, offset, limit)
 
 
 @router.get("/jobs/{job_id}/rows.csv", response_class=PlainTextResponse, responses=NOT_FOUND)
 async def job_rows_csv(state: StateDep, job_id: JobId) -> PlainTextResponse:
     _job(state, job_id)
-    return PlainTextResponse(as_csv(state.jobs.rows(job_id), header=True), media_type="text/csv")
+    rows = await run_in_threadpool(state.jobs.rows, job_id)
+    return PlainTextResponse(as_csv(rows, header=True), media_type="text/csv")

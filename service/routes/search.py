@@ -24,6 +24,7 @@ from schemas.search import (
     SearchRequest,
     SearchResponse,
 )
+from schemas.text import printable
 from service.batching import BatchedEncoders
 from service.deps import StateDep
 from service.routes.catalogues import photo_url_for
@@ -55,8 +56,12 @@ async def _read_upload(upload: UploadFile | None, max_bytes: int) -> bytes | Non
 
 def _catalogue(state: AppState, name: str | None) -> str:
     chosen = (name or "").strip() or state.settings.default_catalogue
+    if len(chosen) > 63:  # named with its length, never echoed (it may be a megabyte)
+        raise HTTPException(422, f"catalogue: a name has at most 63 characters ({len(chosen)} given)")
     if not re.fullmatch(CATALOGUE_PATTERN, chosen):
-        raise HTTPException(422, f"catalogue name {chosen!r} must be letters, digits, '_', '-', '.'")
+        raise HTTPException(
+            422, f"catalogue name {printable(chosen, limit=63)!r} must be letters, digits, '_', '-', '.'"
+        )
     return chosen
 
 

@@ -145,7 +145,7 @@ def test_the_match_model_reads_the_pair_score_in_matches(
     _, matches = find_matches(engine, evalset.name, pair.product.retailer, pair.product.id, calibration=calibration)
     assert all(m.confidence is not None for m in matches)
     state = AppState(Settings(models_path=models), engine.store, engine)
-    with TestClient(create_app(state.settings, state=state)) as client:
+    with TestClient(create_app(state.settings, state=state), base_url="http://localhost") as client:
         response = client.get(f"/catalogues/{evalset.name}/products/{pair.product.retailer}/{pair.product.id}/matches")
     assert response.status_code == 200, response.text
     served = response.json()

@@ -5,15 +5,22 @@ a fraction of a second a photo, so only these tests pay it."""
 from __future__ import annotations
 
 import csv
+import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from ingest.pipeline import Ingestor
 from retrieval.encoders import ImageEncoder, TextEncoder
 from retrieval.ocr import (
+    MAX_BOXES,
+    MAX_LINE_HEIGHTS,
     MIN_READ_CHARACTERS,
+    READ_HEIGHTS,
+    ReadTimeout,
     TextReader,
     matched_words,
     query_vector,
@@ -38,9 +45,9 @@ class CountingReader(TextReader):
         super().__init__()
         self.photos = 0
 
-    def read(self, image: Image.Image) -> str:
+    def read(self, image: Image.Image, *, deadline: float | None = None) -> str:
         self.photos += 1
-        return super().read(image)
+        return super().read(image, deadline=deadline)
 
 
 def test_words_and_trigrams_survive_accents_and_stray_glyphs() -> None:
@@ -169,3 +176,48 @@ def test_reading_the_pack_finds_more_packaged_products_first(read_catalogue: Sea
         read += with_text.product.title is not None and with_text.product.title.lower() == wanted
         looked += alone.product.title is not None and alone.product.title.lower() == wanted
     assert read >= 13 and read >= looked + 2, (read, looked)  # measured 15 of 25 first, against 12 by look alone
+
+
+def text_wall(side: int = 2000, size: int = 18) -> Image.Image:
+    """A photo covered in small print, line after line (what stalled the service: 1,000 lines to read)."""
+    words_ = "oat milk organic natural whole grain barley juice apple orange tomato yoghurt cream butter".split()
+    image = Image.new("RGB", (side, side), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=size)
+    for number, y in enumerate(range(4, side - size, int(size * 1.6))):
+        line = " ".join(words_[(number * 7 + i) % len(words_)] for i in range(side // (size * 4)))
+        draw.text((4, y), line, fill="black", font=font)
+    return image
+
+
+class BudgetReader(TextReader):
+    """The real OCR, keeping the widths (in line heights) of the boxes it was asked to recognise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heights: list[float] = []
+
+    def _budgeted(self, crops: list[Any], boxes: list[Any]) -> list[Any]:
+        kept = super()._budgeted(crops, boxes)
+        self.heights = [crop.shape[1] / crop.shape[0] for crop in kept]
+        self.detected = len(boxes)
+        return kept
+
+
+def test_a_photo_full_of_print_is_read_within_a_budget() -> None:
+    reader = BudgetReader()
+    lines = reader.lines(text_wall())
+    assert reader.detected > len(reader.heights)  # more print than the budget: the largest boxes only
+    assert 0 < len(reader.heights) <= MAX_BOXES and max(reader.heights) <= MAX_LINE_HEIGHTS + 1
+    assert sum(reader.heights) <= READ_HEIGHTS + MAX_LINE_HEIGHTS
+    assert lines and any("milk" in words(line.text) for line in lines)  # what was read is real text
+    with pytest.raises(ReadTimeout):
+        reader.read(text_wall(), deadline=time.monotonic() + 0.05)
+
+
+def test_a_read_past_its_deadline_answers_without_the_ocr_ranking(read_catalogue: SearchEngine) -> None:
+    hurried = replace(read_catalogue, read_deadline_s=1e-6)
+    response = hurried.search("grocery", image=Image.open(OATLY_QUERY), options=SearchOptions(limit=3))
+    assert "ocr" not in response.modes and response.results and response.read is None
+    assert response.warnings and "OCR_DEADLINE_S" in response.warnings[0]
+    assert not read_catalogue.search("grocery", image=Image.open(OATLY_QUERY)).warnings

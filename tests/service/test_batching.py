@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from retrieval.ocr import ReadTimeout, TextReader
 from retrieval.search import QueryVectors, SearchEngine
 from service.batching import BatchedEncoders, MicroBatcher, Overloaded, torch_threads_for
 from tests.conftest import SAMPLE
@@ -111,3 +112,49 @@ def test_the_two_models_split_the_cores_unless_told() -> None:
     assert torch_threads_for(0, 1) == 1
     assert torch_threads_for(0, None) == 1
     assert torch_threads_for(3, 16) == 3  # TORCH_THREADS wins
+
+
+class HeldReader(TextReader):
+    """A reader that holds every read until released, then reads for real: reads pile up as under load."""
+
+    def __init__(self, release: threading.Event) -> None:
+        super().__init__()
+        self.release = release
+
+    def read(self, image: Image.Image, *, deadline: float | None = None) -> str:
+        self.release.wait(10)
+        return super().read(image, deadline=deadline)
+
+
+def test_reads_of_query_photos_are_bounded_and_a_late_one_gives_up(engine: SearchEngine) -> None:
+    release = threading.Event()
+    photo = Image.open(PHOTOS[0])
+
+    async def run() -> list[BaseException | str]:
+        encoders = BatchedEncoders(
+            engine.image_encoder,
+            engine.text_encoder,
+            window_s=0.0,
+            max_batch=8,
+            max_queue=8,
+            timeout_s=5,
+            reader=HeldReader(release),
+            read_deadline_s=0.3,
+            max_reads=2,
+        )
+        held = [encoders.read(photo), encoders.read(photo)]  # one read running (held), one waiting behind it
+        with pytest.raises(Overloaded, match="2 query photos are waiting"):
+            encoders.read(photo)  # refused at once, not queued
+        await asyncio.sleep(0.5)  # past both deadlines
+        release.set()
+        outcomes: list[BaseException | str] = list(
+            await asyncio.gather(*map(asyncio.wrap_future, held), return_exceptions=True)
+        )
+        again = encoders.read(photo)  # room again once they ended
+        outcomes.append((await asyncio.gather(asyncio.wrap_future(again), return_exceptions=True))[0])
+        await encoders.close()
+        return outcomes
+
+    first, second, third = asyncio.run(run())
+    assert isinstance(first, ReadTimeout) and isinstance(second, ReadTimeout)
+    assert isinstance(third, str | ReadTimeout)

@@ -133,7 +133,9 @@ def injected(body: Any, path: tuple[Any, ...], fragment: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def hostile_client(engine: SearchEngine, sample_settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(state=AppState(sample_settings, engine.store, engine))) as client:
+    with TestClient(
+        create_app(state=AppState(sample_settings, engine.store, engine)), base_url="http://localhost"
+    ) as client:
         yield client
 
 

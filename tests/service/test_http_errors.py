@@ -30,7 +30,7 @@ def service(tmp_path: Path, image_encoder: ImageEncoder, text_encoder: TextEncod
     settings = Settings(qdrant_path=tmp_path / "qdrant", sources_path=tmp_path / "sources", default_catalogue="shop")
     store = ProductStore.open(settings)
     state = AppState(settings, store, SearchEngine(store, image_encoder, text_encoder))
-    with TestClient(create_app(state=state), raise_server_exceptions=False) as client:
+    with TestClient(create_app(state=state), raise_server_exceptions=False, base_url="http://localhost") as client:
         write_catalogue(tmp_path / "feed", sample_rows(8))
         zipped = io.BytesIO()
         with zipfile.ZipFile(zipped, "w") as archive:
@@ -60,7 +60,7 @@ def test_encoders_that_cannot_answer_in_time_are_a_503_with_retry_after(
 ) -> None:
     # No forward of a real model ends within 0.1 ms: every search times out waiting for its encoder.
     settings = sample_settings.model_copy(update={"request_timeout_s": 0.0001})
-    with TestClient(create_app(state=AppState(settings, engine.store, engine))) as client:
+    with TestClient(create_app(state=AppState(settings, engine.store, engine)), base_url="http://localhost") as client:
         by_text = client.post("/search", data={"text": "milk", "catalogue": "grocery"})
         by_photo = client.post(
             "/search", files={"image": ("m.jpg", PHOTO, "image/jpeg")}, data={"catalogue": "grocery"}

@@ -51,7 +51,7 @@ def state(settings: Settings, image_encoder: ImageEncoder, text_encoder: TextEnc
 
 @pytest.fixture(scope="module")
 def client(state: AppState) -> Iterator[TestClient]:
-    with TestClient(create_app(state=state), raise_server_exceptions=False) as test_client:
+    with TestClient(create_app(state=state), raise_server_exceptions=False, base_url="http://localhost") as test_client:
         yield test_client
 
 

@@ -32,7 +32,11 @@ KEY = "op-key-0123456789"
 
 
 def client_for(engine: SearchEngine, settings: Settings) -> TestClient:
-    return TestClient(create_app(state=AppState(settings, engine.store, engine)), raise_server_exceptions=True)
+    return TestClient(
+        create_app(state=AppState(settings, engine.store, engine)),
+        raise_server_exceptions=True,
+        base_url="http://localhost",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +111,7 @@ def test_an_internal_error_is_a_json_500_with_the_request_id(
 
     app.dependency_overrides[get_state] = broken  # every route that reads the state now fails inside
     caplog.set_level(logging.INFO)
-    with TestClient(app) as client:  # raise_server_exceptions: nothing may escape the app
+    with TestClient(app, base_url="http://localhost") as client:  # raise_server_exceptions: nothing may escape the app
         response = client.get("/catalogues", headers={"X-Request-ID": "trace-500"})
     assert response.status_code == 500
     assert response.json() == {"detail": "internal error", "request_id": "trace-500"}
@@ -170,7 +174,8 @@ def test_readiness(engine: SearchEngine, sample_settings: Settings, plain: TestC
         engine.store.drop_catalogue("other-encoders")
     assert mismatch.status_code == 503 and "was built with image encoder timm:other" in mismatch.json()["reason"]
 
-    loading = TestClient(create_app(sample_settings))  # no lifespan has run: nothing loaded yet
+    # no lifespan has run: nothing loaded yet
+    loading = TestClient(create_app(sample_settings), base_url="http://localhost")
     assert loading.get("/readyz").status_code == 503 and "still loading" in loading.get("/readyz").text
     assert loading.get("/healthz").status_code == 200
 

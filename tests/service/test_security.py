@@ -57,7 +57,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
 def client(settings: Settings, image_encoder: ImageEncoder, text_encoder: TextEncoder) -> Iterator[TestClient]:
     store = ProductStore.open(settings)
     state = AppState(settings, store, SearchEngine(store, image_encoder, text_encoder))
-    with TestClient(create_app(state=state), raise_server_exceptions=False) as test_client:
+    with TestClient(create_app(state=state), raise_server_exceptions=False, base_url="http://localhost") as test_client:
         yield test_client
     state.close()
 
