@@ -1,4 +1,4 @@
-"""`python -m bench prepare|quality|backbones|calibrate|rerank|adapt|finetune-image|finetune-text|speed`:
+"""`python -m bench prepare|quality|backbones|calibrate|rerank|adapt|finetune-image|finetune-text|speed|hostile`:
 evaluation sets, quality tables and plots, backbones, match calibration, the pairwise re-ranker, adaptation
 heads, the image backbone's fine-tuned tail, the fine-tuned text encoder, throughput."""
 
@@ -371,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     r.add_argument("--out", type=Path, default=Path("bench/out"))
 
+    h = sub.add_parser("hostile", help="what hostile inputs cost now, against the unbounded way before issue 27")
+    h.add_argument("--out", type=Path, default=Path("bench/out"))
+
     sp = sub.add_parser("speed", help="ingest throughput vs the model alone and a naive loop; re-ingest speed")
     sp.add_argument("what", nargs="?", choices=["ingest", "serve", "all"], default="all")
     sp.add_argument("--ray-workers", type=int, default=2, help="ingest: also on this many Ray actors (0: no Ray row)")
@@ -382,6 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--out", type=Path, default=Path("bench/out"))
 
     args = parser.parse_args(argv)
+    if args.command == "hostile":
+        from bench.hostile import run as hostile
+
+        return hostile(args.out)
     if args.command == "speed":
         return speed(args)
     if args.command == "calibrate":

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
+from bench.hostile import text_wall
 from ingest.pipeline import Ingestor
 from retrieval.encoders import ImageEncoder, TextEncoder
 from retrieval.ocr import (
@@ -176,18 +177,6 @@ def test_reading_the_pack_finds_more_packaged_products_first(read_catalogue: Sea
         read += with_text.product.title is not None and with_text.product.title.lower() == wanted
         looked += alone.product.title is not None and alone.product.title.lower() == wanted
     assert read >= 13 and read >= looked + 2, (read, looked)  # measured 15 of 25 first, against 12 by look alone
-
-
-def text_wall(side: int = 2000, size: int = 18) -> Image.Image:
-    """A photo covered in small print, line after line (what stalled the service: 1,000 lines to read)."""
-    words_ = "oat milk organic natural whole grain barley juice apple orange tomato yoghurt cream butter".split()
-    image = Image.new("RGB", (side, side), "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=size)
-    for number, y in enumerate(range(4, side - size, int(size * 1.6))):
-        line = " ".join(words_[(number * 7 + i) % len(words_)] for i in range(side // (size * 4)))
-        draw.text((4, y), line, fill="black", font=font)
-    return image
 
 
 class BudgetReader(TextReader):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import io
+import os
+import threading
 import time
 import zipfile
 from collections.abc import Iterator
@@ -20,7 +22,9 @@ from retrieval.encoders import ImageEncoder, TextEncoder
 from retrieval.search import SearchEngine
 from retrieval.settings import Settings
 from retrieval.store import ProductStore
+from schemas.jobs import Job
 from service.app import create_app
+from service.jobs import JobHandle, Jobs, JobsFull, sweep_extractions
 from service.state import AppState
 from tests.conftest import SAMPLE, sample_rows
 
@@ -218,3 +222,70 @@ def test_ingest_needs_the_api_key(client: TestClient) -> None:
     assert "keyed" not in [c["name"] for c in client.get("/catalogues").json()["catalogues"]]
     right = client.post("/catalogues/keyed/ingest", files=upload, headers=KEY)
     assert right.status_code == 202 and wait_for(client, right.json()["id"])["status"] == "done"
+
+
+def test_a_new_version_of_a_zip_leaves_only_the_extractions_still_in_use(
+    client: TestClient, settings: Settings
+) -> None:
+    rows = sample_rows(6)
+    folder = settings.sources_root / "versions"
+    for version in (1, 2, 3):  # each version renames every product, so its photos move to its own folder
+        renamed = [{**row, "title": f"{row['title']} v{version}"} for row in rows]
+        submitted = client.post(
+            "/catalogues/versions/ingest", files={"file": ("feed.zip", sample_zip(renamed))}, headers=KEY
+        )
+        assert wait_for(client, submitted.json()["id"])["status"] == "done"
+        assert len([p for p in folder.iterdir() if p.is_dir()]) == 1, sorted(p.name for p in folder.iterdir())
+    only_some = [{**row, "title": f"{row['title']} v4"} for row in rows[:3]]  # three products stay on v3's photos
+    submitted = client.post(
+        "/catalogues/versions/ingest", files={"file": ("feed.zip", sample_zip(only_some))}, headers=KEY
+    )
+    assert wait_for(client, submitted.json()["id"])["status"] == "done"
+    assert len([p for p in folder.iterdir() if p.is_dir()]) == 2  # v3's is still referred to
+    (folder / ".feed-half.abc").mkdir()  # what a killed extraction leaves
+    os.utime(folder / ".feed-half.abc", (0, 0))
+    assert sweep_extractions(settings.sources_root) == 1 and not (folder / ".feed-half.abc").exists()
+
+
+def running(jobs: Jobs, job: Job) -> Job:
+    """`job` once the worker has taken it."""
+    deadline = time.monotonic() + 10
+    while (now := jobs.get(job.id)) is not None and now.status == "queued" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return job
+
+
+def test_queued_jobs_are_bounded_and_errors_name_no_server_path(settings: Settings, state: AppState) -> None:
+    release = threading.Event()
+    jobs = Jobs(max_queued=1, redact=settings.redact_paths)
+
+    def blocked(handle: JobHandle) -> Iterator[list[dict[str, str]]]:
+        release.wait(30)
+        raise FileExistsError(f"[Errno 17] File exists: '{settings.store_path / 'edge.lock'}'")
+        yield []
+
+    first = running(jobs, jobs.submit("ingest", "c", blocked))
+    jobs.submit("ingest", "c", blocked)  # waits behind the first
+    with pytest.raises(JobsFull):
+        jobs.submit("ingest", "c", blocked)
+    release.set()
+    deadline = time.monotonic() + 20
+    while jobs.get(first.id).status != "failed" and time.monotonic() < deadline:  # type: ignore[union-attr]
+        time.sleep(0.02)
+    error = jobs.get(first.id).error  # type: ignore[union-attr]
+    assert error is not None and error.startswith("FileExistsError") and str(settings.store_path) not in error
+    assert "<store>/edge.lock" in error
+    jobs.close(5)
+
+    full = state.settings.model_copy(update={"max_queued_jobs": 1})
+    busy = AppState(full, state.store, state.engine, Jobs(max_queued=1))
+    release.clear()
+    running(busy.jobs, busy.jobs.submit("ingest", "c", blocked))
+    busy.jobs.submit("ingest", "c", blocked)
+    with TestClient(create_app(state=busy), base_url="http://localhost") as http:
+        refused = http.post(
+            "/catalogues/shop/ingest", files={"file": ("f.csv", catalogue_csv(sample_rows(1)))}, headers=KEY
+        )
+        assert refused.status_code == 429 and refused.headers["Retry-After"] and "MAX_QUEUED_JOBS" in refused.text
+    release.set()
+    busy.jobs.close(5)
