@@ -1,6 +1,7 @@
-"""`python -m bench prepare|quality|backbones|calibrate|rerank|adapt|finetune-image|finetune-text|speed|hostile`:
-evaluation sets, quality tables and plots, backbones, match calibration, the pairwise re-ranker, adaptation
-heads, the image backbone's fine-tuned tail, the fine-tuned text encoder, throughput."""
+"""`python -m bench COMMAND`: evaluation sets (prepare), quality tables and plots (quality), backbones, match
+calibration (calibrate), the default match model (transfer), the pairwise re-ranker (rerank), adaptation heads
+(adapt), the image backbone's fine-tuned tail (finetune-image), the fine-tuned text encoder (finetune-text),
+throughput (speed), the cost of hostile inputs (hostile)."""
 
 from __future__ import annotations
 
@@ -88,6 +89,19 @@ def backbones(args: argparse.Namespace) -> int:
     print(result)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "backbones.md").write_text(result + "\n")
+    return 0
+
+
+def transfer(args: argparse.Namespace) -> int:
+    from bench.transfer import JUDGE_SETS, TRAIN_SETS, run
+    from retrieval.encoders import load_image_encoder, load_text_encoder
+    from retrieval.settings import Settings
+
+    settings = Settings()
+    ensure_sets(args.sets_dir, args.shared, [*TRAIN_SETS, *JUDGE_SETS])
+    image_encoder = load_image_encoder(settings.image_model, settings.image_precision)
+    text_encoder = load_text_encoder(settings.text_model, settings.text_precision)
+    print(run(args.sets_dir, image_encoder, text_encoder, targets=tuple(args.targets), ship=args.ship, out=args.out))
     return 0
 
 
@@ -371,6 +385,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     r.add_argument("--out", type=Path, default=Path("bench/out"))
 
+    t = sub.add_parser("transfer", help="the default match model: fit on public pairs, judge cross-dataset, ship")
+    t.add_argument("--targets", type=float, nargs="+", default=[0.95, 0.98], help="target precisions to try")
+    t.add_argument("--ship", type=float, help="write the model fitted on every train split at this target")
+    t.add_argument("--sets-dir", type=Path, default=DEFAULT_SETS)
+    t.add_argument("--shared", type=Path, default=DEFAULT_SHARED)
+    t.add_argument("--out", type=Path, default=Path("bench/out"))
+
     h = sub.add_parser("hostile", help="what hostile inputs cost now, against the unbounded way before issue 27")
     h.add_argument("--out", type=Path, default=Path("bench/out"))
 
@@ -385,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--out", type=Path, default=Path("bench/out"))
 
     args = parser.parse_args(argv)
+    if args.command == "transfer":
+        return transfer(args)
     if args.command == "hostile":
         from bench.hostile import run as hostile
 

@@ -134,6 +134,24 @@ def parse_ditto_record(text: str) -> dict[str, str]:
 
 
 SPLITS = ("train", "valid", "test")
+# What each Magellan set calls a listing's title and maker; its other fields become the description.
+TITLE_FIELDS = ("name", "title", "Beer_Name", "Song_Name")
+BRAND_FIELDS = ("manufacturer", "Brew_Factory_Name", "Artist_Name")
+
+
+def _listing(fields: dict[str, str]) -> dict[str, str]:
+    """A Ditto record as the catalogue contract's title, brand, description and price."""
+    title = next((fields[k] for k in TITLE_FIELDS if fields.get(k)), "")
+    brand = next((fields[k] for k in BRAND_FIELDS if fields.get(k)), "")
+    price = (fields.get("price") or fields.get("Price") or "").replace("$", "").strip()
+    described = {"description", "price", "Price", *TITLE_FIELDS, *BRAND_FIELDS}
+    rest = " ".join(v for k, v in fields.items() if k not in described and v)
+    return {
+        "title": title,
+        "brand": brand,
+        "description": fields.get("description") or rest,
+        "price": price if re.fullmatch(r"\d+(\.\d+)?", price) else "",
+    }
 
 
 def labelled_pairs(folder: Path, split: str) -> list[tuple[str, str, bool]]:
@@ -161,17 +179,7 @@ def write_text_pairs_set(folder: Path, dest: Path, *, left: str, right: str, spl
         key = (retailer, text)
         if key not in ids:
             ids[key] = f"{retailer[0]}{len(ids)}"
-            fields = parse_ditto_record(text)
-            title = fields.get("name") or fields.get("title") or ""
-            price = fields.get("price", "").strip()
-            records[ids[key]] = {
-                "id": ids[key],
-                "retailer": retailer,
-                "title": title,
-                "brand": fields.get("manufacturer", ""),
-                "description": fields.get("description", ""),
-                "price": price if re.fullmatch(r"\d+(\.\d+)?", price) else "",
-            }
+            records[ids[key]] = {"id": ids[key], "retailer": retailer, **_listing(parse_ditto_record(text))}
         return ids[key]
 
     pairs = labelled_pairs(folder, split)
@@ -263,5 +271,12 @@ def prepare_all(shared: Path, out: Path) -> dict[str, int]:
             right="google",
             split="train",
         ),
+        **{
+            f"{name}-{split}": write_text_pairs_set(
+                shared / "text-pairs" / name, out / f"{name}-{split}", left=left, right=right, split=split
+            )
+            for name, left, right in (("beer", "beeradvocate", "ratebeer"), ("itunes-amazon", "itunes", "amazon"))
+            for split in ("train", "test")
+        },
         "alibaba": write_alibaba_set(shared / "alibaba-pairs" / "eSSPR_same_items_pairs_information", out / "alibaba"),
     }

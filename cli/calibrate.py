@@ -14,6 +14,7 @@ from retrieval.match.model import (
     DEFAULT_DEPTH,
     DEFAULT_FUSION,
     MIN_HITS,
+    check_labels,
     fit_model,
     labelled_candidates,
     unreliable_warning,
@@ -33,7 +34,10 @@ def read_pairs(path: Path) -> list[LabelledPair]:
             try:
                 pairs.append(LabelledPair.model_validate_json(line))
             except ValidationError as exc:
-                raise ValueError(f"{path} line {number}: {exc.errors()[0]['msg']}") from None
+                error = exc.errors()[0]
+                where = ".".join(str(part) for part in error["loc"])
+                message = error["msg"].removeprefix("Value error, ")
+                raise ValueError(f"{path} line {number}: {where + ': ' if where else ''}{message}") from None
     return pairs
 
 
@@ -121,6 +125,8 @@ def main(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
+        store.info(args.catalogue)  # an unknown catalogue is said first
+        check_labels(store, args.catalogue, pairs)
         engine = open_runtime(settings, store=store).engine
         data = labelled_candidates(engine, args.catalogue, pairs, depth=args.depth, fusion=args.fusion)
         fitted = fit_model(

@@ -108,6 +108,7 @@ def main(argv: list[str]) -> int:
     print(
         f"catalogue {args.catalogue}: matched {matched} products of {args.retailer} "
         f"({len(done)} done before, {empty} without candidates) in {seconds:.1f} s; "
+        + ("(decided by the default model, not fitted on your labels) " if active.name == "default" else "")
         + (
             f"{decided} decided 'match'"
             if active.reliable

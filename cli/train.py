@@ -21,7 +21,14 @@ from pydantic import ValidationError
 
 from cli.calibrate import UNRELIABLE, between_0_and_1, curve_table, read_pairs
 from retrieval.encoders import EncoderError
-from retrieval.match.model import DEFAULT_DEPTH, DEFAULT_FUSION, active_model, unreliable_warning
+from retrieval.match.model import (
+    DEFAULT_DEPTH,
+    DEFAULT_FUSION,
+    LabelsError,
+    active_model,
+    check_labels,
+    unreliable_warning,
+)
 from retrieval.match.training import Judgement, MatchTraining, split_labels, train_matching
 from retrieval.runtime import open_runtime
 from retrieval.settings import Settings
@@ -78,7 +85,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def _write_pairs(pairs: list[LabelledPair], folder: Path) -> Path:
     path = folder / "teaching-pairs.jsonl"
-    path.write_text("".join(json.dumps(p.model_dump(mode="json")) + "\n" for p in pairs), encoding="utf-8")
+    lines = [
+        json.dumps({"product": p.product.model_dump(mode="json"), "expect": p.expected_ids()})
+        for p in pairs
+        if p.positives  # the encoder learns what is the same; a product with no counterpart teaches it nothing
+    ]
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return path
 
 
@@ -108,6 +120,14 @@ def main(argv: list[str]) -> int:
     except (ValidationError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if pairs:
+        try:
+            with ProductStore.open(settings) as store:
+                store.info(args.catalogue)  # an unknown catalogue is said first
+                check_labels(store, args.catalogue, pairs)
+        except (StoreError, LabelsError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     shares = split_labels(pairs, held_out=args.held_out, seed=args.seed) if pairs else None
     if shares is not None and not args.no_text:
         with tempfile.TemporaryDirectory(prefix="train-") as folder:

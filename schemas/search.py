@@ -25,6 +25,7 @@ def catalogue_name_problem(name: str) -> str | None:
         return f"catalogue name {name!r} ends with '.', which some file systems drop; choose another"
     return None
 MAX_TEXT_LENGTH = 2_000
+Decision = Literal["match", "no_match", "uncertain", "uncalibrated"]
 
 
 # Payload fields a free condition may name: the stored product fields, or one of its attributes
@@ -191,6 +192,11 @@ class SearchResult(BaseModel):
     read_words: list[str] = Field(
         default_factory=list, description="words read off the query photo that the product's title or package has"
     )
+    decision: Decision | None = Field(
+        default=None,
+        description="a query with words, in a catalogue with a match model: is this the product they describe?",
+    )
+    confidence: float | None = Field(default=None, description="the match model's probability, with `decision`")
     product: Product
 
 
@@ -210,6 +216,9 @@ class SearchResponse(BaseModel):
     warnings: list[str] = Field(
         default_factory=list,
         description="what the search left out and why (a query photo's text not read within OCR_DEADLINE_S)",
+    )
+    model: Literal["catalogue", "default"] | None = Field(
+        default=None, description="which match model decided the results (only queries with words are decided)"
     )
 
 
@@ -262,16 +271,63 @@ class SearchRequest(BaseModel):
         return self
 
 
-Decision = Literal["match", "no_match", "uncertain", "uncalibrated"]
+
+
+LabelId = Annotated[str, Field(min_length=1, max_length=256)]
+Label = LabelId | ProductRef  # an id in any other retailer, or {"retailer", "id"} for one retailer's
+
+
+def _refers(label: Label, retailer: str, product_id: str) -> bool:
+    if isinstance(label, ProductRef):
+        return label.retailer == retailer and label.id == product_id
+    return label == product_id
 
 
 class LabelledPair(BaseModel):
-    """A stored product and the ids of the same product in other retailers (calibration input, JSON Lines)."""
+    """What a person said of one stored product (calibration and training input, JSON Lines):
 
-    model_config = ConfigDict(extra="ignore")
+    - `expect`: the same product in other retailers; `[]`: it has no counterpart there. Given, it is the
+      whole truth: every other candidate is a non-match.
+    - `reject`: listings a person judged not to be the same (hard negatives). Alone (no `expect`), only those
+      are labelled and the other candidates are not used.
+
+    Entries are ids (in any other retailer) or `{"retailer": ..., "id": ...}`. Unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid")
 
     product: ProductRef
-    expect: list[str] = Field(default_factory=list, description="ids of the same product elsewhere; [] = none")
+    expect: list[Label] | None = Field(
+        default=None, max_length=1_000, description="the same product elsewhere; [] = no counterpart"
+    )
+    reject: list[Label] = Field(default_factory=list, max_length=1_000, description="judged not the same")
+
+    @model_validator(mode="after")
+    def _says_something(self) -> LabelledPair:
+        if self.expect is None and not self.reject:
+            raise ValueError('give "expect" (the same product elsewhere, [] for none) or "reject"')
+        both = [e for e in self.expect or [] if any(e == r for r in self.reject)]
+        if both:
+            raise ValueError(f"{both[0]!r} is both expected and rejected")
+        return self
+
+    def label(self, retailer: str, product_id: str) -> bool | None:
+        """Whether a candidate is the same product (True), not (False), or unknown (None: not used)."""
+        if any(_refers(e, retailer, product_id) for e in self.expect or []):
+            return True
+        if any(_refers(r, retailer, product_id) for r in self.reject):
+            return False
+        return False if self.expect is not None else None
+
+    @property
+    def positives(self) -> int:
+        """Distinct listings labelled the same."""
+        return len({e.model_dump_json() if isinstance(e, ProductRef) else e for e in self.expect or []})
+
+    def expected_ids(self) -> list[str]:
+        return list(dict.fromkeys(e.id if isinstance(e, ProductRef) else e for e in self.expect or []))
+
+    def rejected_ids(self) -> list[str]:
+        return list(dict.fromkeys(r.id if isinstance(r, ProductRef) else r for r in self.reject))
 
 
 class CurvePoint(BaseModel):
@@ -350,12 +406,17 @@ class MatchResult(SearchResult):
 class MatchResponse(BaseModel):
     catalogue: str
     product: Product
-    calibrated: bool
+    calibrated: bool = Field(description="the decisions come from a model fitted on this catalogue's labels")
     reliable: bool = Field(
         description="true when the decisions come from a match model that reached its target precision; "
         "an unreliable one never decides 'match'"
     )
     warning: str | None = Field(default=None, description="why the decisions are missing or unreliable")
+    model: Literal["catalogue", "default"] | None = Field(
+        default=None,
+        description="which match model decided: the catalogue's own (calibrate / train), or the default model "
+        "shipped for catalogues without labels (trained on public product pairs, not on this catalogue)",
+    )
     matches: list[MatchResult]
 
 

@@ -14,6 +14,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from bench.evalset import EvalSet, load_set
+from bench.prepare import write_text_pairs_set
+from bench.quality import ingested
 from ingest.pipeline import Ingestor
 from retrieval.encoders import ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
 from retrieval.search import SearchEngine
@@ -190,3 +193,16 @@ def client(engine: SearchEngine, sample_settings: Settings, request: pytest.Fixt
         create_app(settings, state=state), raise_server_exceptions=False, base_url="http://localhost"
     ) as test_client:
         yield test_client
+
+
+@pytest.fixture(scope="session")
+def abt_buy_valid(
+    tmp_path_factory: pytest.TempPathFactory, image_encoder: ImageEncoder, text_encoder: TextEncoder
+) -> Iterator[tuple[EvalSet, SearchEngine]]:
+    """Abt-Buy's valid split (1,422 listings of two shops) ingested once for the session: the match model's and
+    the cross-encoder's tests fit on it; the quality guards judge on the test split."""
+    folder = tmp_path_factory.mktemp("abt-valid")
+    write_text_pairs_set(SHARED_DATA / "text-pairs" / "abt-buy", folder, left="abt", right="buy", split="valid")
+    evalset = load_set(folder)
+    with ingested(evalset, image_encoder, text_encoder) as (engine, _):
+        yield evalset, engine

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import ValidationError
@@ -31,11 +32,13 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from retrieval.lexical import code_stem, codes, tokens
+from retrieval.match.default import default_model
 from retrieval.match.rerank import DEFAULT_DEPTH as DEFAULT_RERANK_DEPTH
 from retrieval.match.rerank import Reranker, load_reranker
+from retrieval.records import point_id
 from retrieval.search import ImageUrl, SearchEngine, ref_as_url
 from retrieval.settings import Settings
-from retrieval.store import ProductStore
+from retrieval.store import TEXT_VECTOR, ProductStore
 from retrieval.weights import ModelFolderError, kept_model
 from schemas.payload import Product
 from schemas.search import (
@@ -45,8 +48,10 @@ from schemas.search import (
     Fusion,
     LabelledPair,
     MatchResult,
+    ProductRef,
     SearchFilters,
     SearchOptions,
+    SearchResponse,
 )
 
 # 3: + the text read off the photos (`ocr`); 4: fitted by scikit-learn, stored with its reliability and curve
@@ -71,6 +76,20 @@ FEATURES = (
     "numbers_added",
     "price_known",
     "price_gap",
+)
+# The default model's features (the transfer model, `python -m bench transfer`): none depends on a catalogue's
+# vocabulary, its photos or the scale of an encoder it was not trained with. Text cosines are MiniLM's, which the
+# model is only applied with; the lexical score is a share of the query's terms; the rest are ranks, margins to
+# the other candidates and agreements of identifiers, titles, numbers and prices.
+TRANSFER_FEATURES = (
+    "text",
+    "lexical",
+    "has_text",
+    "has_lexical",
+    "text_margin",
+    "lexical_margin",
+    "reciprocal_rank",
+    *FEATURES[FEATURES.index("code_same") :],
 )
 # The cross-encoder's score of a candidate (its logit), against the best of the other candidates', and whether
 # it read the candidate at all (it reads the first `rerank_depth`): only in models fitted with a cross-encoder.
@@ -188,13 +207,16 @@ def _candidate_features(
     }
 
 
-def features(query: Product, candidates: Sequence[Candidate], *, pair: bool = False) -> list[list[float]]:
-    """One row of features per candidate of one query, candidates in the order the search ranked them
-    (`pair`: with the cross-encoder's PAIR_FEATURES after FEATURES)."""
+def features(
+    query: Product, candidates: Sequence[Candidate], *, pair: bool = False, names: Sequence[str] | None = None
+) -> list[list[float]]:
+    """One row of features per candidate of one query, candidates in the order the search ranked them:
+    `names` (default FEATURES, with the cross-encoder's PAIR_FEATURES after them when `pair`)."""
     table = np.array([[c.scores.get(m) or 0.0 for m in MODALITIES] for c in candidates]).reshape(-1, len(MODALITIES))
     logits = [_logit(c.pair) if c.pair is not None else None for c in candidates]
     query_side = _Side.of(query)
-    names = feature_names(pair=pair)
+    names = list(names) if names is not None else feature_names(pair=pair)
+    pair = pair or any(name in PAIR_FEATURES for name in names)
     rows = []
     for i, candidate in enumerate(candidates):
         others = np.delete(table, i, axis=0)
@@ -340,16 +362,66 @@ class Fitted:
     notes: list[str] = field(default_factory=list)  # caveats worth a WARNING line (few labels, ...)
 
 
+class LabelsError(ValueError):
+    """Labels a model cannot be fitted on; the message names the problem."""
+
+
 def check_enough(data: Labelled) -> None:
-    """Refuse labels out-of-fold thresholds cannot be chosen on, saying what is missing."""
+    """Refuse labels out-of-fold thresholds cannot be chosen on, saying what is missing: every fold needs
+    products with a true pair and products with a false one among their candidates."""
     true = sum(data.labels)
     queries = len(set(data.groups))
+    with_true = len({g for g, same in zip(data.groups, data.labels, strict=True) if same})
+    with_false = len({g for g, same in zip(data.groups, data.labels, strict=True) if not same})
     if queries < FOLDS or true < FOLDS or len(data.labels) - true < FOLDS:
-        raise ValueError(
+        raise LabelsError(
             f"too few labelled candidates: calibration needs the candidates of at least {FOLDS} labelled products, "
             f"with at least {FOLDS} true and {FOLDS} false pairs among them; got {len(data.labels)} candidates of "
             f"{queries} products ({true} true): label more pairs"
         )
+    if with_true < FOLDS or with_false < FOLDS:
+        raise LabelsError(
+            f"the labels are too one-sided: {with_true} labelled products have a true pair among their candidates "
+            f"and {with_false} a false one; at least {FOLDS} of each are needed (the true pairs of one product "
+            "teach nothing about the others): label the counterparts of more products"
+        )
+
+
+def check_labels(store: ProductStore, catalogue: str, pairs: Sequence[LabelledPair]) -> None:
+    """LabelsError naming what is wrong with labels before anything is fitted: products the catalogue does not
+    hold, counterparts in no other retailer (or in the product's own), and too few labelled products."""
+    retailers = list(store.facet_counts(catalogue, "retailer"))
+    problems: list[str] = []
+
+    def held(retailer: str, product_id: str) -> bool:
+        return store.get(catalogue, point_id(retailer, product_id)) is not None
+
+    for pair in pairs:
+        own = pair.product
+        where = f"{own.retailer}/{own.id}"
+        if not held(own.retailer, own.id):
+            problems.append(f"{where} is not in catalogue {catalogue}")
+            continue
+        for label in [*(pair.expect or []), *pair.reject]:
+            if isinstance(label, ProductRef):
+                if label.retailer == own.retailer:
+                    problems.append(f"{where}: {label.retailer}/{label.id} is in the product's own retailer")
+                elif not held(label.retailer, label.id):
+                    problems.append(f"{where}: {label.retailer}/{label.id} is not in catalogue {catalogue}")
+            elif not any(held(r, label) for r in retailers if r != own.retailer):
+                mine = held(own.retailer, label)
+                problems.append(
+                    f"{where}: id {label!r} is in no other retailer" + (" (only in the product's own)" if mine else "")
+                )
+        if len(problems) >= 5:
+            break
+    if problems:
+        raise LabelsError(f"the labels do not fit catalogue {catalogue}: " + "; ".join(problems[:5]))
+    products = {(p.product.retailer, p.product.id) for p in pairs}
+    if len(products) < FOLDS:
+        raise LabelsError(f"{len(products)} labelled products: at least {FOLDS} are needed")
+    if not any(p.positives for p in pairs):
+        raise LabelsError("no labelled product has a counterpart (every `expect` is empty): nothing shows a match")
 
 
 def fit_model(
@@ -363,13 +435,15 @@ def fit_model(
     adapters: dict[str, int] | None = None,
     reranker: str | None = None,
     rerank_depth: int = DEFAULT_RERANK_DEPTH,
+    names: Sequence[str] | None = None,
 ) -> Fitted:
     """Fit the model on all labelled candidates; choose the thresholds on out-of-fold probabilities. When no
     threshold reaches `target_precision`, `accept_precision` (lower) is tried; when neither is reached the
     calibration is stored unreliable. `adapters`: the catalogue's active heads the candidates were found under;
-    `reranker`: the digest of the cross-encoder whose pair scores the rows carry (`labelled_candidates` with it)."""
+    `reranker`: the digest of the cross-encoder whose pair scores the rows carry (`labelled_candidates` with it);
+    `names`: the features the rows carry (default: `feature_names`)."""
     check_enough(data)
-    names = feature_names(pair=reranker is not None)
+    names = list(names) if names is not None else feature_names(pair=reranker is not None)
     x = np.asarray(data.rows, dtype=np.float64).reshape(-1, len(names))
     y = np.asarray(data.labels, dtype=np.int64)
     model = _pipeline().fit(x, y)
@@ -464,7 +538,8 @@ def unreliable_warning(calibration: Calibration) -> str | None:
 
 def _current(calibration: Calibration) -> bool:
     expected = feature_names(pair=calibration.reranker is not None)
-    return calibration.version == MODEL_VERSION and calibration.features == expected
+    known = calibration.features in (expected, list(TRANSFER_FEATURES))
+    return calibration.version == MODEL_VERSION and known
 
 
 def usable(calibration: Calibration | None, adapters: dict[str, int]) -> Calibration | None:
@@ -477,11 +552,13 @@ def usable(calibration: Calibration | None, adapters: dict[str, int]) -> Calibra
 
 @dataclass(frozen=True)
 class ActiveModel:
-    """The catalogue's match model this version applies (None: decisions 'uncalibrated'), and a warning
-    when the decisions are missing for a reason the user can fix, or unreliable."""
+    """The match model this version applies to a catalogue (None: decisions 'uncalibrated'), which one it is
+    (`name`: "catalogue", its own, or "default", the shipped transfer model), and a warning when the decisions
+    are missing for a reason the user can fix, or unreliable."""
 
     calibration: Calibration | None
     warning: str | None
+    name: Literal["catalogue", "default"] | None = None
 
     @property
     def reliable(self) -> bool:
@@ -491,29 +568,47 @@ class ActiveModel:
 AGAIN = "run `python -m ingest calibrate` again"
 
 
+def _default_for(store: ProductStore, catalogue: str, warning: str | None) -> ActiveModel:
+    """The shipped default model when it applies to the catalogue (its text vectors from the encoder the model
+    was trained with, no fine-tuned text model active), else no model; `warning` is kept either way."""
+    shipped = default_model()
+    if shipped is None:
+        return ActiveModel(None, warning)
+    info = store.info(catalogue)
+    if info.fingerprint.text != shipped.text_encoder or TEXT_VECTOR in info.adapters:
+        why = (
+            f"the default match model applies to text vectors of {shipped.text_encoder} without a fine-tuned text "
+            "model; label pairs and run `python -m ingest calibrate` for decisions"
+        )
+        return ActiveModel(None, warning or why)
+    return ActiveModel(shipped.calibration, warning or unreliable_warning(shipped.calibration), "default")
+
+
 def active_model(store: ProductStore, catalogue: str, *, models_root: Path | None = None) -> ActiveModel:
-    """The stored match model, when this version can apply it under the catalogue's active heads (and its
-    cross-encoder is in `models_root`, default MODELS_PATH), with the warning its decisions need."""
+    """The catalogue's own match model, when this version can apply it under the catalogue's active heads (and
+    its cross-encoder is in `models_root`, default MODELS_PATH), with the warning its decisions need; without
+    one it can apply, the shipped default model (`retrieval.match.default`) where it applies."""
     try:
         stored = store.calibration(catalogue)
     except ValidationError:  # the metadata a server handed back is not a calibration of ours
-        return ActiveModel(None, f"the catalogue's stored match model cannot be read: {AGAIN}")
+        return _default_for(store, catalogue, f"the catalogue's stored match model cannot be read: {AGAIN}")
     if stored is None:
-        return ActiveModel(None, None)
+        return _default_for(store, catalogue, None)
     adapters = store.info(catalogue).adapters
     calibration = usable(stored, adapters)
     if calibration is not None and calibration.reranker:
         try:
             kept_model(models_root or Settings().models_root, calibration.reranker, verify=False)
         except ModelFolderError as exc:
-            return ActiveModel(None, f"the match model's cross-encoder cannot be loaded ({exc}) and is not applied")
+            why = f"the match model's cross-encoder cannot be loaded ({exc}) and is not applied"
+            return _default_for(store, catalogue, why)
     if calibration is not None:
-        return ActiveModel(calibration, unreliable_warning(calibration))
+        return ActiveModel(calibration, unreliable_warning(calibration), "catalogue")
     if not _current(stored):
         why = f"was fitted by an older version of the match model (v{stored.version}, this one is v{MODEL_VERSION})"
     else:
         why = "was fitted under other adaptation heads than the active ones"
-    return ActiveModel(None, f"the catalogue's match model {why} and is not applied: {AGAIN}")
+    return _default_for(store, catalogue, f"the catalogue's match model {why} and is not applied: {AGAIN}")
 
 
 def active_calibration(store: ProductStore, catalogue: str, *, models_root: Path | None = None) -> Calibration | None:
@@ -567,23 +662,43 @@ def find_matches(
         image_url=image_url,
     )
     if calibration is None:
-        return product, [MatchResult(**r.model_dump(), decision="uncalibrated") for r in response.results]
+        undecided = [{**r.model_dump(), "decision": "uncalibrated"} for r in response.results]
+        return product, [MatchResult.model_validate(r) for r in undecided]
     found = [r.product for r in response.results]
     pairs = pair_scores(reranker_of(engine, calibration), calibration.rerank_depth, product, found)
     candidates = [
         Candidate(r.product, r.scores.model_dump(), pair) for r, pair in zip(response.results, pairs, strict=True)
     ]
-    rows = features(product, candidates, pair=calibration.reranker is not None)
+    rows = features(product, candidates, names=calibration.features)
     p = probabilities(calibration, rows) if candidates else np.zeros(0)
     order = np.argsort(-p, kind="stable")[:limit]
     return product, [
-        MatchResult(
-            **response.results[i].model_dump(),
-            decision=decide(calibration, float(p[i])),
-            confidence=round(float(p[i]), 4),
+        MatchResult.model_validate(
+            {
+                **response.results[i].model_dump(),
+                "decision": decide(calibration, float(p[i])),
+                "confidence": round(float(p[i]), 4),
+            }
         )
         for i in order
     ]
+
+
+def decide_search(response: SearchResponse, text: str | None, active: ActiveModel) -> SearchResponse:
+    """A query's results decided by the catalogue's match model (is each the product the words describe?), in
+    the order the search gave them. Only a query with words is decided (a photo alone is not a listing the
+    models were fitted on), and only by a model without a cross-encoder (it would read every result)."""
+    calibration = active.calibration
+    if calibration is None or calibration.reranker or not text or not response.results:
+        return response
+    query = Product(id="query", retailer="query", title=text)
+    candidates = [Candidate(r.product, r.scores.model_dump()) for r in response.results]
+    p = probabilities(calibration, features(query, candidates, names=calibration.features))
+    for result, probability in zip(response.results, p, strict=True):
+        result.decision = decide(calibration, float(probability))
+        result.confidence = round(float(probability), 4)
+    response.model = active.name
+    return response
 
 
 def labelled_candidates(
@@ -596,9 +711,10 @@ def labelled_candidates(
     reranker: Reranker | None = None,
     rerank_depth: int = DEFAULT_RERANK_DEPTH,
     progress: Callable[[int], None] | None = None,
+    names: Sequence[str] | None = None,
 ) -> Labelled:
     """Each labelled product's best `depth` candidates in the other retailers, with their features (and the
-    pair scores of `reranker` for the first `rerank_depth`, when one is given)."""
+    pair scores of `reranker` for the first `rerank_depth`, when one is given; `names`: other features)."""
     data = Labelled([], [], [], 0)
     for number, pair in enumerate(pairs):
         product, results = find_matches(
@@ -606,10 +722,13 @@ def labelled_candidates(
         )
         scores = pair_scores(reranker, rerank_depth, product, [r.product for r in results])
         candidates = [Candidate(r.product, r.scores.model_dump(), s) for r, s in zip(results, scores, strict=True)]
-        data.rows += features(product, candidates, pair=reranker is not None)
-        data.labels += [r.id in pair.expect for r in results]
-        data.groups += [number] * len(results)
-        data.positives += len(set(pair.expect))
+        rows = features(product, candidates, pair=reranker is not None, names=names)  # margins read every candidate
+        labels = [pair.label(r.retailer, r.id) for r in results]
+        known = [i for i, label in enumerate(labels) if label is not None]  # without `expect`: the rejects only
+        data.rows += [rows[i] for i in known]
+        data.labels += [bool(labels[i]) for i in known]
+        data.groups += [number] * len(known)
+        data.positives += pair.positives
         if progress:
             progress(number + 1)
     return data

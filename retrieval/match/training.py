@@ -85,11 +85,12 @@ def mine_pairs(
         product, results = find_matches(
             engine, catalogue, pair.product.retailer, pair.product.id, calibration=None, limit=depth, fusion=fusion
         )
-        expected = set(pair.expect)
         found = {r.id for r in results}
-        negatives = [r.product for r in results if r.id not in expected][:hard_negatives]
-        positives = [r.product for r in results if r.id in expected]
-        positives += _missing(engine, catalogue, product, expected - found)
+        labels = [pair.label(r.retailer, r.id) for r in results]
+        negatives = [r.product for r, same in zip(results, labels, strict=True) if same is False][:hard_negatives]
+        positives = [r.product for r, same in zip(results, labels, strict=True) if same]
+        positives += _missing(engine, catalogue, product, set(pair.expected_ids()) - found)
+        negatives += _missing(engine, catalogue, product, set(pair.rejected_ids()) - found)  # judged by a person
         for candidate in positives:
             out.add(product, candidate, True, number)
         for candidate in negatives:
@@ -285,6 +286,26 @@ def train_matching(
         label = "match model + cross-encoder"
         tried.append((judge(label, engine, catalogue, shares.held, paired.calibration), paired.calibration))
     best_judgement, best = max(tried, key=lambda t: (t[0].r1 + t[0].recall, t[0].recall))
-    chosen = best if best_judgement.beats(before) or active is None else None
-    label = best_judgement.label if chosen else ""
-    return MatchTraining(before, [j for j, _ in tried], chosen, label, fitted_rerank, seconds, notes)
+    if active is None:  # against the search order: it may decide, but never rank worse by more than a product
+        keep = best_judgement.r1 >= before.r1 - 1 / max(1, before.products)
+    else:
+        keep = best_judgement.beats(before)
+    if not keep:
+        return MatchTraining(before, [j for j, _ in tried], None, "", fitted_rerank, seconds, notes)
+    # Chosen on the held-out share; now refitted on every label it may learn from, its thresholds taken from
+    # the refit's out-of-fold probabilities. With a cross-encoder, only on the products it never read: their
+    # pair scores are what a new product's will be (cross-fitting); without one, on all of them.
+    started = time.perf_counter()
+    if best.reranker is None:
+        everything = [*shares.rerank, *shares.fit, *shares.held]
+        data = labelled_candidates(engine, catalogue, everything, depth=depth, fusion=fusion)
+    else:
+        everything = [*shares.fit, *shares.held]
+        reranker = load_reranker(models_root, best.reranker)
+        data = labelled_candidates(engine, catalogue, everything, depth=depth, fusion=fusion, reranker=reranker)
+    refit = fitted(data, best.reranker)
+    seconds["refit on all labels"] = time.perf_counter() - started
+    progress(f"{best_judgement.label} refitted on {len(everything)} products: {seconds['refit on all labels']:.0f} s")
+    return MatchTraining(
+        before, [j for j, _ in tried], refit.calibration, best_judgement.label, fitted_rerank, seconds, notes
+    )

@@ -112,10 +112,12 @@ async def product_matches(
     category: Annotated[str | None, Query(max_length=1_000)] = None,
 ) -> MatchResponse:
     """The best candidates for the same product in the *other* retailers, found by the product's own photo,
-    text and terms. With a calibration (`python -m ingest calibrate`) the candidates are re-ranked by the
-    fitted match model and each gets a decision with a confidence; without one, in search order, every
-    decision is 'uncalibrated'. A model that reached no threshold at its target precision is `reliable:
-    false`: it re-ranks and decides 'uncertain' / 'no_match' only, and `warning` says why."""
+    text and terms, re-ranked by a match model and each decided with a confidence: the catalogue's own
+    (`python -m ingest calibrate` or `train`; `model: "catalogue"`, `calibrated: true`), else the default model
+    shipped with the package (`model: "default"`: fitted on public product pairs, not on your data; it applies
+    with the default text encoder), else none: search order, every decision 'uncalibrated'. A model that
+    reached no threshold at its target precision is `reliable: false`: it re-ranks and decides 'uncertain' /
+    'no_match' only, and `warning` says why."""
     retailer, product_id = _decoded(retailer, product_id)
 
     try:
@@ -142,9 +144,10 @@ async def product_matches(
     return MatchResponse(
         catalogue=catalogue,
         product=product,
-        calibrated=active.calibration is not None,
+        calibrated=active.name == "catalogue",
         reliable=active.reliable,
         warning=active.warning,
+        model=active.name,
         matches=matches,
     )
 

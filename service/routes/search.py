@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from retrieval.images import decode_image
+from retrieval.match.model import active_model, decide_search
 from schemas.search import (
     CATALOGUE_PATTERN,
     MAX_TEXT_LENGTH,
@@ -80,8 +81,9 @@ async def _run(
         picture = await run_in_threadpool(decode_image, data, max_pixels=state.settings.max_image_pixels)
     # MICRO_BATCHING=false: None, each request runs the models in its own thread.
     embedder: BatchedEncoders | None = request.app.state.encoders
-    response = await run_in_threadpool(
-        lambda: state.engine.search(
+
+    def searched() -> SearchResponse:
+        found = state.engine.search(
             catalogue,
             image=picture,
             text=text,
@@ -90,7 +92,9 @@ async def _run(
             image_url=photo_url_for(catalogue),
             embedder=embedder,
         )
-    )
+        return decide_search(found, text, active_model(state.store, catalogue, models_root=state.engine.models_root))
+
+    response = await run_in_threadpool(searched)
     response.took_ms = round((time.perf_counter() - started) * 1000, 2)  # the photo's decoding included
     return response
 

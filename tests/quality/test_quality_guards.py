@@ -66,18 +66,12 @@ def test_cross_shop_text_lexical_and_fused_recall(abt_buy_test: tuple[EvalSet, S
 
 
 def test_calibrated_matches_on_unseen_cross_shop_pairs(
-    tmp_path_factory: pytest.TempPathFactory,
-    abt_buy_test: tuple[EvalSet, SearchEngine],
-    image_encoder: ImageEncoder,
-    text_encoder: TextEncoder,
+    abt_buy_test: tuple[EvalSet, SearchEngine], abt_buy_valid: tuple[EvalSet, SearchEngine]
 ) -> None:
     """The match model fitted on Abt-Buy's valid split, judged on its test split: products it never saw,
     among real siblings (same brand, neighbouring model numbers)."""
-    folder = tmp_path_factory.mktemp("abt-buy-valid")
-    write_text_pairs_set(ABT_BUY, folder, left="abt", right="buy", split="valid")
-    fit_set = load_set(folder)
-    with ingested(fit_set, image_encoder, text_encoder) as (engine, _):
-        calibration = fit(labelled_candidates(engine, fit_set.name, pairs_of(fit_set)), target_precision=0.95)
+    fit_set, engine = abt_buy_valid
+    calibration = fit(labelled_candidates(engine, fit_set.name, pairs_of(fit_set)), target_precision=0.95)
     assert calibration.reliable, calibration.curve  # the target is reached out-of-fold: 'match' is decided
     evalset, test_engine = abt_buy_test
     pairs = pairs_of(evalset)
