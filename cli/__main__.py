@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("cli.calibrate", "fit the match model on labelled pairs, store it with the catalogue"),
     "match": ("cli.match", "match a retailer's products against the others, to a resumable CSV"),
     "adapt": ("cli.adapt", "fit, list, switch or roll back a catalogue's adaptation heads"),
-    "train": ("cli.train", "train what labels allow (text encoder, image head, cross-encoder, match model), judged"),
+    "train": ("cli.train", "train on labels: text encoder, image head, cross-encoder, match model; keep what wins"),
     "serve": ("service.__main__", "serve the HTTP API and the web page"),
     "bench": ("bench", "quality and speed benchmarks (from a checkout of the project)"),
 }
@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as done:
             return int(done.code or 0) if not isinstance(done.code, str) else 1
         return 0
-    command: Callable[[list[str]], int] = importlib.import_module(module).main
-    return command(rest)
+    command: Callable[..., int] = importlib.import_module(module).main
+    return command(rest, prog=f"product-match {name}")
 
 
 if __name__ == "__main__":

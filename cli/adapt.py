@@ -27,9 +27,9 @@ from schemas.adapters import AdapterRecord, HoldOut
 log = logging.getLogger("cli.adapt")
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def parse_args(argv: list[str], prog: str | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m ingest adapt",
+        prog=prog or "python -m ingest adapt",
         description="Learn what 'the same' means for a catalogue: fit a small head on top of the frozen image "
         "(or text) vectors, or fine-tune the text encoder itself (--modality text --method finetune), store it "
         "with the catalogue as a new version, write the adapted vectors and make queries use it. Also lists, "
@@ -116,8 +116,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str]) -> int:
-    args = parse_args(argv)
+def main(argv: list[str], *, prog: str | None = None) -> int:
+    args = parse_args(argv, prog)
     try:
         settings = Settings()
         store = ProductStore.open(settings)

@@ -55,9 +55,9 @@ def between_0_and_1(text: str) -> float:
     return value
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def parse_args(argv: list[str], prog: str | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m ingest calibrate",
+        prog=prog or "python -m ingest calibrate",
         description="Fit the match decision of a catalogue from labelled pairs and store it with the catalogue.",
         epilog='PAIRS: JSON Lines, {"product": {"retailer": "a", "id": "1"}, "expect": ["b-7"]} per line; '
         "expect lists the ids of the same product in other retailers ([] if none). "
@@ -115,8 +115,8 @@ def report(catalogue: str, products: int, calibration: Calibration, notes: list[
     return UNRELIABLE if warning else 0
 
 
-def main(argv: list[str]) -> int:
-    args = parse_args(argv)
+def main(argv: list[str], *, prog: str | None = None) -> int:
+    args = parse_args(argv, prog)
     try:
         settings = Settings()
         pairs = read_pairs(args.pairs)

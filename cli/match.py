@@ -22,9 +22,9 @@ from retrieval.store import ProductStore, StoreError
 SYNC_EVERY = 50  # products between fsyncs of the output file
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def parse_args(argv: list[str], prog: str | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m ingest match",
+        prog=prog or "python -m ingest match",
         description="Match every product of one retailer against the other retailers of a catalogue.",
         epilog="Each product gets --limit rows (rank 1 first): the candidate, its scores, and the decision of "
         "the catalogue's calibration ('uncalibrated' without one; see `python -m ingest calibrate`; an "
@@ -36,7 +36,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--against", nargs="+", default=[], help="only these retailers (default: all others)")
     parser.add_argument("--out", type=Path, required=True, help="CSV file to write")
     parser.add_argument("--limit", type=int, default=3, help="candidates per product (1-100, default 3)")
-    parser.add_argument("--fusion", choices=["rrf", "dbsf"], help="default: the calibration's, else rrf")
+    parser.add_argument("--fusion", choices=["rrf", "dbsf"], help="default: the calibration's, else dbsf")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue an earlier run's --out file")
     group.add_argument("--overwrite", action="store_true", help="start again, replacing --out")
@@ -49,8 +49,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str]) -> int:
-    args = parse_args(argv)
+def main(argv: list[str], *, prog: str | None = None) -> int:
+    args = parse_args(argv, prog)
     if args.out.exists() and not (args.resume or args.overwrite):
         print(f"error: {args.out} exists: add --resume to continue it or --overwrite to start again", file=sys.stderr)
         return 2

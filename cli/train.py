@@ -39,9 +39,9 @@ from schemas.search import LabelledPair
 log = logging.getLogger("cli.train")
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def parse_args(argv: list[str], prog: str | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m ingest train",
+        prog=prog or "python -m ingest train",
         description="Train what a catalogue's labels allow (the text encoder, an image head, a cross-encoder and "
         "the match model), report recall@1 and the precision / recall of 'match' decisions on a held-out share "
         "of the labels before and after each part, and switch on only what beats what is active.",
@@ -112,8 +112,8 @@ def judgement_table(rows: list[Judgement], chosen: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
-    args = parse_args(argv)
+def main(argv: list[str], *, prog: str | None = None) -> int:
+    args = parse_args(argv, prog)
     try:
         settings = Settings()
         pairs = read_pairs(args.pairs) if args.pairs else []

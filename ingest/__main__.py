@@ -26,9 +26,9 @@ log = logging.getLogger("ingest")
 SHOWN_REJECTIONS = 20
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m ingest",
+        prog=prog or "python -m ingest",
         description="Load a product catalogue (CSV or JSON Lines, a folder of images by category, or a zip of "
         "either) into a Qdrant collection.",
         epilog="Store: QDRANT_URL (+ QDRANT_API_KEY) for a server, else the embedded store at QDRANT_PATH "
@@ -107,7 +107,7 @@ def rejects_writer(out: TextIO) -> RejectionSink:
     return write
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["calibrate"]:
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         from cli.match import main as match
 
         return match(argv[1:])
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     try:
         settings = Settings()
     except ValidationError as exc:

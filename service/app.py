@@ -9,8 +9,10 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from swagger_ui_bundle import swagger_ui_path
 
 from retrieval.images import ImageDecodeError
 from retrieval.settings import Settings
@@ -55,6 +57,8 @@ def create_app(
         summary="Find the same product in other shops by photo and/or text, over Qdrant named vectors.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # served below from the package's files: FastAPI's own page loads Swagger UI from a CDN
+        redoc_url=None,
     )
     middleware.install(app, config, served_host=served_host)
     app.include_router(health.router)
@@ -63,6 +67,18 @@ def create_app(
     app.include_router(jobs.router)
     app.include_router(ingest.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/docs-assets", StaticFiles(directory=Path(str(swagger_ui_path))), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        """Swagger UI over the OpenAPI document, every file of it from this service (it works offline)."""
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title}: API",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon-32x32.png",
+        )
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:

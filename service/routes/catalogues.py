@@ -141,12 +141,20 @@ async def product_matches(
         return product, matches, active
 
     product, matches, active = await run_in_threadpool(run)
+    warning = active.warning
+    if not matches:
+        retailers = await run_in_threadpool(state.store.facet_counts, catalogue, "retailer")
+        if set(retailers) <= {retailer}:
+            warning = (
+                f"catalogue {catalogue} holds one retailer ({retailer}): there is no other shop to find the same "
+                "product in; ingest another retailer's catalogue into it"
+            )
     return MatchResponse(
         catalogue=catalogue,
         product=product,
         calibrated=active.name == "catalogue",
         reliable=active.reliable,
-        warning=active.warning,
+        warning=warning,
         model=active.name,
         matches=matches,
     )

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import difflib
 import re
 import time
+from collections.abc import Iterable
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
@@ -92,11 +94,26 @@ async def _run(
             image_url=photo_url_for(catalogue),
             embedder=embedder,
         )
-        return decide_search(found, text, active_model(state.store, catalogue, models_root=state.engine.models_root))
+        found = decide_search(found, text, active_model(state.store, catalogue, models_root=state.engine.models_root))
+        if not found.results and filters.category:  # an empty answer says why when it can
+            categories = state.store.facet_counts(catalogue, "category_prefixes")
+            found.warnings += unknown_category(categories, filters.category)
+        return found
 
     response = await run_in_threadpool(searched)
     response.took_ms = round((time.perf_counter() - started) * 1000, 2)  # the photo's decoding included
     return response
+
+
+def unknown_category(known: Iterable[str], category: str) -> list[str]:
+    """Why a category filter found nothing, when the catalogue has no such category: the nearest it has."""
+    known = list(known)
+    if category in known:
+        return []
+    by_folded = {name.casefold(): name for name in known}
+    near = [by_folded[n] for n in difflib.get_close_matches(category.casefold(), list(by_folded), n=3, cutoff=0.5)]
+    hint = f"; the nearest: {', '.join(repr(n) for n in near)}" if near else f"; it has {len(known)} categories"
+    return [f"category {category!r} is not in this catalogue (categories match exactly, case included){hint}"]
 
 
 def _words(values: list[str] | None) -> list[str]:

@@ -31,8 +31,8 @@ def test_the_installed_command_lists_and_runs_its_subcommands() -> None:
     assert unknown.returncode == 2 and "unknown command 'nope'" in unknown.stderr
 
 
-@pytest.mark.parametrize("command", ["match", "adapt", "serve"])
+@pytest.mark.parametrize("command", ["ingest", "calibrate", "match", "adapt", "train", "serve"])
 def test_each_subcommand_has_its_own_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as done:
         main([command, "--help"])
-    assert done.value.code == 0 and "usage:" in capsys.readouterr().out
+    assert done.value.code == 0 and f"usage: product-match {command} " in capsys.readouterr().out

@@ -91,7 +91,7 @@ def test_product_and_its_matches_in_other_shops(client: TestClient, two_shops: s
     assert (first["id"], first["retailer"]) == (f"o-{rows[7]['id']}", "other-shop")
     assert first["scores"]["image"] > 0.99 and first["scores"]["text"] > 0.99
     assert {m["retailer"] for m in body["matches"]} == {"other-shop"}
-    assert {m["decision"] for m in body["matches"]} == {"uncalibrated"}
+    assert body["model"] == "default" and first["decision"] == "match"  # no labels: the default model decides
     missing = client.get(f"/catalogues/{two_shops}/products/hemkop/nope/matches")
     assert missing.status_code == 404 and "no product 'nope'" in missing.json()["detail"]
 
@@ -166,3 +166,21 @@ def test_browser_sends_empty_numbers(client: TestClient) -> None:
 def test_stored_product_photo_url_is_served(client: TestClient, two_shops: str) -> None:
     product = client.get(f"/catalogues/{two_shops}/products/other-shop/o-1").json()
     assert client.get(product["image_urls"][0]).status_code == 200
+
+
+def test_the_api_docs_load_nothing_from_elsewhere(client: TestClient) -> None:
+    page = client.get("/docs")
+    assert page.status_code == 200 and "SwaggerUIBundle" in page.text
+    assert "cdn" not in page.text.lower() and "https://" not in page.text  # every file from the service itself
+    for asset in ("/docs-assets/swagger-ui-bundle.js", "/docs-assets/swagger-ui.css"):
+        served = client.get(asset)
+        assert served.status_code == 200 and len(served.content) > 100_000, asset
+    assert client.get("/openapi.json").json()["info"]["title"] == "product-match"
+
+
+def test_empty_answers_say_why(client: TestClient) -> None:
+    wrong_case = client.post("/search", data={"text": "apple", "category": "fruit > apple"}).json()
+    assert wrong_case["results"] == [] and "'Fruit > Apple'" in wrong_case["warnings"][0]
+    assert client.post("/search", data={"text": "apple", "category": "Fruit > Apple"}).json()["warnings"] == []
+    alone = client.get("/catalogues/grocery/products/hemkop/1/matches").json()
+    assert alone["matches"] == [] and "holds one retailer (hemkop)" in alone["warning"]
