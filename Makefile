@@ -23,6 +23,7 @@ $(VENV)/.installed: pyproject.toml
 
 run: install
 	$(PY) -m ingest sample/grocery/catalogue.csv --catalogue $(CATALOGUE)
+	$(PY) -m ingest sample/grocery/corner-store.csv --catalogue $(CATALOGUE)
 	DEFAULT_CATALOGUE=$(CATALOGUE) $(PY) -m service --host $(HOST) --port $(PORT)
 
 serve: install

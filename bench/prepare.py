@@ -12,6 +12,9 @@ from bench.evalset import EvalQuery, write_queries
 from schemas.search import ProductRef
 
 GROCERY_RETAILER = "hemkop"
+# The sample's second shop: the same 81 products as a shop that photographs its own shelves (the first in-store
+# photo of each product in the dataset's train split) and titles them kind first ("Apple: Granny Smith").
+SHELF_RETAILER = "corner-store"
 # A few in-store phone photos (val split) shipped with the sample to try photo search.
 SAMPLE_QUERIES = (
     "Arla-Standard-Milk",
@@ -93,7 +96,34 @@ def write_grocery_sample(dataset: Path, dest: Path) -> int:
             if photo.name == f"{name}_001.jpg":
                 shutil.copyfile(dataset / photo, dest / "queries" / photo.name)
     shutil.copyfile(dataset.parent / "LICENSE", dest / "LICENSE")
+    write_catalogue(dest / f"{SHELF_RETAILER}.csv", shelf_products(dataset, rows, dest), GROCERY_COLUMNS)
     return len(rows)
+
+
+def shelf_products(dataset: Path, rows: list[dict[str, str]], dest: Path) -> list[dict[str, str]]:
+    """The second shop's listing of each product: its first train-split in-store photo (copied under
+    `dest/images/<shop>/`), a kind-first title, no description, the product's category, brand and volume."""
+    first: dict[str, Path] = {}
+    for line in (dataset / "train.txt").read_text(encoding="utf-8").splitlines():
+        path, class_id, *_ = (part.strip() for part in line.split(","))
+        first.setdefault(class_id, Path(path))
+    (dest / "images" / SHELF_RETAILER).mkdir(parents=True, exist_ok=True)
+    shelf = []
+    for row in rows:
+        photo = first[row["id"]]
+        image = f"images/{SHELF_RETAILER}/{photo.name}"
+        shutil.copyfile(dataset / photo, dest / image)
+        kind = row["category"].split(" > ")[-1].replace("-", " ")
+        shelf.append(
+            {
+                **{key: row[key] for key in ("brand", "category", "volume")},
+                "id": f"c-{row['id']}",
+                "retailer": SHELF_RETAILER,
+                "title": f"{kind}: {row['title']}",
+                "image": image,
+            }
+        )
+    return shelf
 
 
 def write_grocery_set(dataset: Path, dest: Path, split: str, *, text: str = "kind") -> int:
