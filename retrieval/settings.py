@@ -1,4 +1,4 @@
-"""Every knob of the engine in one place, read from the environment (see README, Configuration)."""
+"""Every knob of the engine in one place, read from the environment (docs/CONFIGURATION.md)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ class Settings(BaseSettings):
     qdrant_url: str | None = Field(default=None, description="Qdrant server URL, e.g. http://localhost:6333")
     qdrant_api_key: str | None = Field(default=None, description="API key for the Qdrant server")
     qdrant_path: Path | None = Field(default=None, description="folder of the embedded store (default: ./data/qdrant)")
-    # How a server (QDRANT_URL) lays out a new catalogue's collection (README, Scale out); existing
+    # How a server (QDRANT_URL) lays out a new catalogue's collection (docs/SCALE.md); existing
     # collections keep theirs. The embedded engines have one shard; the edge engine takes the storage
     # choices (on disk, int8) for a new catalogue, local mode none.
     qdrant_shards: int = Field(default=1, ge=1, le=1_000, description="server: shards of a new collection")
@@ -119,7 +119,7 @@ class Settings(BaseSettings):
         description="fine-tuned models (text encoders, re-rankers), one folder per SHA-256 digest, named by "
         "catalogue records (default: a 'models' folder beside the store)",
     )
-    # The HTTP service's hardening and operations (README, Operations).
+    # The HTTP service's hardening and operations (docs/OPERATIONS.md).
     api_key: SecretStr | None = Field(
         default=None, description="when set, write and admin endpoints need it in the X-API-Key header"
     )

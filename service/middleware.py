@@ -167,7 +167,7 @@ def _policy(path: str) -> str:
 
 
 class BrowserGuard:
-    """What keeps browsers from being used against the service (README, Security):
+    """What keeps browsers from being used against the service (docs/SECURITY.md):
 
     - a Host header that names no allowed host is refused with 400 (DNS rebinding: a page whose name now
       points at 127.0.0.1 would otherwise read the answers);

@@ -58,10 +58,10 @@ def test_cross_shop_text_lexical_and_fused_recall(abt_buy_test: tuple[EvalSet, S
     )
     text, lexical = recall_at_1(tallies, "text"), recall_at_1(tallies, "lexical")
     fused, ranked = recall_at_1(tallies, "text+lexical", "dbsf"), recall_at_1(tallies, "text+lexical", "rrf")
-    assert text >= 0.74, text  # measured 0.874 with the code re-rank (0.772 without: MiniLM alone)
-    assert lexical >= 0.90, lexical  # measured 0.932 with code terms (0.840 without)
+    assert text >= 0.85, text  # measured 0.874 with the code re-rank (0.772 without: MiniLM alone)
+    assert lexical >= 0.91, lexical  # measured 0.932 with code terms (0.840 without)
     assert fused >= 0.93, fused  # measured 0.956 (DBSF, the default fusion; 0.864 before code terms)
-    assert ranked >= 0.85, ranked  # measured 0.917 (RRF, with the conflict re-rank; 0.840 before)
+    assert ranked >= 0.90, ranked  # measured 0.922 (RRF, with the conflict re-rank; 0.840 before)
     assert fused > max(text, lexical)  # the fusion earns its place
 
 
@@ -77,11 +77,25 @@ def test_calibrated_matches_on_unseen_cross_shop_pairs(
     pairs = pairs_of(evalset)
     data = labelled_candidates(test_engine, evalset.name, pairs, depth=calibration.depth, fusion=calibration.fusion)
     result = measure(calibration, data, len(pairs))
-    assert result["r1_model"] >= 0.93, result  # measured 0.956 (search order 0.883)
+    assert result["r1_model"] >= 0.95, result  # measured 0.976 (search order 0.966)
     assert result["r1_model"] > result["r1_search"], result
-    assert result["precision"] >= 0.93, result  # measured 0.968 at the 0.95 target
-    assert result["recall"] >= 0.80, result  # measured 0.876
+    assert result["precision"] >= 0.94, result  # measured 0.966 at the 0.95 target
+    assert result["recall"] >= 0.92, result  # measured 0.948
     assert result["uncertain"] > 0, result  # the middle band is used: not every candidate is match / no match
+
+
+def test_held_out_cross_shop_text_recall(
+    tmp_path_factory: pytest.TempPathFactory, image_encoder: ImageEncoder, text_encoder: TextEncoder
+) -> None:
+    """Amazon-Google's test split (227 Amazon listings among both shops' 2,293 pairs): no constant of the lexical
+    signal or the fusion was chosen on this set; software titles whose siblings differ by one word."""
+    folder = tmp_path_factory.mktemp("amazon-google")
+    write_text_pairs_set(SHARED_DATA / "text-pairs" / "amazon-google", folder, left="amazon", right="google")
+    evalset = load_set(folder)
+    with ingested(evalset, image_encoder, text_encoder) as (engine, _):
+        tallies = run_set(evalset, engine, evalset.name, fusions=("dbsf",), only=("text+lexical",), filtered_rows=False)
+    fused = recall_at_1(tallies, "text+lexical", "dbsf")
+    assert fused >= 0.82, fused  # measured 0.846
 
 
 def test_an_adaptation_head_lifts_image_recall_by_a_margin(
