@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrieval.adapt.finetune_image import ImageTail, Trunk, TrunkCache, fit_tail, vectors_of
+from retrieval.adapt.finetune_image import fit_tail, vectors_of
+from retrieval.adapt.tail import ImageTail, Trunk, TrunkCache
 from retrieval.adapt.train import Examples, fit_supervised
 from retrieval.encoders.timm_backbone import TimmImageEncoder
 

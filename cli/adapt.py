@@ -14,9 +14,10 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from retrieval.adapt.data import PhotoEmbedder, Stored, labelled_examples, read_catalogue, read_examples
-from retrieval.adapt.finetune_image import TailError, finetune_catalogue_photos
+from retrieval.adapt.finetune_image import finetune_catalogue_photos
 from retrieval.adapt.finetune_text import FinetuneOptions, TextFit, finetune_catalogue
 from retrieval.adapt.heads import AdapterError, Adapters, trunk_cache_root
+from retrieval.adapt.tail import TailError
 from retrieval.adapt.train import Examples, Fit, fit_spread, fit_supervised, split
 from retrieval.encoders import EncoderError, load_image_encoder, load_text_encoder
 from retrieval.encoders.timm_backbone import TimmImageEncoder

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 import shutil
 import time
@@ -41,10 +42,19 @@ def sample_rows(n: int) -> list[dict[str, str]]:
         return list(csv.DictReader(f))[:n]
 
 
+def catalogue_csv(rows: list[dict[str, str]]) -> bytes:
+    """Rows as the bytes of a CSV catalogue, the first row's keys as its header (what a client uploads)."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue().encode()
+
+
 def write_catalogue(folder: Path, rows: list[dict[str, str]]) -> Path:
     """A catalogue in `folder` whose relative image refs point at copies of the sample's photos."""
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    for image in (SAMPLE.parent / "images").iterdir():
+    for image in (SAMPLE.parent / "images").glob("*.jpg"):  # the web shop's photos (not corner-store/)
         shutil.copyfile(image, folder / "images" / image.name)
     path = folder / "catalogue.csv"
     columns = sorted({key for row in rows for key in row}, key=lambda c: (c not in ("id", "retailer"), c))

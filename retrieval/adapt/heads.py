@@ -56,7 +56,7 @@ from schemas.adapters import AdapterRecord, HeadKind
 if TYPE_CHECKING:
     from PIL import Image
 
-    from retrieval.adapt.finetune_image import TailEncoder, TrunkCache
+    from retrieval.adapt.tail import TailEncoder, TrunkCache
 
 log = logging.getLogger(__name__)
 HEADS_NAMESPACE = uuid.UUID("6f1c2a52-5d7e-4c1b-9a51-0c6a3f1f7a10")
@@ -152,7 +152,7 @@ class TailHead:
     def embed_stored(self, refs: Sequence[str], digests: Sequence[str]) -> list[np.ndarray | None]:
         """Stored photos by their payload refs and digests (see `TrunkCache.of_stored`): None where a photo
         can be neither found in the cache nor read again."""
-        from retrieval.adapt.finetune_image import stack_features
+        from retrieval.adapt.tail import stack_features
 
         features, present = stack_features(self.cache.of_stored(refs, digests), self.cache.trunk.shape)
         out: list[np.ndarray | None] = [None] * len(refs)
@@ -298,7 +298,7 @@ class Adapters:
 
     def _tail(self, digest: str) -> TailHead:
         """The image tail kept under `digest` on this process's image encoder (folder and fit checked)."""
-        from retrieval.adapt.finetune_image import TailEncoder, TailError, TrunkCache, load_tail
+        from retrieval.adapt.tail import TailEncoder, TailError, TrunkCache, load_tail
         from retrieval.encoders.timm_backbone import TimmImageEncoder
 
         with self._loading:

@@ -14,19 +14,17 @@ import pytest
 import torch
 
 from bench.finetune_image import Photos, read_shop, read_split, recall
-from retrieval.adapt.finetune_image import (
+from retrieval.adapt.finetune_image import TailFit, fit_tail, vectors_of
+from retrieval.adapt.tail import (
     INFO_FILE,
     STATE_FILE,
     ImageTail,
     TailEncoder,
     TailError,
-    TailFit,
     TailInfo,
     Trunk,
     TrunkCache,
-    fit_tail,
     load_tail,
-    vectors_of,
 )
 from retrieval.adapt.train import Examples
 from retrieval.encoders import load_image_encoder

