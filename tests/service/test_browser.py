@@ -66,6 +66,14 @@ def othershop_rows() -> list[dict[str, str]]:
     ]
 
 
+# (category folder, file name, the sample photo it holds): ids such as `Fruit/Apple/Granny Smith #1`
+FOLDER_PHOTOS = [
+    ("Fruit/Apple", "Granny Smith #1.jpg", "Granny-Smith_Iconic.jpg"),
+    ("Fruit/Pear", "Anjou 100%.jpg", "Anjou_Iconic.jpg"),
+    ("Dairy/Milk", "Arla Standard?.jpg", "Arla-Standard-Milk_Iconic.jpg"),
+]
+
+
 @pytest.fixture(scope="module")
 def service_url(
     image_encoder: ImageEncoder, text_encoder: TextEncoder, tmp_path_factory: pytest.TempPathFactory
@@ -85,6 +93,13 @@ def service_url(
         pairs = [LabelledPair(product=ProductRef(retailer="hemkop", id=i), expect=[f"os-{i}"]) for i in OTHERSHOP]
         pairs += [LabelledPair(product=ProductRef(retailer="hemkop", id=i), expect=[]) for i in ("5", "6", "16", "79")]
         store.save_calibration("grocery", fit(labelled_candidates(engine, "grocery", pairs), source="browser test"))
+        # Two shops' folders of photos by category: every id holds `/` (and `#`, spaces), retailers `/` and `%`.
+        for retailer, photos in (("shop/a", FOLDER_PHOTOS), ("shop%b", FOLDER_PHOTOS[::-1])):
+            folder = root / retailer.replace("/", "_").replace("%", "_")
+            for category, name, source in photos:
+                (folder / category).mkdir(parents=True, exist_ok=True)
+                (folder / category / name).write_bytes((SAMPLE.parent / "images" / source).read_bytes())
+            assert ingestor.run(folder, "folders", retailer=retailer, progress=False).new == len(photos)
 
         app = create_app(settings, state=AppState(settings, store, engine))
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -241,6 +256,24 @@ def test_photo_search_with_filters_then_the_same_product_elsewhere(page: Page, t
     page.keyboard.press("Escape")
     expect(panel).to_be_hidden()
     expect(opener).to_be_focused()
+
+
+def test_products_whose_ids_hold_slashes_show_photos_and_matches(page: Page) -> None:
+    """Issue 27: a folder-per-category feed's ids (`Fruit/Apple/Granny Smith #1`) and retailers with `/` or `%`
+    reach their photos and their matches from the page."""
+    page.select_option("#catalogue", "folders")
+    page.fill("#text", "Granny Smith")
+    page.click("#submit")
+    first = page.locator("#results > li").first
+    expect(first.locator(".title")).to_have_text("Granny Smith #1")
+    wait_for_photos(page, "#results")  # every photo URL carries the id percent-encoded, and answers
+    first.get_by_role("button", name="Same product elsewhere").click()
+    panel = page.locator("#matches")
+    best = panel.locator("#matches-list > li").first
+    expect(best.locator(".title")).to_have_text("Granny Smith #1")
+    other = "shop%b" if first.locator(".retailer-name").inner_text() == "shop/a" else "shop/a"
+    expect(best.locator(".retailer-name")).to_have_text(other)
+    wait_for_photos(page, "#matches")
 
 
 def test_the_panel_shows_why_decisions_are_unreliable(page: Page) -> None:
