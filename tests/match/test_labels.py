@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from bench.calibrate import pairs_of
+from bench.evalset import EvalSet
 from ingest.__main__ import main as ingest_main
 from retrieval.match.model import (
     FEATURES,
@@ -20,6 +22,7 @@ from retrieval.match.model import (
     find_matches,
     labelled_candidates,
 )
+from retrieval.match.training import split_labels, train_matching
 from retrieval.search import SearchEngine
 from schemas.search import LabelledPair, ProductRef
 from tests.conftest import sample_rows
@@ -104,3 +107,20 @@ def test_calibrate_names_the_bad_line_and_the_bad_label(cli_shops: Path, capsys:
     labelled.write_text("\n".join([*rows[:9], *judged]) + "\n")
     assert ingest_main(["calibrate", str(labelled), "--catalogue", "shops"]) == 0
     assert "calibrated on 11 products" in capsys.readouterr().out
+
+
+def test_train_chooses_on_held_out_products_then_refits_on_all_labels(
+    abt_buy_valid: tuple[EvalSet, SearchEngine], tmp_path: Path
+) -> None:
+    """`ingest train`'s match model, without a cross-encoder: judged on a share held out by product, then the
+    configuration chosen is refitted on every labelled product (its candidates all in the stored model)."""
+    evalset, engine = abt_buy_valid
+    pairs = pairs_of(evalset)
+    shares = split_labels(pairs, held_out=0.2, seed=0)
+    assert {p.product.id for p in shares.held}.isdisjoint({p.product.id for p in shares.fit + shares.rerank})
+    result = train_matching(engine, evalset.name, shares, active=None, models_root=tmp_path, rerank=False)
+    assert result.chosen is not None and result.chosen_label == "match model"
+    everything = labelled_candidates(engine, evalset.name, pairs)
+    assert result.chosen.candidates == len(everything.labels) > len(shares.fit) * 10  # refitted on all of them
+    assert result.after.r1 >= result.before.r1 - 1 / len(shares.held)  # never below the search order
+    assert result.chosen.reliable and "refit on all labels" in result.seconds
