@@ -32,7 +32,7 @@ from retrieval.match.model import (
 from retrieval.match.training import Judgement, MatchTraining, split_labels, train_matching
 from retrieval.runtime import open_runtime
 from retrieval.settings import Settings
-from retrieval.store import ProductStore, StoreError
+from retrieval.store import TEXT_VECTOR, ProductStore, StoreError
 from retrieval.weights import ModelFolderError
 from schemas.search import LabelledPair
 
@@ -123,7 +123,7 @@ def main(argv: list[str], *, prog: str | None = None) -> int:
     if pairs:
         try:
             with ProductStore.open(settings) as store:
-                store.info(args.catalogue)  # an unknown catalogue is said first
+                text_before = store.info(args.catalogue).adapters.get(TEXT_VECTOR)  # unknown catalogue: said first
                 check_labels(store, args.catalogue, pairs)
         except (StoreError, LabelsError) as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -131,7 +131,9 @@ def main(argv: list[str], *, prog: str | None = None) -> int:
     shares = split_labels(pairs, held_out=args.held_out, seed=args.seed) if pairs else None
     if shares is not None and not args.no_text:
         with tempfile.TemporaryDirectory(prefix="train-") as folder:
-            teaching = _write_pairs(shares.rerank + shares.fit, Path(folder))
+            # the teaching share only: the match model is fitted on the others, whose text scores must be what a
+            # new product's will be (cross-fitting)
+            teaching = _write_pairs(shares.rerank, Path(folder))
             code = _adapt(
                 [
                     "--catalogue", args.catalogue, "--modality", "text", "--method", "finetune",
@@ -161,6 +163,8 @@ def main(argv: list[str], *, prog: str | None = None) -> int:
         return 2
     try:
         runtime = open_runtime(settings, store=store)
+        # a text encoder this run fine-tuned on the teaching share and switched on
+        text_tuned = bool(pairs) and store.info(args.catalogue).adapters.get(TEXT_VECTOR) not in (None, text_before)
         active = active_model(store, args.catalogue, models_root=settings.models_root).calibration
         result = train_matching(
             runtime.engine,
@@ -176,6 +180,7 @@ def main(argv: list[str], *, prog: str | None = None) -> int:
             fusion=DEFAULT_FUSION,
             adapters=store.info(args.catalogue).adapters,
             source=str(args.pairs),
+            tuned_on_teaching=text_tuned,
             progress=lambda line: print(f"  {line}", flush=True),
         )
         if result.chosen is not None:

@@ -238,10 +238,13 @@ def train_matching(
     fusion: Fusion = DEFAULT_FUSION,
     adapters: dict[str, int] | None = None,
     source: str = "",
+    tuned_on_teaching: bool = False,
     progress: Callable[[str], None] = lambda _: None,
 ) -> MatchTraining:
     """Fit the match model on the `fit` share, without and (`rerank`) with a cross-encoder trained on the
-    `rerank` share; judge each, and what is `active`, on the `held` share; choose the best that beats it."""
+    `rerank` share; judge each, and what is `active`, on the `held` share; choose the best that beats it, then
+    refit it on every label it may learn from. `tuned_on_teaching`: the catalogue's text vectors come from an
+    encoder fine-tuned on the `rerank` share (whose scores the match model must then not be fitted on)."""
     seconds: dict[str, float] = {}
     notes: list[str] = []
     started = time.perf_counter()
@@ -293,16 +296,17 @@ def train_matching(
     if not keep:
         return MatchTraining(before, [j for j, _ in tried], None, "", fitted_rerank, seconds, notes)
     # Chosen on the held-out share; now refitted on every label it may learn from, its thresholds taken from
-    # the refit's out-of-fold probabilities. With a cross-encoder, only on the products it never read: their
-    # pair scores are what a new product's will be (cross-fitting); without one, on all of them.
+    # the refit's out-of-fold probabilities. When a learnt part's scores are features (the cross-encoder, or a
+    # text encoder fine-tuned on the teaching share), only on the products it never read: their scores are what
+    # a new product's will be (cross-fitting); otherwise on all of them.
     started = time.perf_counter()
-    if best.reranker is None:
+    if best.reranker is None and not tuned_on_teaching:
         everything = [*shares.rerank, *shares.fit, *shares.held]
         data = labelled_candidates(engine, catalogue, everything, depth=depth, fusion=fusion)
     else:
         everything = [*shares.fit, *shares.held]
-        reranker = load_reranker(models_root, best.reranker)
-        data = labelled_candidates(engine, catalogue, everything, depth=depth, fusion=fusion, reranker=reranker)
+        kept = load_reranker(models_root, best.reranker) if best.reranker else None
+        data = labelled_candidates(engine, catalogue, everything, depth=depth, fusion=fusion, reranker=kept)
     refit = fitted(data, best.reranker)
     seconds["refit on all labels"] = time.perf_counter() - started
     progress(f"{best_judgement.label} refitted on {len(everything)} products: {seconds['refit on all labels']:.0f} s")
