@@ -16,7 +16,7 @@ import numpy as np
 
 from bench.evalset import EvalSet
 from bench.metrics import Tally
-from bench.quality import RowKey, SetRun, catalogue_embeddings, ingested, run_set, table
+from bench.quality import RowKey, SetRun, catalogue_embeddings, ingested, recall_at, run_set, table
 from retrieval.adapt.data import PhotoEmbedder, Stored, labelled_examples, read_catalogue, read_examples
 from retrieval.adapt.train import Examples, Fit, fit_spread, fit_supervised, split
 from retrieval.encoders import ImageEncoder, TextEncoder
@@ -40,20 +40,13 @@ class Row:
     fused: dict[str, list[float]]
 
 
-def _recall(tallies: dict[RowKey, Tally], mode: str, fusion: str = "", k: int = 1) -> float:
-    for key, tally in tallies.items():
-        if key.group == "all" and key.mode == mode and key.fusion == fusion and not key.filtered:
-            return tally.recall(k)
-    raise KeyError(mode)
-
-
 def _measure(engine: SearchEngine, evalset: EvalSet, row: Row, full: bool = False) -> dict[RowKey, Tally]:
     only = None if full else ("image", "fused")
     tallies = run_set(evalset, engine, evalset.name, fusions=FUSIONS, only=only, filtered_rows=full)
-    row.image.append(_recall(tallies, "image"))
-    row.image5.append(_recall(tallies, "image", k=5))
+    row.image.append(recall_at(tallies, "image"))
+    row.image5.append(recall_at(tallies, "image", k=5))
     for fusion in FUSIONS:
-        row.fused.setdefault(fusion, []).append(_recall(tallies, "fused", fusion))
+        row.fused.setdefault(fusion, []).append(recall_at(tallies, "fused", fusion))
     return tallies
 
 

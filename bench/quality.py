@@ -49,6 +49,14 @@ class RowKey:
         return (self.group != "all", self.group, MODES.index(self.mode), self.fusion, self.filtered)
 
 
+def recall_at(tallies: dict[RowKey, Tally], mode: str, fusion: str = "", k: int = 1) -> float:
+    """Recall@k of one unfiltered row over all queries (`mode`, and `fusion` for fused modes)."""
+    for key, tally in tallies.items():
+        if key.group == "all" and key.mode == mode and key.fusion == fusion and not key.filtered:
+            return tally.recall(k)
+    raise KeyError(f"no row {mode} {fusion}".strip())
+
+
 def parse_fusion(spec: str) -> tuple[str, SearchOptions]:
     """`rrf`, `dbsf` or `weighted:IMAGE:TEXT[:LEXICAL]` -> (row label, the search options)."""
     name, _, weights = spec.partition(":")

@@ -16,7 +16,7 @@ import html
 import re
 import unicodedata
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from qdrant_client import models
 
@@ -249,6 +249,19 @@ def sparse_vector(weights: dict[str, float]) -> models.SparseVector:
     return models.SparseVector(indices=indices, values=[by_index[i] for i in indices])
 
 
+def bm25_vector(
+    counts: Mapping[str, float], average_length: float, *, uncounted: Mapping[str, float] | None = None
+) -> models.SparseVector | None:
+    """BM25 document weights: each term's (field-weighted) count saturated by K1 and normalised by the
+    document's length against a fixed `average_length` (B); `uncounted` terms are weighted the same way but
+    do not count towards the length. The one BM25 of the project: the lexical and the read-text (OCR) vectors."""
+    uncounted = uncounted or {}
+    if not counts and not uncounted:
+        return None
+    norm = K1 * (1 - B + B * sum(counts.values()) / average_length)
+    return sparse_vector({t: f * (K1 + 1) / (f + norm) for t, f in {**counts, **uncounted}.items()})
+
+
 def document_vector(record: CatalogueRecord) -> models.SparseVector | None:
     """BM25 term weights (saturated term frequency, field-weighted) of a product's words and identifiers."""
     counts: defaultdict[str, float] = defaultdict(float)
@@ -267,10 +280,7 @@ def document_vector(record: CatalogueRecord) -> models.SparseVector | None:
             special[term] += weight * kind
     if record.gtin:
         counts[gtin_token(record.gtin)] += GTIN_WEIGHT
-    if not counts and not special:
-        return None
-    norm = K1 * (1 - B + B * sum(counts.values()) / AVERAGE_LENGTH)
-    return sparse_vector({t: f * (K1 + 1) / (f + norm) for t, f in (counts | special).items()})
+    return bm25_vector(counts, AVERAGE_LENGTH, uncounted=special)
 
 
 def query_terms(text: str) -> dict[str, float]:

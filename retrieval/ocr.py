@@ -25,13 +25,11 @@ import numpy as np
 from PIL import Image
 from qdrant_client import models
 
-from retrieval.lexical import normalise, sparse_vector
+from retrieval.lexical import bm25_vector, normalise, sparse_vector
 
 ENGINE = "rapidocr-onnxruntime:PP-OCRv4"
 MIN_LINE_SCORE = 0.5  # a line the recogniser is less sure of is left out (0-0.8 measured the same)
 MIN_READ_CHARACTERS = 10  # a query photo that shows less text than this searches without it (an apple)
-K1 = 1.2
-B = 0.75
 # BM25 length normalisation against a fixed typical document (trigrams of the photo's text, title and
 # brand): a running average would change every stored weight as a catalogue grows.
 AVERAGE_LENGTH = 25.0  # the mean over the grocery catalogue (81 products)
@@ -74,10 +72,7 @@ def document_vector(read: Iterable[str], title: str | None, brand: str | None) -
     for text in [*read, title or "", brand or ""]:
         for word in words(text):
             counts.update(trigrams(word))
-    if not counts:
-        return None
-    norm = K1 * (1 - B + B * sum(counts.values()) / AVERAGE_LENGTH)
-    return sparse_vector({g: f * (K1 + 1) / (f + norm) for g, f in counts.items()})
+    return bm25_vector(counts, AVERAGE_LENGTH)
 
 
 def query_vector(read: str) -> models.SparseVector | None:
