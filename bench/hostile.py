@@ -42,6 +42,81 @@ def _old_clean(text: str) -> None:
         pattern.sub(" ", text)
 
 
+def _serve_beside(lines: list[str]) -> None:
+    """The service (real app, real store, OCR on) in this process on a loopback port: a text search's latency
+    alone, then while a photo covered in print is being searched; and that photo search's own time."""
+    import io
+    import socket
+    import statistics
+    import tempfile
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from ingest.pipeline import Ingestor
+    from retrieval.runtime import open_runtime
+    from retrieval.settings import Settings
+    from service.app import create_app
+    from service.state import AppState
+
+    with tempfile.TemporaryDirectory(prefix="bench-hostile-") as folder:
+        settings = Settings(qdrant_path=Path(folder) / "store", ocr="on", default_catalogue="grocery")
+        runtime = open_runtime(settings)
+        engine = runtime.engine
+        Ingestor(settings, runtime.store, engine.image_encoder, engine.text_encoder).run(
+            Path("sample/grocery/catalogue.csv"), "grocery", progress=False
+        )
+        server = uvicorn.Server(uvicorn.Config(create_app(settings, state=AppState(settings, runtime.store, engine))))
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+        thread.start()
+        while not server.started:
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        png = io.BytesIO()
+        text_wall().save(png, "PNG")
+        try:
+            with httpx.Client(base_url=url, timeout=120) as client:
+
+                def text_search() -> float:
+                    began = time.perf_counter()
+                    client.post("/search", data={"text": "oat milk", "limit": "5"}).raise_for_status()
+                    return time.perf_counter() - began
+
+                text_search()  # warm
+                alone = statistics.median(text_search() for _ in range(9))
+                photo: dict[str, object] = {}
+
+                def photo_search() -> None:
+                    began = time.perf_counter()
+                    answer = client.post("/search", files={"image": ("wall.png", png.getvalue(), "image/png")})
+                    photo["seconds"] = time.perf_counter() - began
+                    photo["answer"] = answer.json()
+
+                beside_thread = threading.Thread(target=photo_search)
+                beside_thread.start()
+                time.sleep(0.2)
+                beside = [text_search() for _ in range(5)]
+                beside_thread.join()
+        finally:
+            server.should_exit = True
+            thread.join(timeout=15)
+            listener.close()
+            runtime.store.close()
+    answer = photo["answer"]
+    assert isinstance(answer, dict)
+    lines.append(
+        f"| `POST /search` of that photo (OCR on; read: {'yes' if answer.get('read') else 'no'}, "
+        f"warnings: {len(answer.get('warnings', []))}) | | {photo['seconds']:.1f} | |"
+    )
+    lines.append(
+        f"| a text search alone / beside it (median of 9 / of 5) | {alone:.3f} | {statistics.median(beside):.3f} "
+        f"| {statistics.median(beside) / alone:.1f}x |"
+    )
+
+
 def run(out: Path) -> int:
     lines = ["| input | before (s) | now (s) | ratio |", "| --- | ---: | ---: | ---: |"]
     for length in (2_000, 5_000, 20_000):
@@ -62,6 +137,7 @@ def run(out: Path) -> int:
         f"| read a 2000 x 2000 photo of small print ({len(whole)} lines read before, {len(bounded)} now) "
         f"| {before:.1f} | {now:.1f} | {before / now:.0f}x |"
     )
+    _serve_beside(lines)
     table = "\n".join(lines)
     print(table)
     out.mkdir(parents=True, exist_ok=True)
