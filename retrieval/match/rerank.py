@@ -133,6 +133,11 @@ def train_cross_encoder(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if len(pairs) < 8 or all(pairs.labels) or not any(pairs.labels):
         raise ValueError(f"a cross-encoder needs at least 8 labelled pairs of both kinds, got {len(pairs)}")
+    if held_out is not None and (all(held_out.labels) or not any(held_out.labels)):
+        # every epoch would score 0 on it, and the untrained model would be kept without a word
+        raise ValueError(
+            f"the cross-encoder's early-stopping pairs ({len(held_out)}) are all of one kind: it cannot be judged"
+        )
     amp = resolve_precision(precision, "cross-encoder") == "bf16"
     random.seed(seed)
     torch.manual_seed(seed)

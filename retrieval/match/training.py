@@ -193,8 +193,15 @@ def teach_cross_encoder(mined: PairSet, models_root: Path, *, epochs: int = 3) -
     """Train a cross-encoder on mined pairs, a tenth of their products held out for early stopping, and keep
     it under `models_root`: what it did, and the digest that names it."""
     groups = np.asarray(mined.groups)
+    labels = np.asarray(mined.labels, dtype=bool)
     unique = np.unique(groups)
-    stop = np.isin(groups, np.random.default_rng(0).permutation(unique)[: max(1, len(unique) // 10)])
+    chosen: list[int] = []
+    for group in np.random.default_rng(0).permutation(unique):  # a tenth of the products, with both kinds of pair
+        chosen.append(int(group))
+        inside = np.isin(groups, chosen)
+        if len(chosen) >= max(1, len(unique) // 10) and labels[inside].any() and not labels[inside].all():
+            break
+    stop = np.isin(groups, chosen)
     with tempfile.TemporaryDirectory(prefix="rerank-") as scratch:
         result = train_cross_encoder(
             mined.take(np.nonzero(~stop)[0].tolist()),
@@ -271,11 +278,15 @@ def train_matching(
     seconds["match model"] = time.perf_counter() - started
     tried.append((judge("match model", engine, catalogue, shares.held, plain.calibration), plain.calibration))
     progress(f"match model fitted on {len(shares.fit)} products: {seconds['match model']:.0f} s")
-    fitted_rerank = None
+    fitted_rerank: RerankFit | None = None
     if rerank:
         started = time.perf_counter()
         mined = mine_pairs(engine, catalogue, shares.rerank, depth=depth, fusion=fusion)
-        fitted_rerank, digest = teach_cross_encoder(mined, models_root, epochs=epochs)
+        try:
+            fitted_rerank, digest = teach_cross_encoder(mined, models_root, epochs=epochs)
+        except ValueError as exc:  # too few or one-sided teaching pairs: the match model alone is judged
+            notes.append(f"no cross-encoder was trained: {exc}")
+    if fitted_rerank is not None:
         seconds["cross-encoder"] = time.perf_counter() - started
         progress(
             f"cross-encoder trained on {fitted_rerank.pairs} pairs of {len(shares.rerank)} products: "

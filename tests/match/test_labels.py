@@ -22,8 +22,10 @@ from retrieval.match.model import (
     find_matches,
     labelled_candidates,
 )
+from retrieval.match.rerank import PairSet, train_cross_encoder
 from retrieval.match.training import split_labels, train_matching
 from retrieval.search import SearchEngine
+from schemas.payload import Product
 from schemas.search import LabelledPair, ProductRef
 from tests.conftest import sample_rows
 
@@ -124,3 +126,18 @@ def test_train_chooses_on_held_out_products_then_refits_on_all_labels(
     assert result.chosen.candidates == len(everything.labels) > len(shares.fit) * 10  # refitted on all of them
     assert result.after.r1 >= result.before.r1 - 1 / len(shares.held)  # never below the search order
     assert result.chosen.reliable and "refit on all labels" in result.seconds
+
+
+def test_a_cross_encoder_that_cannot_be_judged_is_not_trained(tmp_path: Path) -> None:
+    """Early-stopping pairs of one kind score every epoch 0: the untrained model would be kept without a word."""
+    product = Product(id="1", retailer="a", title="Panasonic KX-TG6313S cordless phone")
+    sibling = Product(id="2", retailer="b", title="Panasonic KX-TG9332S cordless phone")
+    teaching = PairSet()
+    for group in range(6):
+        teaching.add(product, product, True, group)
+        teaching.add(product, sibling, False, group)
+    judged_by_one_kind = PairSet()
+    judged_by_one_kind.add(product, sibling, False, 9)
+    with pytest.raises(ValueError, match="all of one kind"):
+        train_cross_encoder(teaching, tmp_path / "model", held_out=judged_by_one_kind)
+    assert not (tmp_path / "model").exists()
