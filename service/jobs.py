@@ -1,7 +1,7 @@
 """Background jobs of the service: run one at a time in a worker thread (they share the encoders and
 the store with searches); their records, progress and rows kept for the most recent ones.
 
-With a path (the service's `JOBS_PATH`, a small SQLite file beside the store) every record is written as it
+With a path (the service's `JOBS_PATH`, a small SQLite file in the store's folder) every record is written as it
 changes, so a job outlives the process: after a crash or a kill the service starts by marking the jobs that
 were queued or running `interrupted` (with what they had stored by then), and `GET /jobs/{id}` still answers.
 
