@@ -17,6 +17,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from retrieval.match.batch import as_csv, done_products, spreadsheet_safe
+from retrieval.settings import Settings
+from service.jobs import Jobs
 from tests.conftest import SAMPLE, catalogue_csv, wait_for_job
 
 PHOTOS = SAMPLE.parent / "images"
@@ -180,3 +182,11 @@ def test_errors_name_a_long_field_and_never_echo_it(client: TestClient) -> None:
     assert answer.status_code == 422 and len(answer.content) < 2_000
     answer = client.get("/catalogues/c/products/r/" + "y" * 5_000)
     assert answer.status_code in (404, 422) and len(answer.content) < 2_000
+
+
+def test_two_stores_under_one_parent_keep_their_jobs_apart(tmp_path: Path) -> None:
+    first, second = (Settings(qdrant_path=tmp_path / "stores" / name) for name in ("a", "b"))
+    assert first.jobs_file.parent == first.store_path and first.jobs_file != second.jobs_file
+    jobs_a, jobs_b = Jobs(first.jobs_file), Jobs(second.jobs_file)  # both held at once: no JobsBusy
+    jobs_a.close(1)
+    jobs_b.close(1)
