@@ -197,6 +197,10 @@ def report(catalogue: str, result: MatchTraining) -> int:
     for note in result.notes:
         print(f"WARNING: {note}", file=sys.stderr)
     print(judgement_table([result.before, *result.tried], result.chosen_label))
+    if result.reported:
+        products = result.reported[0].products
+        print(f"  reported on {products} other held-out products, read by neither the choice nor the refit:")
+        print(judgement_table(result.reported, ""))
     if result.chosen is None:
         print(f"catalogue {catalogue}: nothing beat the active match model on the held-out products; it stays")
         return 0

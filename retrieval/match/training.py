@@ -11,7 +11,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -223,11 +223,30 @@ class MatchTraining:
     rerank: RerankFit | None
     seconds: dict[str, float]
     notes: list[str]
+    # what is active before and what is stored, on products held out of the choice and of the refit alike
+    reported: list[Judgement] = field(default_factory=list)
 
     @property
     def after(self) -> Judgement:
         """The held-out figures of what is active once the training is stored."""
         return next((j for j in self.tried if j.label == self.chosen_label), self.before)
+
+
+REPORT_FROM = 40  # held-out products from which a half is kept apart to report on
+
+
+def report_share(held: Sequence[LabelledPair]) -> tuple[list[LabelledPair], list[LabelledPair]]:
+    """(the products the choice is made on, those kept to report on): with REPORT_FROM held-out products or
+    more, every other product (by product) is kept apart, untouched by the choice and by the refit; with fewer,
+    the figures reported are those the choice was made on."""
+    products = sorted({(p.product.retailer, p.product.id) for p in held})
+    if len(products) < REPORT_FROM:
+        return list(held), []
+    kept = set(products[1::2])
+    return (
+        [p for p in held if (p.product.retailer, p.product.id) not in kept],
+        [p for p in held if (p.product.retailer, p.product.id) in kept],
+    )
 
 
 def train_matching(
@@ -255,7 +274,8 @@ def train_matching(
     seconds: dict[str, float] = {}
     notes: list[str] = []
     started = time.perf_counter()
-    before = judge("active" if active else "search order", engine, catalogue, shares.held, active)
+    choose, report = report_share(shares.held)
+    before = judge("active" if active else "search order", engine, catalogue, choose, active)
 
     def fitted(data: Labelled, reranker: str | None) -> Fitted:
         return fit_model(
@@ -276,7 +296,7 @@ def train_matching(
     plain = fitted(fit_data, None)
     notes += plain.notes
     seconds["match model"] = time.perf_counter() - started
-    tried.append((judge("match model", engine, catalogue, shares.held, plain.calibration), plain.calibration))
+    tried.append((judge("match model", engine, catalogue, choose, plain.calibration), plain.calibration))
     progress(f"match model fitted on {len(shares.fit)} products: {seconds['match model']:.0f} s")
     fitted_rerank: RerankFit | None = None
     if rerank:
@@ -298,7 +318,7 @@ def train_matching(
         paired = fitted(fit_data, digest)
         seconds["match model + cross-encoder"] = time.perf_counter() - started
         label = "match model + cross-encoder"
-        tried.append((judge(label, engine, catalogue, shares.held, paired.calibration), paired.calibration))
+        tried.append((judge(label, engine, catalogue, choose, paired.calibration), paired.calibration))
     best_judgement, best = max(tried, key=lambda t: (t[0].r1 + t[0].recall, t[0].recall))
     if active is None:  # against the search order: it may decide, but never rank worse by more than a product
         keep = best_judgement.r1 >= before.r1 - 1 / max(1, before.products)
@@ -312,15 +332,22 @@ def train_matching(
     # a new product's will be (cross-fitting); otherwise on all of them.
     started = time.perf_counter()
     if best.reranker is None and not tuned_on_teaching:
-        everything = [*shares.rerank, *shares.fit, *shares.held]
+        everything = [*shares.rerank, *shares.fit, *choose]
         data = labelled_candidates(engine, catalogue, everything, depth=depth, fusion=fusion)
     else:
-        everything = [*shares.fit, *shares.held]
+        everything = [*shares.fit, *choose]
         kept = load_reranker(models_root, best.reranker) if best.reranker else None
         data = labelled_candidates(engine, catalogue, everything, depth=depth, fusion=fusion, reranker=kept)
     refit = fitted(data, best.reranker)
     seconds["refit on all labels"] = time.perf_counter() - started
     progress(f"{best_judgement.label} refitted on {len(everything)} products: {seconds['refit on all labels']:.0f} s")
+    reported = []
+    if report:  # the stored model and what it replaces, on products nothing was chosen or fitted on
+        reported = [
+            judge(before.label, engine, catalogue, report, active),
+            judge(f"{best_judgement.label} (stored)", engine, catalogue, report, refit.calibration),
+        ]
     return MatchTraining(
-        before, [j for j, _ in tried], refit.calibration, best_judgement.label, fitted_rerank, seconds, notes
-    )
+        before, [j for j, _ in tried], refit.calibration, best_judgement.label, fitted_rerank, seconds, notes,
+        reported,
+    )  # fmt: skip

@@ -23,7 +23,7 @@ from retrieval.match.model import (
     labelled_candidates,
 )
 from retrieval.match.rerank import PairSet, train_cross_encoder
-from retrieval.match.training import split_labels, train_matching
+from retrieval.match.training import report_share, split_labels, train_matching
 from retrieval.search import SearchEngine
 from schemas.payload import Product
 from schemas.search import LabelledPair, ProductRef
@@ -122,10 +122,14 @@ def test_train_chooses_on_held_out_products_then_refits_on_all_labels(
     assert {p.product.id for p in shares.held}.isdisjoint({p.product.id for p in shares.fit + shares.rerank})
     result = train_matching(engine, evalset.name, shares, active=None, models_root=tmp_path, rerank=False)
     assert result.chosen is not None and result.chosen_label == "match model"
-    everything = labelled_candidates(engine, evalset.name, pairs)
-    assert result.chosen.candidates == len(everything.labels) > len(shares.fit) * 10  # refitted on all of them
-    assert result.after.r1 >= result.before.r1 - 1 / len(shares.held)  # never below the search order
+    choose, report = report_share(shares.held)
+    assert len(report) >= 20 and {p.product.id for p in report}.isdisjoint({p.product.id for p in choose})
+    learnt_from = labelled_candidates(engine, evalset.name, [p for p in pairs if p not in report])
+    assert result.chosen.candidates == len(learnt_from.labels) > len(shares.fit) * 10  # all but the report share
+    assert result.after.r1 >= result.before.r1 - 1 / len(choose)  # never below the search order
     assert result.chosen.reliable and "refit on all labels" in result.seconds
+    searched, stored = result.reported  # on products neither the choice nor the refit read
+    assert stored.products == searched.products == len(report) and stored.r1 >= searched.r1 - 0.05
 
 
 def test_a_cross_encoder_that_cannot_be_judged_is_not_trained(tmp_path: Path) -> None:
