@@ -54,8 +54,7 @@ def catalogue_csv(rows: list[dict[str, str]]) -> bytes:
 def write_catalogue(folder: Path, rows: list[dict[str, str]]) -> Path:
     """A catalogue in `folder` whose relative image refs point at copies of the sample's photos."""
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    for image in (SAMPLE.parent / "images").glob("*.jpg"):  # the web shop's photos (not corner-store/)
-        shutil.copyfile(image, folder / "images" / image.name)
+    shutil.copytree(SAMPLE.parent / "images", folder / "images", dirs_exist_ok=True)  # both shops' photos
     path = folder / "catalogue.csv"
     columns = sorted({key for row in rows for key in row}, key=lambda c: (c not in ("id", "retailer"), c))
     with path.open("w", newline="", encoding="utf-8") as out:
@@ -152,13 +151,33 @@ def catalogue_name() -> str:
     return f"test-{uuid.uuid4().hex[:8]}"
 
 
+SHELF = SAMPLE.parent / "corner-store.csv"
+
+
+def other_shop_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The sample's second shop's own listings of `rows` (a shelf photo, a kind-first title, no description),
+    as retailer `other-shop` with ids `o-<id>`: the same products, listed differently, as shops do."""
+    with SHELF.open(encoding="utf-8") as f:
+        shelf = {row["id"].removeprefix("c-"): row for row in csv.DictReader(f)}
+    return [
+        {
+            **shelf[r["id"]],
+            "retailer": "other-shop",
+            "id": f"o-{r['id']}",
+            **({"price": r["price"]} if "price" in r else {}),
+        }
+        for r in rows
+    ]
+
+
 @pytest.fixture(scope="session")
 def two_shops(engine: SearchEngine, sample_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The first 30 sample products in two shops: the second lists them with its own ids and prices."""
+    """The first 30 sample products in two shops: the second (`other-shop`) lists them its own way (a shelf
+    photo, a kind-first title, no description: `other_shop_rows`), with its own ids (`o-<id>`) and prices."""
     rows = sample_rows(30)
     for i, row in enumerate(rows):
         row["price"] = str(10 + i)
-    other = [{**r, "retailer": "other-shop", "id": f"o-{r['id']}", "price": str(float(r["price"]) + 0.5)} for r in rows]
+    other = other_shop_rows([{**r, "price": str(float(r["price"]) + 0.5)} for r in rows])
     path = write_catalogue(tmp_path_factory.mktemp("two-shops"), rows + other)
     ingestor = Ingestor(sample_settings, engine.store, engine.image_encoder, engine.text_encoder)
     report = ingestor.run(path, "two-shops", progress=False)
@@ -169,7 +188,7 @@ def two_shops(engine: SearchEngine, sample_settings: Settings, tmp_path_factory:
 @pytest.fixture
 def cli_shops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str) -> Path:
     """The CLI's environment pointed at a fresh store holding catalogue `shops`: 12 sample products in
-    `hemkop` and their twins (ids `o-<id>`) in `other-shop`. Returns the test's folder."""
+    `hemkop` and the second shop's listings of them (ids `o-<id>`) in `other-shop`. Returns the test's folder."""
     monkeypatch.setenv("QDRANT_PATH", str(tmp_path / "store"))
     monkeypatch.setenv("STORE_BACKEND", backend)
     for key in ("QDRANT_URL", "IMAGE_MODEL", "TEXT_MODEL"):
@@ -177,7 +196,7 @@ def cli_shops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str) -> 
     from ingest.__main__ import main as ingest_main
 
     rows = sample_rows(12)
-    twins = [{**r, "retailer": "other-shop", "id": f"o-{r['id']}"} for r in rows]
+    twins = other_shop_rows(rows)
     assert ingest_main([str(write_catalogue(tmp_path / "feed", rows + twins)), "--catalogue", "shops"]) == 0
     return tmp_path
 

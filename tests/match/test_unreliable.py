@@ -39,7 +39,7 @@ def test_an_unreachable_target_is_stored_unreliable_with_its_curve(
     unreachable: tuple[Labelled, Calibration],
 ) -> None:
     data, calibration = unreachable
-    assert sum(data.labels) >= 20 and data.positives == 30  # real candidates: most wrong "twins" were found
+    assert sum(data.labels) >= 15 and data.positives == 30  # real candidates: most wrong "twins" were found
     assert not calibration.reliable and calibration.version == MODEL_VERSION
     assert calibration.precision < 0.95 and calibration.accepted_precision is None
     assert calibration.uncertain_threshold <= calibration.match_threshold < 1.0  # not the old silent 1.0

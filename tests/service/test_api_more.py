@@ -89,7 +89,8 @@ def test_product_and_its_matches_in_other_shops(client: TestClient, two_shops: s
     assert body["calibrated"] is False and body["product"]["id"] == rows[7]["id"]
     first = body["matches"][0]
     assert (first["id"], first["retailer"]) == (f"o-{rows[7]['id']}", "other-shop")
-    assert first["scores"]["image"] > 0.99 and first["scores"]["text"] > 0.99
+    # another shop's listing, not a copy: a shelf photo against a web photo, a kind-first title
+    assert 0.2 < first["scores"]["image"] < 0.9 and 0.6 < first["scores"]["text"] < 0.99
     assert {m["retailer"] for m in body["matches"]} == {"other-shop"}
     assert body["model"] == "default" and first["decision"] == "match"  # no labels: the default model decides
     missing = client.get(f"/catalogues/{two_shops}/products/hemkop/nope/matches")
