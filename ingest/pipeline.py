@@ -237,7 +237,9 @@ class Ingestor:
 
     def _remove_old_extractions(self, catalogue: str, current: Path) -> None:
         """After a zip's ingest: remove the catalogue's other extracted zips that no stored product's photo
-        lies in any more (v1 and v2 of a feed, once v3 has replaced their products)."""
+        lies in any more (v1 and v2 of a feed, once v3 has replaced their products). One writer of a catalogue at
+        a time is assumed (the embedded store's lock, the service's one job at a time): two processes ingesting
+        zips into one catalogue of a Qdrant server at once could remove each other's fresh extraction."""
         parent = current.parent
         others = {p for p in parent.iterdir() if p.is_dir() and p != current and not p.name.startswith(".")}
         if not others:
