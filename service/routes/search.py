@@ -94,7 +94,9 @@ async def _run(
             image_url=photo_url_for(catalogue),
             embedder=embedder,
         )
-        found = decide_search(found, text, active_model(state.store, catalogue, models_root=state.engine.models_root))
+        if text and found.results:  # only words are decided: a photo-only search reads no model
+            active = active_model(state.store, catalogue, models_root=state.engine.models_root)
+            found = decide_search(found, text, active)
         if not found.results and filters.category:  # an empty answer says why when it can
             categories = state.store.facet_counts(catalogue, "category_prefixes")
             found.warnings += unknown_category(categories, filters.category)
