@@ -321,7 +321,7 @@ class LabelledPair(BaseModel):
     @property
     def positives(self) -> int:
         """Distinct listings labelled the same."""
-        return len({e.model_dump_json() if isinstance(e, ProductRef) else e for e in self.expect or []})
+        return len({(e.retailer, e.id) if isinstance(e, ProductRef) else e for e in self.expect or []})
 
     def expected_ids(self) -> list[str]:
         return list(dict.fromkeys(e.id if isinstance(e, ProductRef) else e for e in self.expect or []))

@@ -181,8 +181,7 @@ class Jobs:
         before its status says so. `warning` is shown with the job."""
         if self._stop.is_set():
             raise JobsClosed("the service is stopping and takes no new jobs")
-        if self.queued() >= self._max_queued:
-            raise JobsFull(f"{self._max_queued} jobs are waiting already (MAX_QUEUED_JOBS)")
+        self.check_room()
         job = Job(
             id=uuid.uuid4().hex, kind=kind, catalogue=catalogue, status="queued", created_at=_now(), warning=warning
         )
@@ -198,6 +197,11 @@ class Jobs:
     def queued(self) -> int:
         with self._lock:
             return sum(job.status == "queued" for job in self._jobs.values())
+
+    def check_room(self) -> None:
+        """JobsFull when `max_queued` jobs are waiting already (a route asks before it takes an upload)."""
+        if self.queued() >= self._max_queued:
+            raise JobsFull(f"{self._max_queued} jobs are waiting already (MAX_QUEUED_JOBS)")
 
     def _trim(self) -> None:
         while len(self._jobs) > KEPT_JOBS:

@@ -144,8 +144,8 @@ PAGE_POLICY = (
     "form-action 'self'; frame-ancestors 'none'"
 )
 API_POLICY = "default-src 'none'; frame-ancestors 'none'"
-DOCS_POLICY = "frame-ancestors 'none'"  # Swagger UI and ReDoc load their scripts, styles and fonts themselves
-_DOCS = ("/docs", "/redoc")
+DOCS_POLICY = "frame-ancestors 'none'"  # Swagger UI runs an inline script of its own (/docs, /docs-assets)
+_DOCS = "/docs"
 _PROBES = frozenset({"/healthz", "/readyz"})
 
 

@@ -77,6 +77,10 @@ class IngestFailed(RuntimeError):
     """An ingest job that could not run, or ingested nothing; the message says why."""
 
 
+def _uploads_full(waiting: int) -> JobsFull:
+    return JobsFull(f"uploads waiting for their jobs hold {waiting:,} bytes (MAX_STORED_UPLOADS_BYTES)")
+
+
 def _check_target(state: AppState, catalogue: str) -> None:
     """A catalogue built with other encoders (409), or a new one whose name cannot be used (422), is refused
     before the upload is read."""
@@ -117,11 +121,10 @@ async def ingest_catalogue(
         raise HTTPException(413, f"the upload is larger than {settings.max_ingest_upload_bytes} bytes")
     await run_in_threadpool(_check_target, state, catalogue)
     uploads = settings.sources_root / UPLOADS
-    if state.jobs.queued() >= settings.max_queued_jobs:
-        raise JobsFull(f"{settings.max_queued_jobs} jobs are waiting already (MAX_QUEUED_JOBS)")
+    state.jobs.check_room()  # before the upload is stored
     waiting = await run_in_threadpool(stored_bytes, uploads)
     if waiting + (int(declared) if declared.isdigit() else 0) > settings.max_stored_uploads_bytes:
-        raise JobsFull(f"uploads waiting for their jobs hold {waiting:,} bytes (MAX_STORED_UPLOADS_BYTES)")
+        raise _uploads_full(waiting)
     try:
         upload = await receive_upload(
             request,
@@ -135,7 +138,7 @@ async def ingest_catalogue(
         raise HTTPException(exc.status, exc.message) from None
     if waiting + upload.size > settings.max_stored_uploads_bytes:  # sent without a length: checked once here
         upload.discard()
-        raise JobsFull(f"uploads waiting for their jobs hold {waiting:,} bytes (MAX_STORED_UPLOADS_BYTES)")
+        raise _uploads_full(waiting)
     try:
         options = IngestOptions.model_validate({k: v.strip() for k, v in upload.fields.items() if v.strip()})
         assert upload.path is not None  # receive_upload returns a file or raises

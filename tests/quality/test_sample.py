@@ -45,8 +45,10 @@ def test_three_of_the_four_query_photos_find_their_product_first(both_shops: Sea
         first = both_shops.search("grocery", image=Image.open(photo), options=SearchOptions(limit=3)).results
         classes = [_class(r.id) for r in first]  # either shop's listing of the product counts
         found[photo.stem] = classes.index(wanted) if wanted in classes else None
-    assert sum(rank == 0 for rank in found.values()) >= 3, found  # measured: milk, apple, tomato first
-    assert found["Oatly-Natural-Oatghurt_001"] is not None, found  # the hard one: third (README of the sample)
+    print(f"\nquery photos, rank of their product: {found}")  # `pytest -s`: the figures docs/BENCHMARKS.md quotes
+    # measured: all four first here (OCR off); with OCR=auto, as `make run` serves it, the Oatghurt comes third
+    assert sum(rank == 0 for rank in found.values()) >= 3, found
+    assert all(rank is not None for rank in found.values()), found
 
 
 def _titles(engine: SearchEngine) -> dict[str, str]:
@@ -67,5 +69,6 @@ def test_the_other_shop_holds_the_same_product_and_the_default_model_decides(bot
         first_right += right
         decided += sum(m.decision == "match" for m in matches)
         decided_right += right and matches[0].decision == "match"
+    print(f"\nother shop's listing first: {first_right} of 81; decided match: {decided}, right: {decided_right}")
     assert first_right >= 75, first_right  # measured 78 of 81
     assert decided_right >= 66 and decided_right == decided, (decided_right, decided)  # measured 72, none wrong

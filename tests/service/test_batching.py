@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,15 +21,20 @@ PHOTOS = sorted((SAMPLE.parent / "queries").glob("*.jpg"))
 TEXTS = ["oat milk", "apple juice", "Arla standard milk", "golden delicious", "red bell pepper", "yoghurt"]
 
 
+def batched(engine: SearchEngine, **options: Any) -> BatchedEncoders:
+    """The service's encoders over the session's models (to be made on the event loop), `options` over defaults."""
+    defaults: dict[str, Any] = {"window_s": 0.0, "max_batch": 8, "max_queue": 8, "timeout_s": 5}
+    return BatchedEncoders(engine.image_encoder, engine.text_encoder, **{**defaults, **options})
+
+
 def test_concurrent_queries_share_batches_and_get_their_own_vectors(engine: SearchEngine) -> None:
     batches: list[int] = []
     photos = [Image.open(p).convert("RGB") for p in PHOTOS]
     queries = [(photos[i % len(photos)], TEXTS[i % len(TEXTS)]) for i in range(8)]
 
     async def run() -> list[QueryVectors]:
-        encoders = BatchedEncoders(
-            engine.image_encoder,
-            engine.text_encoder,
+        encoders = batched(
+            engine,
             window_s=0.2,
             max_batch=32,
             max_queue=64,
@@ -131,17 +137,7 @@ def test_reads_of_query_photos_are_bounded_and_a_late_one_gives_up(engine: Searc
     photo = Image.open(PHOTOS[0])
 
     async def run() -> list[BaseException | str]:
-        encoders = BatchedEncoders(
-            engine.image_encoder,
-            engine.text_encoder,
-            window_s=0.0,
-            max_batch=8,
-            max_queue=8,
-            timeout_s=5,
-            reader=HeldReader(release),
-            read_deadline_s=0.3,
-            max_reads=2,
-        )
+        encoders = batched(engine, reader=HeldReader(release), read_deadline_s=0.3, max_reads=2)
         held = [encoders.read(photo), encoders.read(photo)]  # one read running (held), one waiting behind it
         with pytest.raises(Overloaded, match="2 query photos are waiting"):
             encoders.read(photo)  # refused at once, not queued
