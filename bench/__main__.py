@@ -105,6 +105,46 @@ def transfer(args: argparse.Namespace) -> int:
     return 0
 
 
+def review(args: argparse.Namespace) -> int:
+    from bench.evalset import load_set
+    from bench.review import run_strategy, table
+    from retrieval.encoders import load_image_encoder, load_text_encoder
+    from retrieval.settings import Settings
+
+    settings = Settings()
+    ensure_sets(args.sets_dir, args.shared, [f"{args.set}-train", args.set])
+    image_encoder = load_image_encoder(settings.image_model, settings.image_precision)
+    text_encoder = load_text_encoder(settings.text_model, settings.text_precision)
+    rows = []
+    lines = []
+    if not args.shipped_default:
+        from bench.review import unseen_default
+
+        sets = [f"{name}-train" for name in ("abt-buy", "amazon-google", "beer", "itunes-amazon")]
+        ensure_sets(args.sets_dir, args.shared, [s for s in sets if not s.startswith(args.set)])
+        path = args.out / f"default-without-{args.set}.json"
+        args.out.mkdir(parents=True, exist_ok=True)
+        used = unseen_default(args.sets_dir, args.set, image_encoder, text_encoder, path)
+        lines.append(f"default model: fitted on {used} ({args.set} unseen)")
+        print(lines[-1], flush=True)
+    for strategy in args.strategies:
+        rows += run_strategy(
+            strategy,
+            load_set(args.sets_dir / f"{args.set}-train"),
+            load_set(args.sets_dir / args.set),
+            image_encoder,
+            text_encoder,
+            rounds=args.rounds,
+            per_round=args.per_round,
+            seed=args.seed,
+        )
+    result = "\n".join([*lines, table(rows)])
+    print(result)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"review-{args.set}.md").write_text(result + "\n")
+    return 0
+
+
 def calibrate(args: argparse.Namespace) -> int:
     from bench.calibrate import HEADER, calibrate
     from bench.evalset import load_set
@@ -392,6 +432,22 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--shared", type=Path, default=DEFAULT_SHARED)
     t.add_argument("--out", type=Path, default=Path("bench/out"))
 
+    rv = sub.add_parser("review", help="the review loop with a simulated reviewer, against as many random pairs")
+    rv.add_argument("--set", default="abt-buy", choices=["abt-buy", "amazon-google"])
+    rv.add_argument("--rounds", type=int, default=5)
+    rv.add_argument("--per-round", type=int, default=40)
+    rv.add_argument("--strategies", nargs="+", default=["queue", "random"], choices=["queue", "random"])
+    rv.add_argument("--seed", type=int, default=0)
+    rv.add_argument(
+        "--shipped-default",
+        action="store_true",
+        help="start from the shipped default model (it learnt from the set's own train split); default: one fitted "
+        "on the other public sets",
+    )
+    rv.add_argument("--sets-dir", type=Path, default=DEFAULT_SETS)
+    rv.add_argument("--shared", type=Path, default=DEFAULT_SHARED)
+    rv.add_argument("--out", type=Path, default=Path("bench/out"))
+
     h = sub.add_parser("hostile", help="what hostile inputs cost now, against the unbounded way before issue 27")
     h.add_argument("--out", type=Path, default=Path("bench/out"))
 
@@ -408,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "transfer":
         return transfer(args)
+    if args.command == "review":
+        return review(args)
     if args.command == "hostile":
         from bench.hostile import run as hostile
 

@@ -1,5 +1,5 @@
-"""`python -m ingest train --catalogue NAME --pairs PAIRS.jsonl [--photos EXAMPLES.jsonl]`: learn what the
-labels allow, judge every part on a held-out share of them, and switch on only what beats what is active.
+"""`python -m ingest train --catalogue NAME [--pairs PAIRS.jsonl] [--labels] [--photos EXAMPLES.jsonl]`: learn
+what the labels allow, judge every part on a held-out share of them, and switch on only what beats what is active.
 
 In order, since each part changes what the next one sees: the text encoder fine-tuned on the pairs (its
 held-out share never read), a linear image head fitted on labelled photos and then the image backbone's
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sqlite3
 import sys
 import tempfile
 from pathlib import Path
@@ -21,12 +22,14 @@ from pydantic import ValidationError
 
 from cli.calibrate import UNRELIABLE, between_0_and_1, curve_table, read_pairs
 from retrieval.encoders import EncoderError
+from retrieval.match.labels import SOURCE, LabelBook
 from retrieval.match.model import (
     DEFAULT_DEPTH,
     DEFAULT_FUSION,
     LabelsError,
     active_model,
     check_labels,
+    default_applies,
     unreliable_warning,
 )
 from retrieval.match.training import Judgement, MatchTraining, split_labels, train_matching
@@ -53,6 +56,12 @@ def parse_args(argv: list[str], prog: str | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--catalogue", required=True)
     parser.add_argument("--pairs", type=Path, help="labelled pairs of stored products")
+    parser.add_argument(
+        "--labels",
+        action="store_true",
+        help="also the labels reviewers gave through the service's review loop (LABELS_PATH; contradicted ones left "
+        "out)",
+    )
     parser.add_argument("--photos", type=Path, help="labelled photos (an image head and a tail learn from them)")
     parser.add_argument(
         "--image-blocks",
@@ -72,8 +81,8 @@ def parse_args(argv: list[str], prog: str | None = None) -> argparse.Namespace:
     parser.add_argument("--depth", type=int, default=DEFAULT_DEPTH, help="candidates the match model re-ranks")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.pairs is None and args.photos is None:
-        parser.error("give --pairs, --photos or both")
+    if args.pairs is None and args.photos is None and not args.labels:
+        parser.error("give --pairs, --labels, --photos, or more than one")
     if args.accept_precision is not None and args.accept_precision >= args.target_precision:
         parser.error("--accept-precision must be below --target-precision")
     if not 1 <= args.depth <= 100 or not 1 <= args.rerank_epochs <= 20 or not 1 <= args.text_epochs <= 20:
@@ -117,7 +126,17 @@ def main(argv: list[str], *, prog: str | None = None) -> int:
     try:
         settings = Settings()
         pairs = read_pairs(args.pairs) if args.pairs else []
-    except (ValidationError, ValueError, OSError) as exc:
+        if args.labels:
+            book = LabelBook(settings.labels_file)
+            try:
+                reviewed = book.pairs(args.catalogue)
+            finally:
+                book.close()
+            print(f"{len(reviewed)} labelled products from the review loop ({settings.labels_file.name})")
+            pairs += reviewed
+            if not pairs and args.photos is None:
+                raise ValueError(f"catalogue {args.catalogue} has no labels from the review loop yet")
+    except (ValidationError, ValueError, OSError, sqlite3.Error) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if pairs:
@@ -179,8 +198,9 @@ def main(argv: list[str], *, prog: str | None = None) -> int:
             depth=args.depth,
             fusion=DEFAULT_FUSION,
             adapters=store.info(args.catalogue).adapters,
-            source=str(args.pairs),
+            source=str(args.pairs) if args.pairs else SOURCE,
             tuned_on_teaching=text_tuned,
+            prior=default_applies(store, args.catalogue),
             progress=lambda line: print(f"  {line}", flush=True),
         )
         if result.chosen is not None:

@@ -113,6 +113,11 @@ class Settings(BaseSettings):
         default=None,
         description="the service's job records, kept across restarts (default: jobs.sqlite in the store's folder)",
     )
+    labels_path: Path | None = Field(
+        default=None,
+        description="what reviewers said of pairs (the review loop's labels; default: labels.sqlite in the store's "
+        "folder): kept across restarts and re-ingests",
+    )
     max_archive_entries: int = Field(default=200_000, ge=1, description="entry count cap of a zip input")
     models_path: Path | None = Field(
         default=None,
@@ -211,6 +216,10 @@ class Settings(BaseSettings):
     def jobs_file(self) -> Path:
         # inside the store's folder: two stores under one parent (stores/a, stores/b) keep their jobs apart
         return (self.jobs_path or self.store_path / "jobs.sqlite").resolve()
+
+    @property
+    def labels_file(self) -> Path:
+        return (self.labels_path or self.store_path / "labels.sqlite").resolve()
 
     @property
     def allowed_host_list(self) -> list[str]:

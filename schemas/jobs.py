@@ -11,7 +11,7 @@ from schemas.search import Fusion
 
 # interrupted: the service stopped (shut down, crashed or was killed) before the job ended; what it stored stays
 JobStatus = Literal["queued", "running", "done", "failed", "interrupted"]
-JobKind = Literal["match", "ingest"]
+JobKind = Literal["match", "ingest", "train"]
 SHOWN_REJECTIONS = 100
 
 
@@ -52,6 +52,27 @@ class IngestSummary(BaseModel):
         )
 
 
+class Judged(BaseModel):
+    """A match model's figures on labelled products it never learnt from."""
+
+    label: str
+    products: int
+    precision: float | None = Field(description="of its 'match' decisions (None: it decides none)")
+    recall: float | None = Field(description="share of the labelled true pairs decided 'match'")
+    r1: float
+
+
+class TrainSummary(BaseModel):
+    """What a training job measured and did."""
+
+    labels: int = Field(description="labelled products trained on (contradicted labels left out)")
+    before: Judged = Field(description="what was active, on the held-out labelled products")
+    tried: list[Judged] = Field(description="each configuration trained, on the same products")
+    chosen: str | None = Field(description="the configuration stored and active now (None: what was active stays)")
+    notes: list[str] = Field(default_factory=list)
+    seconds: float
+
+
 class Job(BaseModel):
     id: str
     kind: JobKind
@@ -64,6 +85,7 @@ class Job(BaseModel):
     finished_at: str | None = None
     error: str | None = None
     ingest: IngestSummary | None = Field(default=None, description="an ingest job's report, updated as it runs")
+    training: TrainSummary | None = Field(default=None, description="a train job's figures, once it is done")
     warning: str | None = Field(
         default=None, description="a match job: why its decisions are missing or unreliable (no 'match' then)"
     )

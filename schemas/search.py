@@ -13,7 +13,18 @@ CATALOGUE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 # Names of the embedded store's own files and folders, beside which each catalogue has a folder of its own; a
 # catalogue of such a name would collide with them (any case: a file system may fold it).
 RESERVED_CATALOGUE_NAMES = frozenset(
-    {"edge.lock", "engine", "meta.json", "collection", ".lock", "storage.sqlite", "jobs.sqlite", "sources", "models"}
+    {
+        "edge.lock",
+        "engine",
+        "meta.json",
+        "collection",
+        ".lock",
+        "storage.sqlite",
+        "jobs.sqlite",
+        "labels.sqlite",
+        "sources",
+        "models",
+    }
 )
 
 
@@ -24,6 +35,8 @@ def catalogue_name_problem(name: str) -> str | None:
     if name.endswith("."):
         return f"catalogue name {name!r} ends with '.', which some file systems drop; choose another"
     return None
+
+
 MAX_TEXT_LENGTH = 2_000
 Decision = Literal["match", "no_match", "uncertain", "uncalibrated"]
 
@@ -271,8 +284,6 @@ class SearchRequest(BaseModel):
         return self
 
 
-
-
 LabelId = Annotated[str, Field(min_length=1, max_length=256)]
 Label = LabelId | ProductRef  # an id in any other retailer, or {"retailer", "id"} for one retailer's
 
@@ -290,6 +301,9 @@ class LabelledPair(BaseModel):
       whole truth: every other candidate is a non-match.
     - `reject`: listings a person judged not to be the same (hard negatives). Alone (no `expect`), only those
       are labelled and the other candidates are not used.
+    - `partial: true`: `expect` names listings judged the same, and says nothing of the other shops (the review
+      loop's answers): a shop sells a product under one listing, so its other listings are not the same
+      product, and the other shops' listings are not labelled (not used).
 
     Entries are ids (in any other retailer) or `{"retailer": ..., "id": ...}`. Unknown keys are refused."""
 
@@ -300,11 +314,14 @@ class LabelledPair(BaseModel):
         default=None, max_length=1_000, description="the same product elsewhere; [] = no counterpart"
     )
     reject: list[Label] = Field(default_factory=list, max_length=1_000, description="judged not the same")
+    partial: bool = Field(default=False, description="true: `expect` is not the whole truth (review answers)")
 
     @model_validator(mode="after")
     def _says_something(self) -> LabelledPair:
         if self.expect is None and not self.reject:
             raise ValueError('give "expect" (the same product elsewhere, [] for none) or "reject"')
+        if self.partial and not self.expect:
+            raise ValueError('"partial" goes with listings in "expect" ([] says the product has no counterpart)')
         both = [e for e in self.expect or [] if any(e == r for r in self.reject)]
         if both:
             raise ValueError(f"{both[0]!r} is both expected and rejected")
@@ -316,6 +333,9 @@ class LabelledPair(BaseModel):
             return True
         if any(_refers(r, retailer, product_id) for r in self.reject):
             return False
+        if self.partial:  # one listing of a product per shop: the shops named by `expect` have no other
+            shops = {e.retailer for e in self.expect or [] if isinstance(e, ProductRef)}
+            return False if retailer in shops else None
         return False if self.expect is not None else None
 
     @property
@@ -439,3 +459,67 @@ class CatalogueList(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str
+
+
+class LabelIn(BaseModel):
+    """`POST /catalogues/{c}/labels`: what a person said of two listings. `right: null` with `same: false`: the
+    left product has no counterpart in the other shops."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    left: ProductRef
+    right: ProductRef | None = None
+    same: bool
+    who: str = Field(default="", max_length=64, pattern=r"^[^\x00-\x1f\x7f]*$", description="who answered")
+
+    @model_validator(mode="after")
+    def _pair(self) -> LabelIn:
+        if self.right is None and self.same:
+            raise ValueError('"right": null says the left product has no counterpart: "same" must be false')
+        if self.right is not None and self.right.retailer == self.left.retailer:
+            raise ValueError("a label compares listings of two retailers; both are of " + repr(self.left.retailer))
+        return self
+
+
+class StoredLabel(LabelIn):
+    id: int = Field(description="DELETE /catalogues/{c}/labels/{id} removes it")
+    at: str = Field(description="when it was given (UTC, ISO 8601)")
+
+
+class LabelList(BaseModel):
+    catalogue: str
+    labels: list[StoredLabel]
+    total: int
+    contradictions: list[list[int]] = Field(
+        default_factory=list,
+        description="ids of labels that contradict each other (same and different, or same and no counterpart); "
+        "left out of training and of labels.jsonl until one of them is deleted",
+    )
+
+
+class ReviewPair(BaseModel):
+    left: Product
+    right: Product | None = Field(description="null: no candidate at all (does the product have a counterpart?)")
+    probability: float | None = Field(default=None, description="the active match model's, where there is one")
+    decision: Decision | None = None
+    why: list[str] = Field(description="why the pair is asked: what is uncertain, which signals disagree")
+    agree: list[str] = Field(default_factory=list, description="signals saying the two are the same product")
+    disagree: list[str] = Field(default_factory=list, description="signals saying they are not")
+
+
+class ReviewQueue(BaseModel):
+    catalogue: str
+    retailer: str
+    model: Literal["catalogue", "default"] | None = Field(description="the match model whose doubts chose the pairs")
+    labels: int = Field(description="labels stored for the catalogue")
+    pairs: list[ReviewPair]
+
+
+class TrainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rerank: bool | None = Field(
+        default=None, description="train a cross-encoder too (default: from 400 labelled products)"
+    )
+    target_precision: float = Field(default=0.95, gt=0.5, lt=1)
+    seed: int = Field(default=0, ge=0, le=2**31)

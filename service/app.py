@@ -20,7 +20,7 @@ from retrieval.store import CatalogueNameRefused, CatalogueNotFound, EncoderMism
 from service import metrics, middleware
 from service.batching import Overloaded, batched_encoders
 from service.jobs import JobsClosed, JobsFull
-from service.routes import catalogues, health, ingest, jobs, search
+from service.routes import catalogues, health, ingest, jobs, review, search
 from service.state import AppState, build_state
 from service.validation import validation_failed
 
@@ -65,6 +65,7 @@ def create_app(
     app.include_router(search.router)
     app.include_router(catalogues.router)
     app.include_router(jobs.router)
+    app.include_router(review.router)
     app.include_router(ingest.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.mount("/docs-assets", StaticFiles(directory=Path(str(swagger_ui_path))), name="docs-assets")

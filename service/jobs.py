@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
-from schemas.jobs import IngestSummary, Job, JobKind
+from schemas.jobs import IngestSummary, Job, JobKind, TrainSummary
 from service import metrics
 from service.logs import JOB_ID
 
@@ -78,6 +78,9 @@ class JobHandle:
 
     def set_ingest(self, summary: IngestSummary) -> None:
         self._jobs._update(self.job, ingest=summary)
+
+    def set_training(self, summary: TrainSummary) -> None:
+        self._jobs._update(self.job, training=summary)
 
 
 class JobRecords:

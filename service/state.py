@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 
+from retrieval.match.labels import LabelBook
 from retrieval.runtime import open_runtime
 from retrieval.search import SearchEngine
 from retrieval.settings import Settings
@@ -21,12 +23,25 @@ class AppState:
     store: ProductStore
     engine: SearchEngine
     jobs: Jobs = field(default_factory=Jobs)
+    _labels: LabelBook | None = None
+    _labels_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def labels(self) -> LabelBook:
+        """The reviewers' labels (LABELS_PATH), opened at first use."""
+        with self._labels_lock:
+            if self._labels is None:
+                self._labels = LabelBook(self.settings.labels_file)
+            return self._labels
 
     def close(self, timeout_s: float | None = None) -> None:
         """Stop the jobs (a running one gets `timeout_s`, default SHUTDOWN_TIMEOUT_S, to reach a stopping
         point, else it is marked interrupted), then the store."""
         self.jobs.close(self.settings.shutdown_timeout_s if timeout_s is None else timeout_s)
         self.store.close()
+        with self._labels_lock:
+            if self._labels is not None:
+                self._labels.close()
 
 
 def build_state(settings: Settings) -> AppState:

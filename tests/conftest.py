@@ -185,6 +185,27 @@ def two_shops(engine: SearchEngine, sample_settings: Settings, tmp_path_factory:
     return "two-shops"
 
 
+def two_currency_rows(n: int = 30) -> list[dict[str, str]]:
+    """The first `n` sample products priced in EUR by `hemkop`, and the second shop's own listings of them
+    (`other-shop`, ids `o-<id>`) priced in SEK: the same products at prices about 11 times higher in number."""
+    rows = [{**r, "price": str(10 + i), "currency": "EUR"} for i, r in enumerate(sample_rows(n))]
+    other = other_shop_rows(rows)
+    for i, row in enumerate(other):
+        row.update(price=f"{(10 + i) * 11.2:.0f}", currency="SEK")
+    return rows + other
+
+
+@pytest.fixture(scope="session")
+def two_currencies(engine: SearchEngine, sample_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Two shops selling the same 30 sample products in two currencies (`two_currency_rows`): the default match
+    model reads the price ratio as a difference and decides none of the true pairs 'match'; a catalogue's own
+    model learns from labels that here it is not."""
+    path = write_catalogue(tmp_path_factory.mktemp("two-currencies"), two_currency_rows())
+    ingestor = Ingestor(sample_settings, engine.store, engine.image_encoder, engine.text_encoder)
+    assert ingestor.run(path, "two-currencies", progress=False).new == 60
+    return "two-currencies"
+
+
 @pytest.fixture
 def cli_shops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str) -> Path:
     """The CLI's environment pointed at a fresh store holding catalogue `shops`: 12 sample products in

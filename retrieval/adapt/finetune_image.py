@@ -36,6 +36,7 @@ from schemas.adapters import AdaptExample, Loss
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class TailFit:
     tail: ImageTail

@@ -94,6 +94,10 @@ TRANSFER_FEATURES = (
 # The cross-encoder's score of a candidate (its logit), against the best of the other candidates', and whether
 # it read the candidate at all (it reads the first `rerank_depth`): only in models fitted with a cross-encoder.
 PAIR_FEATURES = ("pair", "pair_margin", "has_pair")
+# The shipped default model's log-odds for the candidate: a catalogue's own model fitted on few labels starts
+# from what the default model knows and learns how this catalogue differs (stacking); only in models fitted
+# where the default model applies (its text encoder, no fine-tuned text model).
+PRIOR = "prior"
 DEFAULT_DEPTH = 20  # candidates per product that the model re-ranks
 DEFAULT_FUSION: Fusion = "dbsf"
 UNCERTAIN_PRECISION = 0.5
@@ -172,6 +176,11 @@ def _pair_features(query: _Side, candidate: _Side) -> dict[str, float]:
     }
 
 
+def pair_signals(query: Product, candidate: Product) -> dict[str, float]:
+    """How two listings' identifiers, titles, numbers and prices agree (the match model's pair features)."""
+    return _pair_features(_Side.of(query), _Side.of(candidate))
+
+
 @dataclass(frozen=True)
 class Candidate:
     """What the match model needs of one candidate: its product and its per-modality scores. A new per-pair
@@ -183,9 +192,10 @@ class Candidate:
     pair: float | None = None  # the cross-encoder's probability that the two listings are one product
 
 
-def feature_names(*, pair: bool) -> list[str]:
-    """The features of a model fitted without or with the cross-encoder's pair score."""
-    return [*FEATURES, *PAIR_FEATURES] if pair else list(FEATURES)
+def feature_names(*, pair: bool, prior: bool = False) -> list[str]:
+    """The features of a model fitted without or with the cross-encoder's pair score (and the default model's
+    log-odds, `prior`)."""
+    return [*FEATURES, *(PAIR_FEATURES if pair else ()), *((PRIOR,) if prior else ())]
 
 
 def _logit(p: float) -> float:
@@ -228,8 +238,15 @@ def features(
             named["pair"] = own if own is not None else 0.0
             named["pair_margin"] = own - max(rivals) if own is not None and rivals else 0.0
             named["has_pair"] = float(own is not None)
-        rows.append([named[name] for name in names])
-    return rows
+        rows.append(named)
+    if PRIOR in names:
+        shipped = default_model()
+        if shipped is None:
+            raise ValueError("the match model reads the default model's log-odds, and no default model ships here")
+        prior = probabilities(shipped.calibration, [[row[n] for n in shipped.calibration.features] for row in rows])
+        for row, p in zip(rows, prior, strict=True):
+            row[PRIOR] = _logit(float(p))
+    return [[row[name] for name in names] for row in rows]
 
 
 def _pipeline() -> Pipeline:
@@ -537,8 +554,10 @@ def unreliable_warning(calibration: Calibration) -> str | None:
 
 
 def _current(calibration: Calibration) -> bool:
-    expected = feature_names(pair=calibration.reranker is not None)
-    known = calibration.features in (expected, list(TRANSFER_FEATURES))
+    pair = calibration.reranker is not None
+    known = calibration.features in (feature_names(pair=pair), list(TRANSFER_FEATURES)) or (
+        calibration.features == feature_names(pair=pair, prior=True) and default_model() is not None
+    )
     return calibration.version == MODEL_VERSION and known
 
 
@@ -582,6 +601,11 @@ def _default_for(store: ProductStore, catalogue: str, warning: str | None) -> Ac
         )
         return ActiveModel(None, warning or why)
     return ActiveModel(shipped.calibration, warning or unreliable_warning(shipped.calibration), "default")
+
+
+def default_applies(store: ProductStore, catalogue: str) -> bool:
+    """Whether the shipped default model can read the catalogue's scores (its text encoder, none fine-tuned)."""
+    return _default_for(store, catalogue, None).name == "default"
 
 
 def active_model(store: ProductStore, catalogue: str, *, models_root: Path | None = None) -> ActiveModel:

@@ -140,6 +140,9 @@ async function loadCatalogues() {
     select.add(new Option(`${c.name} (${c.products} products)`, c.name, false, c.name === body.default));
   }
   fillFacets();
+  const reviewing = $("review-catalogue");
+  reviewing.replaceChildren(...body.catalogues.map((c) => new Option(c.name, c.name, false, c.name === body.default)));
+  fillReviewRetailers();
   if (!body.catalogues.length) showError("There is no catalogue yet: load one with python -m ingest, then reload this page.");
   else say(`Catalogue ${select.value} is ready: add a photo and/or words, then search.`);
 }
@@ -384,6 +387,213 @@ function matchItem(m) {
   );
 }
 
+// ---------------------------------------------------------------- the review tab
+
+const review = {
+  pairs: [], // the queue's pairs still to show
+  current: null,
+  skipped: new Set(), // left ids skipped this session: not asked again until the page is reloaded
+  answered: 0,
+  busy: false,
+};
+
+function showTab(name) {
+  for (const tab of ["search", "review"]) {
+    const selected = tab === name;
+    $(`tab-${tab}`).setAttribute("aria-selected", String(selected));
+    $(`tab-${tab}`).tabIndex = selected ? 0 : -1;
+    $(`${tab}-view`).hidden = !selected;
+  }
+  if (name === "review" && !review.current && !review.busy) loadReview();
+}
+
+function reviewSay(message) {
+  $("review-status").textContent = message;
+}
+
+function reviewError(message) {
+  $("review-error").textContent = message || "";
+  $("review-error").hidden = !message;
+}
+
+function fillReviewRetailers() {
+  const info = state.catalogues[$("review-catalogue").value];
+  const names = Object.keys(info ? info.retailers : {}).sort((a, b) => a.localeCompare(b));
+  $("review-retailer").replaceChildren(...names.map((name) => new Option(`${name} (${info.retailers[name]})`, name)));
+  review.pairs = [];
+  review.current = null;
+  $("review-pair").hidden = true;
+}
+
+function writeHeaders() {
+  const key = $("review-key").value;
+  return key ? { "Content-Type": "application/json", "X-API-Key": key } : { "Content-Type": "application/json" };
+}
+
+function reviewBase() {
+  return `/catalogues/${encodeURIComponent($("review-catalogue").value)}`;
+}
+
+async function loadReview() {
+  const retailer = $("review-retailer").value;
+  if (!retailer) {
+    reviewSay("This catalogue has no products yet.");
+    return;
+  }
+  review.busy = true;
+  reviewError("");
+  reviewSay("Choosing the pairs whose answers teach most…");
+  const params = new URLSearchParams({ retailer, limit: "10" });
+  for (const id of review.skipped) params.append("skip", id);
+  let response;
+  try {
+    response = await fetch(`${reviewBase()}/review?${params}`);
+  } catch (e) {
+    review.busy = false;
+    reviewSay("");
+    reviewError(NO_ANSWER);
+    return;
+  }
+  review.busy = false;
+  if (!response.ok) {
+    reviewSay("");
+    reviewError(await problem(response));
+    return;
+  }
+  const body = await response.json();
+  review.pairs = body.pairs;
+  $("review-counter").textContent = `${body.labels} labels stored for ${$("review-catalogue").value}`;
+  const model = body.model === "catalogue" ? "this catalogue's own match model" : body.model === "default"
+    ? "the default match model (not fitted on your data)" : "no match model yet";
+  reviewSay(body.pairs.length ? `${body.pairs.length} pairs to judge, chosen by ${model}.` : "Nothing left to ask about this shop.");
+  nextPair();
+}
+
+function side(product) {
+  const ids = [product.mpn && `model ${product.mpn}`, product.gtin && `GTIN ${product.gtin}`, `id ${product.id}`].filter(Boolean);
+  return [
+    photoOf(product, "card-photo"),
+    el("h3", { text: product.title || product.id }),
+    el("p", { class: "meta" },
+      el("span", { class: "retailer-name", text: product.retailer }), " · ",
+      el("span", { class: "price", text: formatPrice(product) }),
+      product.brand ? ` · ${product.brand}` : ""),
+    el("p", { class: "meta", text: ids.join(" · ") }),
+    el("p", { class: "meta category", text: product.category_path || "no category" }),
+  ];
+}
+
+function nextPair() {
+  review.current = review.pairs.shift() || null;
+  const pair = review.current;
+  $("review-pair").hidden = !pair;
+  if (!pair) {
+    if (review.answered) loadReview();
+    return;
+  }
+  $("review-left").replaceChildren(...side(pair.left));
+  $("review-right").replaceChildren(...(pair.right ? side(pair.right)
+    : [el("p", { class: "meta", text: "No candidate in the other shops. Does this product have a counterpart there?" })]));
+  const decision = pair.decision ? ` · ${DECISIONS[pair.decision] || pair.decision}` : "";
+  $("review-probability").textContent = `same product: ${percent(pair.probability)}${decision}`;
+  $("review-why").replaceChildren(...pair.why.map((reason) => el("li", { text: reason })));
+  $("review-signals").replaceChildren(
+    ...pair.agree.map((s) => el("li", { class: "agree", text: `+ ${s}` })),
+    ...pair.disagree.map((s) => el("li", { class: "disagree", text: `− ${s}` })),
+  );
+  $("answer-same").disabled = $("answer-different").disabled = !pair.right;
+}
+
+async function answer(kind) {
+  const pair = review.current;
+  if (!pair || review.busy) return;
+  if (kind === "skip") {
+    review.skipped.add(pair.left.id);
+    reviewSay("Skipped.");
+    nextPair();
+    return;
+  }
+  if (!pair.right && kind !== "none") return;
+  const body = {
+    left: { retailer: pair.left.retailer, id: pair.left.id },
+    right: kind === "none" ? null : { retailer: pair.right.retailer, id: pair.right.id },
+    same: kind === "same",
+    who: "page",
+  };
+  let response;
+  try {
+    response = await fetch(`${reviewBase()}/labels`, { method: "POST", headers: writeHeaders(), body: JSON.stringify(body) });
+  } catch (e) {
+    reviewError(NO_ANSWER);
+    return;
+  }
+  if (!response.ok) {
+    reviewError(await problem(response));
+    return;
+  }
+  reviewError("");
+  review.answered += 1;
+  const stored = $("review-counter").textContent.match(/^(\d+)/);
+  const total = (stored ? Number(stored[1]) : 0) + (response.status === 201 ? 1 : 0);
+  $("review-counter").textContent = `${total} labels stored for ${$("review-catalogue").value}`;
+  reviewSay(kind === "same" ? "Saved: same product." : kind === "none" ? "Saved: no counterpart." : "Saved: different products.");
+  nextPair();
+}
+
+function figures(j) {
+  const decided = j.precision === null ? "decides no match" : `precision ${j.precision.toFixed(3)}, recall ${j.recall.toFixed(3)}`;
+  return el("tr", {}, el("td", { text: j.label }), el("td", { text: String(j.products) }), el("td", { text: decided }));
+}
+
+async function train() {
+  const box = $("review-training");
+  reviewError("");
+  let response;
+  try {
+    response = await fetch(`${reviewBase()}/train`, { method: "POST", headers: writeHeaders(), body: "{}" });
+  } catch (e) {
+    reviewError(NO_ANSWER);
+    return;
+  }
+  if (!response.ok) {
+    reviewError(await problem(response));
+    return;
+  }
+  const job = await response.json();
+  $("review-train").disabled = true;
+  box.hidden = false;
+  box.replaceChildren(el("p", { text: "Training on your answers…" }));
+  for (;;) {
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    let polled;
+    try {
+      polled = await (await fetch(`/jobs/${job.id}`)).json();
+    } catch (e) {
+      continue;
+    }
+    if (!["done", "failed", "interrupted"].includes(polled.status)) continue;
+    $("review-train").disabled = false;
+    if (polled.status !== "done") {
+      box.replaceChildren(el("p", { class: "error", text: `Training ${polled.status}: ${polled.error || ""}` }));
+      return;
+    }
+    const t = polled.training;
+    const verdict = t.chosen
+      ? `"${t.chosen}" is now this catalogue's match model: it did better on labelled products it never learnt from.`
+      : "Nothing trained did better than the model in use on labelled products it never learnt from: it stays.";
+    box.replaceChildren(
+      el("p", { class: "verdict-line", text: `Trained on ${t.labels} labelled products in ${t.seconds} s. ${verdict}` }),
+      el("table", {},
+        el("thead", {}, el("tr", {}, el("th", { text: "model" }), el("th", { text: "held-out products" }), el("th", { text: "on them" }))),
+        el("tbody", {}, figures(t.before), ...t.tried.map(figures))),
+      ...t.notes.map((note) => el("p", { class: "hint", text: note })),
+    );
+    review.pairs = [];
+    loadReview(); // the next pairs are chosen by the new model's doubts
+    return;
+  }
+}
+
 // ---------------------------------------------------------------- wiring
 
 function init() {
@@ -464,6 +674,32 @@ function init() {
   dialog.addEventListener("close", () => {
     state.matchesTurn++;
     if (state.opener && state.opener.isConnected) state.opener.focus();
+  });
+
+  $("tab-search").addEventListener("click", () => showTab("search"));
+  $("tab-review").addEventListener("click", () => showTab("review"));
+  $("review-catalogue").addEventListener("change", fillReviewRetailers);
+  $("review-retailer").addEventListener("change", fillReviewRetailers);
+  $("review-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    review.pairs = [];
+    loadReview();
+  });
+  $("review-train").addEventListener("click", train);
+  const answers = { s: "same", d: "different", n: "none", k: "skip" };
+  $("answer-same").addEventListener("click", () => answer("same"));
+  $("answer-different").addEventListener("click", () => answer("different"));
+  $("answer-none").addEventListener("click", () => answer("none"));
+  $("answer-skip").addEventListener("click", () => answer("skip"));
+  document.addEventListener("keydown", (event) => {
+    if ($("review-view").hidden || event.ctrlKey || event.metaKey || event.altKey || event.isComposing) return;
+    const t = event.target;
+    if (t.tagName === "INPUT" || t.tagName === "SELECT" || t.tagName === "TEXTAREA") return;
+    const kind = answers[event.key.toLowerCase()];
+    if (kind) {
+      event.preventDefault();
+      answer(kind);
+    }
   });
 
   loadCatalogues();

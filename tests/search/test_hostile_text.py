@@ -26,13 +26,13 @@ from retrieval.match import model
 LENGTH = 20_000
 BUDGET = 100  # times a plain text's cost
 FLOOR_S = 0.02  # below this, timer noise decides (a pattern that takes 0.2 ms on plain text)
-PLAIN = ("Samsung UN55 55-inch 4K smart TV 1,000 ml bottle, 2 x 500gb drives by Acme ")
+PLAIN = "Samsung UN55 55-inch 4K smart TV 1,000 ml bottle, 2 x 500gb drives by Acme "
 ADVERSARIAL = {
     "commas": "1," * (LENGTH // 2),
     "dots": "1." * (LENGTH // 2),
     "digits": "1" * LENGTH,
     "comma-space": "1, " * (LENGTH // 3),
-    "quotes": 'x' + '"' * LENGTH + "x",
+    "quotes": "x" + '"' * LENGTH + "x",
     "quotes-spaced": '" ' * (LENGTH // 2),
     "spaces": "1" + " " * LENGTH + "x",
     "dashes": "a-" * (LENGTH // 2),

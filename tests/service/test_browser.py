@@ -34,7 +34,7 @@ from retrieval.store import ProductStore
 from schemas.search import LabelledPair, ProductRef
 from service.app import create_app
 from service.state import AppState
-from tests.conftest import SAMPLE, sample_rows, write_catalogue
+from tests.conftest import SAMPLE, sample_rows, two_currency_rows, write_catalogue
 
 pytestmark = pytest.mark.browser
 
@@ -100,6 +100,11 @@ def service_url(
                 (folder / category).mkdir(parents=True, exist_ok=True)
                 (folder / category / name).write_bytes((SAMPLE.parent / "images" / source).read_bytes())
             assert ingestor.run(folder, "folders", retailer=retailer, progress=False).new == len(photos)
+
+        # A catalogue nobody labelled, for the review tab: two shops in two currencies (tests/conftest.py), where
+        # the default model decides no true pair 'match'.
+        review = write_catalogue(root / "review", two_currency_rows())
+        assert ingestor.run(review, "review", progress=False).new == 60
 
         app = create_app(settings, state=AppState(settings, store, engine))
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -387,3 +392,42 @@ def test_keyboard_only_search_and_pages(page: Page) -> None:
     page.keyboard.press("Escape")
     expect(page.locator("#matches")).to_be_hidden()
     expect(button).to_be_focused()
+
+
+def test_review_answers_with_the_keyboard_then_training_changes_the_model(page: Page) -> None:
+    """The Review tab end to end on two shops in two currencies: pairs asked by the default model's doubts,
+    answered with S / D (a reviewer who knows product n is o-n), one skipped with K, then Train: the table of
+    figures on products no model learnt from (the default decided no match; the trained model does), and the
+    next pairs chosen by the catalogue's own model."""
+    page.get_by_role("tab", name="Review").click()
+    page.select_option("#review-catalogue", "review")
+    page.select_option("#review-retailer", "hemkop")
+    page.click("#review-load")
+    expect(page.locator("#review-status")).to_contain_text("chosen by the default match model")
+    expect(page.locator("#review-counter")).to_have_text("0 labels stored for review")
+    pair = page.locator("#review-pair")
+    expect(pair).to_be_visible()
+    wait_for_photos(page, "#review-pair")
+    page.locator("#review-pair").click(position={"x": 5, "y": 5})  # focus on the page, not in a field
+    skipped = pair.locator("#review-left h3").inner_text()
+    page.keyboard.press("k")
+    expect(page.locator("#review-status")).to_have_text("Skipped.")
+    expect(pair.locator("#review-left h3")).not_to_have_text(skipped)
+    answered = 0
+    while answered < 24:
+        expect(pair).to_be_visible()
+        left_id = pair.locator("#review-left .meta").nth(1).inner_text().split("id ")[-1]
+        right_id = pair.locator("#review-right .meta").nth(1).inner_text().split("id ")[-1]
+        page.keyboard.press("s" if right_id == f"o-{left_id}" else "d")
+        answered += 1
+        expect(page.locator("#review-counter")).to_have_text(f"{answered} labels stored for review")
+    page.click("#review-train")
+    training = page.locator("#review-training")
+    expect(training).to_contain_text("Trained on", timeout=120_000)
+    rows = training.locator("tbody tr")
+    expect(rows).to_have_count(2)  # what was active, and the model trained
+    expect(rows.nth(0)).to_contain_text("default model")
+    expect(rows.nth(0)).to_contain_text("decides no match")  # prices 11x apart: "not the same" to the default
+    expect(rows.nth(1)).to_contain_text("precision")
+    expect(training).to_contain_text("is now this catalogue's match model")
+    expect(page.locator("#review-status")).to_contain_text("chosen by this catalogue's own match model")
