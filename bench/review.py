@@ -111,32 +111,33 @@ def unseen_default(
     return ", ".join(c.name for c in parts)
 
 
-def run_strategy(
+def review_rounds(
     strategy: str,
+    engine: SearchEngine,
     train_set: EvalSet,
+    test_engine: SearchEngine,
     test_set: EvalSet,
-    image_encoder: ImageEncoder,
-    text_encoder: TextEncoder,
+    folder: Path,
     *,
     rounds: int,
     per_round: int,
     seed: int,
     progress: Callable[[str], None] = print,
 ) -> list[Round]:
+    """`rounds` rounds of `per_round` answers on `train_set`'s catalogue (ingested in `engine`), each followed by
+    training and a judgement on `test_set`'s (in `test_engine`); labels and models are kept under `folder`.
+    The catalogue's match model is dropped first and last."""
     left, against, truth = _truth(train_set)
     test_pairs = pairs_of(test_set)
     out: list[Round] = []
-    with (
-        tempfile.TemporaryDirectory(prefix="bench-review-") as scratch,
-        ingested(train_set, image_encoder, text_encoder) as (engine, _),
-        ingested(test_set, image_encoder, text_encoder) as (test_engine, _),
-    ):
-        models = Path(scratch) / "models"
-        engine.models_root = test_engine.models_root = models
-        catalogue = train_set.name
-        book = LabelBook(Path(scratch) / "labels.sqlite")
-        unknown = {i for i in engine.store.product_ids(catalogue, left) if i not in truth}
-        rng = np.random.default_rng(seed)
+    models = folder / "models"
+    engine.models_root = test_engine.models_root = models
+    catalogue = train_set.name
+    engine.store.save_calibration(catalogue, None)
+    book = LabelBook(folder / f"labels-{strategy}.sqlite")
+    unknown = {i for i in engine.store.product_ids(catalogue, left) if i not in truth}
+    rng = np.random.default_rng(seed)
+    try:
         for number in range(1, rounds + 1):
             started = time.perf_counter()
             lefts, asked = book.asked(catalogue)
@@ -167,7 +168,7 @@ def run_strategy(
                 )
                 for j in [result.before, *result.tried]:
                     progress(
-                        f"    held out: {j.label}: {j.products} products, precision {j.precision:.3f} recall "
+                        f"    judged: {j.label}: {j.products} products, precision {j.precision:.3f} recall "
                         f"{j.recall:.3f} decided {j.decided}{' (chosen)' if j.label == result.chosen_label else ''}"
                     )
             except LabelsError as exc:
@@ -184,8 +185,34 @@ def run_strategy(
                 f"  {strategy} round {number}: {book.count(catalogue)} answers ({same} same), model {active.name}, "
                 f"test precision {j.precision:.3f} recall {j.recall:.3f}; queue {queue_s:.0f} s, train {train_s:.0f} s"
             )
+    finally:
         book.close()
+        engine.store.save_calibration(catalogue, None)
     return out
+
+
+def run_strategy(
+    strategy: str,
+    train_set: EvalSet,
+    test_set: EvalSet,
+    image_encoder: ImageEncoder,
+    text_encoder: TextEncoder,
+    *,
+    rounds: int,
+    per_round: int,
+    seed: int,
+    progress: Callable[[str], None] = print,
+) -> list[Round]:
+    """`review_rounds` on both sets ingested into throw-away stores."""
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-review-") as scratch,
+        ingested(train_set, image_encoder, text_encoder) as (engine, _),
+        ingested(test_set, image_encoder, text_encoder) as (test_engine, _),
+    ):
+        return review_rounds(
+            strategy, engine, train_set, test_engine, test_set, Path(scratch),
+            rounds=rounds, per_round=per_round, seed=seed, progress=progress,
+        )  # fmt: skip
 
 
 HEADER = (
