@@ -25,6 +25,7 @@ model's own probability and features): no library ranks "what to ask next" for t
 from __future__ import annotations
 
 import math
+import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
@@ -37,7 +38,8 @@ from schemas.search import MatchResult, ReviewPair, SearchFilters
 
 CANDIDATES = 5  # the first candidates of a product that are looked at
 SCAN_PER_PAIR = 3  # products looked at per pair asked
-MIN_SCAN, MAX_SCAN = 20, 240  # each costs a match query (~0.05-0.1 s on 2 cores)
+MIN_SCAN, MAX_SCAN = 20, 240  # each costs a match query (~0.01-0.1 s on 2 cores)
+READ_PER_SCAN = 50  # ids read past reviewed products, per product looked at, before looking at reviewed ones
 COVERAGE_SHARE = 0.25
 Key = tuple[str, str]
 _NO_PAIR: Key = ("", "")
@@ -142,6 +144,47 @@ def _pair_of(left: Product, result: MatchResult | None, probability_reasons: tup
     )
 
 
+def _sample(
+    engine: SearchEngine,
+    catalogue: str,
+    retailer: str,
+    size: int,
+    lefts: set[Key],
+    skip: Collection[str],
+    rng: np.random.Generator,
+) -> list[str]:
+    """`size` of `retailer`'s product ids in random order, never-reviewed ones first. Read from a random point
+    id on (wrapping round to the first), so that a call reads about as many ids as it needs, not the whole
+    retailer: products reviewed or skipped are passed over, up to READ_PER_SCAN times `size` ids."""
+    start = str(uuid.UUID(bytes=rng.bytes(16), version=4))
+    fresh: dict[str, None] = {}
+    seen: dict[str, None] = {}
+    read = 0
+    for ids in (
+        engine.store.product_ids(catalogue, retailer, start=start),
+        engine.store.product_ids(catalogue, retailer),
+    ):
+        for product_id in ids:
+            if product_id in skip:
+                continue
+            if (retailer, product_id) in lefts:
+                if len(seen) < size:
+                    seen[product_id] = None
+            elif product_id in fresh:  # the wrap came round to where it started
+                break
+            else:
+                fresh[product_id] = None
+            read += 1
+            if len(fresh) >= size or read >= READ_PER_SCAN * size:
+                break
+        if len(fresh) >= size or read >= READ_PER_SCAN * size:
+            break
+    firsts, others = list(fresh), list(seen)
+    return ([firsts[k] for k in rng.permutation(len(firsts))] + [others[k] for k in rng.permutation(len(others))])[
+        :size
+    ]
+
+
 def review_queue(
     engine: SearchEngine,
     catalogue: str,
@@ -160,12 +203,8 @@ def review_queue(
     service passes the number of labels, so each round looks at other products)."""
     active = active_model(engine.store, catalogue, models_root=engine.models_root)
     lefts, pairs = answered
-    ids = [i for i in engine.store.product_ids(catalogue, retailer) if i not in skip]
-    rng = np.random.default_rng(seed)
-    fresh = [i for i in ids if (retailer, i) not in lefts]
-    seen = [i for i in ids if (retailer, i) in lefts]
-    order = [fresh[k] for k in rng.permutation(len(fresh))] + [seen[k] for k in rng.permutation(len(seen))]
-    scan = order[: min(MAX_SCAN, max(MIN_SCAN, SCAN_PER_PAIR * limit))]
+    size = min(MAX_SCAN, max(MIN_SCAN, SCAN_PER_PAIR * limit))
+    scan = _sample(engine, catalogue, retailer, size, lefts, skip, np.random.default_rng(seed))
     coverage = set(scan[: int(COVERAGE_SHARE * limit)])  # the sample's first products: random by construction
     filters = SearchFilters(retailer=list(against))
     telling: list[_Asked] = []

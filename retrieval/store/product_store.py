@@ -322,9 +322,11 @@ class ProductStore:
         page: int = 256,
         with_payload: bool | Sequence[str] = True,
         with_vectors: bool | Sequence[str] = False,
+        start: PointId | None = None,
     ) -> Iterator[list[models.Record]]:
-        """Every point of a collection (or those the filter keeps), a page at a time, in a stable order."""
-        offset: PointId | None = None
+        """Every point of a collection (or those the filter keeps), a page at a time, in a stable order (by point
+        id; from `start` on, when given)."""
+        offset: PointId | None = start
         while True:
             with self._call("scroll") as backend:
                 points, offset = backend.scroll(
@@ -407,10 +409,12 @@ class ProductStore:
             raise ProductNotFound(catalogue, retailer, product_id)
         return record
 
-    def product_ids(self, catalogue: str, retailer: str) -> Iterator[str]:
-        """Every product id of one retailer, in a stable order (by point id), page by page."""
+    def product_ids(self, catalogue: str, retailer: str, *, start: str | None = None) -> Iterator[str]:
+        """Every product id of one retailer, in a stable order (by point id), page by page; with `start` (a point
+        id, a UUID), those from it on. Point ids are UUIDs of a hash, so the products after a random UUID are
+        a random sample of the retailer's."""
         only = models.Filter(must=[models.FieldCondition(key="retailer", match=models.MatchValue(value=retailer))])
-        for points in self.scroll_pages(catalogue, scroll_filter=only, with_payload=["product_id"]):
+        for points in self.scroll_pages(catalogue, scroll_filter=only, with_payload=["product_id"], start=start):
             yield from (str((p.payload or {})["product_id"]) for p in points)
 
     def facet_counts(self, catalogue: str, key: str, *, limit: int = 1_000) -> dict[str, int]:

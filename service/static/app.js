@@ -678,6 +678,14 @@ function init() {
 
   $("tab-search").addEventListener("click", () => showTab("search"));
   $("tab-review").addEventListener("click", () => showTab("review"));
+  for (const [tab, other] of [["search", "review"], ["review", "search"]]) {
+    $(`tab-${tab}`).addEventListener("keydown", (event) => {
+      if (event.key !== "ArrowLeft" && event.key !== "ArrowRight") return;
+      event.preventDefault();
+      showTab(other);
+      $(`tab-${other}`).focus();
+    });
+  }
   $("review-catalogue").addEventListener("change", fillReviewRetailers);
   $("review-retailer").addEventListener("change", fillReviewRetailers);
   $("review-form").addEventListener("submit", (event) => {

@@ -17,8 +17,8 @@ from bench.adapt import Adapting
 from bench.calibrate import measure, pairs_of
 from bench.evalset import EvalSet, load_set
 from bench.prepare import write_grocery_set, write_text_pairs_set
-from bench.review import review_rounds
 from bench.quality import ingested, recall_at, run_set
+from bench.review import review_rounds
 from retrieval.adapt.train import fit_supervised
 from retrieval.encoders import ImageEncoder, TextEncoder
 from retrieval.match.model import fit, labelled_candidates

@@ -12,6 +12,7 @@ from PIL import Image
 from ingest.pipeline import Ingestor
 from retrieval.encoders import ImageEncoder, TextEncoder
 from retrieval.match.model import active_model, find_matches
+from retrieval.match.review import review_queue
 from retrieval.search import SearchEngine
 from retrieval.settings import Settings
 from retrieval.store import ProductStore
@@ -72,3 +73,12 @@ def test_the_other_shop_holds_the_same_product_and_the_default_model_decides(bot
     print(f"\nother shop's listing first: {first_right} of 81; decided match: {decided}, right: {decided_right}")
     assert first_right >= 75, first_right  # measured 78 of 81
     assert decided_right >= 66 and decided_right == decided, (decided_right, decided)  # measured 72, none wrong
+
+
+def test_the_review_tab_has_pairs_to_ask_from_the_first_start(both_shops: SearchEngine) -> None:
+    """The Review tab's queue on the bundled sample as `make run` serves it: pairs of the web shop's products and
+    the corner store's listings, each with why it is asked, the model that chose them the default one."""
+    active, pairs = review_queue(both_shops, "grocery", "hemkop", against=["corner-store"], limit=10)
+    assert active.name == "default" and len(pairs) == 10
+    assert len({p.left.id for p in pairs}) == 10  # one pair per product
+    assert all(p.right is not None and p.right.retailer == "corner-store" and p.why for p in pairs)

@@ -346,6 +346,8 @@ def test_keyboard_only_search_and_pages(page: Page) -> None:
     # before the key press, or a fast press can open an unintercepted chooser that no test ever sees.
     page.on("filechooser", lambda chooser: None)
     page.keyboard.press("Tab")  # the "API docs" link
+    page.keyboard.press("Tab")  # the views' tab list: one stop, on the view shown
+    expect(page.get_by_role("tab", name="Search")).to_be_focused()
     page.keyboard.press("Tab")
     drop = page.locator("#drop")
     expect(drop).to_be_focused()
@@ -399,7 +401,12 @@ def test_review_answers_with_the_keyboard_then_training_changes_the_model(page: 
     answered with S / D (a reviewer who knows product n is o-n), one skipped with K, then Train: the table of
     figures on products no model learnt from (the default decided no match; the trained model does), and the
     next pairs chosen by the catalogue's own model."""
-    page.get_by_role("tab", name="Review").click()
+    page.get_by_role("tab", name="Search").focus()
+    page.keyboard.press("ArrowRight")  # the tab list's arrow keys, as a tab list's should
+    expect(page.get_by_role("tab", name="Review")).to_be_focused()
+    expect(page.get_by_role("tab", name="Review")).to_have_attribute("aria-selected", "true")
+    expect(page.locator("#review-view")).to_be_visible()
+    expect(page.locator("#search-view")).to_be_hidden()
     page.select_option("#review-catalogue", "review")
     page.select_option("#review-retailer", "hemkop")
     page.click("#review-load")
