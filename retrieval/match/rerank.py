@@ -9,14 +9,14 @@ labelled pairs: every true pair, plus the candidates the catalogue's own search 
 the same product (the siblings that fool it today). Its weights are kept by digest (retrieval/weights.py);
 its probability becomes a feature of the match model, which re-ranks a product's first `depth` candidates.
 
-The training loop is sentence-transformers' own (`CrossEncoder.old_fit`): its `CrossEncoderTrainer` needs the
-`datasets` and `accelerate` packages, which this project would carry for nothing else."""
+The training loop is sentence-transformers' own `CrossEncoderTrainer` (binary cross-entropy, the held-out
+pairs' average precision judged after each epoch by its classification evaluator, early stopping and the best
+epoch kept by the transformers Trainer underneath), not a loop of ours."""
 
 from __future__ import annotations
 
 import logging
 import os
-import random
 import tempfile
 import threading
 import time
@@ -122,13 +122,16 @@ def train_cross_encoder(
     max_length: int = MAX_LENGTH,
     precision: str = "auto",
 ) -> RerankFit:
-    """Fine-tune every layer of a cross-encoder on `pairs` (binary cross-entropy), one epoch at a time; the
-    epoch with the best average precision on `held_out` is saved to `out` (epoch 0, the untrained model,
-    counts too, so a fit never saves something worse than where it began). `precision`: bf16 autocast where
-    the CPU computes it natively (auto; about twice as fast here), or fp32."""
-    import torch
-    from sentence_transformers import CrossEncoder, InputExample
-    from torch.utils.data import DataLoader
+    """Fine-tune every layer of a cross-encoder on `pairs` (binary cross-entropy) with `CrossEncoderTrainer`; the
+    epoch with the best average precision on `held_out` is saved to `out`, and training stops at the first epoch
+    that does not beat the best. Epoch 0, the untrained model, counts too: a fit never saves something worse than
+    where it began. `precision`: bf16 autocast where the CPU computes it natively (auto; about twice as fast
+    here), or fp32."""
+    from datasets import Dataset
+    from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer, CrossEncoderTrainingArguments
+    from sentence_transformers.cross_encoder.evaluation import CrossEncoderClassificationEvaluator
+    from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
+    from transformers import EarlyStoppingCallback, PrinterCallback, set_seed
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if len(pairs) < 8 or all(pairs.labels) or not any(pairs.labels):
@@ -139,40 +142,74 @@ def train_cross_encoder(
             f"the cross-encoder's early-stopping pairs ({len(held_out)}) are all of one kind: it cannot be judged"
         )
     amp = resolve_precision(precision, "cross-encoder") == "bf16"
-    random.seed(seed)
-    torch.manual_seed(seed)
+    set_seed(seed)
     started = time.perf_counter()
     model = CrossEncoder(base or _base_model(), num_labels=1, max_length=max_length)
-    rows = zip(pairs.left, pairs.right, pairs.labels, strict=True)
-    examples = [InputExample(texts=[a, b], label=float(y)) for a, b, y in rows]
-    loader: DataLoader[InputExample] = DataLoader(examples, batch_size=batch_size, shuffle=True)  # type: ignore[arg-type]
-    before = best = _average_precision(model, held_out) if held_out else 0.0
-    best_epoch, done = 0, 0
+    train = Dataset.from_dict({"left": pairs.left, "right": pairs.right, "label": [float(y) for y in pairs.labels]})
+    evaluator = (
+        CrossEncoderClassificationEvaluator(
+            [[a, b] for a, b in zip(held_out.left, held_out.right, strict=True)],
+            [int(y) for y in held_out.labels],
+            name="held",
+            write_csv=False,
+            show_progress_bar=False,
+        )
+        if held_out is not None
+        else None
+    )
+    before = float(evaluator(model)["held_average_precision"]) if evaluator else 0.0
+    steps = -(-len(pairs) // batch_size)
     with tempfile.TemporaryDirectory(prefix="rerank-") as scratch:
-        best_folder = Path(scratch) / "best"
-        model.save(str(best_folder))
-        for epoch in range(1, epochs + 1):
-            # one epoch per call: the warm-up covers the first tenth of the first epoch only
-            warmup = max(1, len(loader) // 10) if epoch == 1 else 0
-            model.old_fit(
-                loader,
-                epochs=1,
-                warmup_steps=warmup,
-                optimizer_params={"lr": lr},
-                show_progress_bar=False,
-                use_amp=amp,
-            )
-            done = epoch
-            score = _average_precision(model, held_out) if held_out else float(epoch)
+        untrained = Path(scratch) / "untrained"
+        model.save_pretrained(str(untrained))  # epoch 0, kept if no epoch beats it
+        judged = "epoch" if evaluator else "no"
+        args = CrossEncoderTrainingArguments(
+            output_dir=str(Path(scratch) / "checkpoints"),
+            num_train_epochs=epochs,
+            per_device_train_batch_size=batch_size,
+            learning_rate=lr,
+            warmup_steps=max(1, steps // 10),  # the first tenth of the first epoch
+            seed=seed,
+            bf16=amp,
+            use_cpu=True,
+            eval_strategy=judged,
+            save_strategy=judged,
+            save_total_limit=1,
+            load_best_model_at_end=evaluator is not None,
+            metric_for_best_model="eval_held_average_precision",
+            greater_is_better=True,
+            logging_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+        )
+        trainer = CrossEncoderTrainer(
+            model=model,
+            args=args,
+            train_dataset=train,
+            loss=BinaryCrossEntropyLoss(model),
+            evaluator=evaluator,
+            callbacks=[EarlyStoppingCallback(early_stopping_patience=1)] if evaluator else [],
+        )
+        trainer.remove_callback(PrinterCallback)  # its epoch lines go to the log below, not to stdout
+        trainer.train()
+        scores = [
+            float(entry["eval_held_average_precision"])
+            for entry in trainer.state.log_history
+            if "eval_held_average_precision" in entry
+        ]
+        for epoch, score in enumerate(scores, start=1):
             log.info("cross-encoder epoch %d: held-out average precision %.3f", epoch, score)
-            if score > best:
-                best, best_epoch = score, epoch
-                model.save(str(best_folder))
-            elif held_out:
-                break  # no better than the best epoch: stop early
+        done = len(scores) if evaluator else epochs
+        best_epoch = 1 + int(np.argmax(scores)) if scores else epochs
+        best = max(scores) if scores else float(epochs)
         out.mkdir(parents=True, exist_ok=True)
-        for item in best_folder.iterdir():
-            os.replace(item, out / item.name)
+        if evaluator is not None and best <= before:  # no epoch beat the untrained model: it is what is kept
+            best_epoch, best = 0, before
+            for item in untrained.iterdir():
+                os.replace(item, out / item.name)
+        else:
+            model.save_pretrained(str(out))
     return RerankFit(
         folder=out,
         epochs=done,
