@@ -187,6 +187,10 @@ def run_ingest(
     naive_n = min(len(sample), 200)
     fp32_alone = Row(f"image model alone, fp32, batch {batch}", len(decoded), [model_alone(fp32, decoded, batch)])
     alone = Row(f"image model alone, {precision}, batch {batch}", len(decoded), [])
+    onnx_alone = Row(f"image model alone, ONNX Runtime fp32, batch {batch}", len(decoded), [])
+    onnx_end_to_end = Row(
+        f"ingest end to end, {len(sample)} products, one photo each, edge store, ONNX Runtime", len(sample), []
+    )
     naive = Row("naive loop: open, float transform, fp32 forward, one image at a time", naive_n, [])
     backends = ("local", "edge")  # qdrant-client local mode (the default), qdrant-edge-py (large catalogues)
     end_to_end = {
@@ -225,12 +229,22 @@ def run_ingest(
             for backend in backends
         }
         stores = {backend: ProductStore.open(run_settings[backend]) for backend in backends}
+        onnx = load_image_encoder(
+            settings.image_model, settings.image_precision, inference="onnx", onnx_cache=folder / "onnx"
+        )
         try:
             (folder / "a").mkdir()
             throughput = write_catalogue(folder / "a", sample, len(sample))
             for round_ in range(rounds):  # alternating, so that a slower minute of the machine hits every row
                 alone.rounds.append(model_alone(encoder, decoded, batch))
+                onnx_alone.rounds.append(model_alone(onnx, decoded, batch))
                 naive.rounds.append(naive_loop(as_trained, sample[:naive_n]))
+                on_onnx = ingest(run_settings["edge"], stores["edge"], onnx, text_encoder, throughput, f"onnx-{round_}")
+                if on_onnx.images_embedded != len(sample):
+                    raise SystemExit(
+                        f"ingest on ONNX Runtime embedded {on_onnx.images_embedded} of {len(sample)} photos"
+                    )
+                onnx_end_to_end.rounds.append(on_onnx.seconds)
                 for backend in backends:
                     first = ingest(
                         run_settings[backend], stores[backend], encoder, text_encoder, throughput, f"run-{round_}"
@@ -278,7 +292,7 @@ def run_ingest(
         "| what | images | s (median) | images/s | images/s of each round |",
         "| --- | --- | --- | --- | --- |",
     ]
-    lines += [row.line() for row in (fp32_alone, alone, naive, *end_to_end.values())]
+    lines += [row.line() for row in (fp32_alone, alone, onnx_alone, naive, *end_to_end.values(), onnx_end_to_end)]
     if on_ray.rounds:
         lines += [on_ray.line(), forwards_only.line()]
     lines.append("")
@@ -287,6 +301,12 @@ def run_ingest(
             f"- {backend} store: end to end / model alone ({precision}) **{row.rate / alone.rate:.2f}** "
             f"(target >= 0.90), end to end / naive loop **{row.rate / naive.rate:.2f}x**"
         )
+    lines.append(
+        f"- ONNX Runtime: model alone / torch {precision} **{onnx_alone.rate / alone.rate:.2f}x** (target >= 2.5x), "
+        f"/ torch fp32 **{onnx_alone.rate / fp32_alone.rate:.2f}x**; ingest end to end (edge) / its model alone "
+        f"**{onnx_end_to_end.rate / onnx_alone.rate:.2f}** (target >= 0.90), / naive loop "
+        f"**{onnx_end_to_end.rate / naive.rate:.2f}x** (target >= 3x)"
+    )
     if on_ray.rounds:
         lines.append(
             f"- Ray ({ray_workers} workers) / one process, edge store: **{on_ray.rate / end_to_end['edge'].rate:.2f}** "

@@ -21,7 +21,12 @@ def open_store(settings: Settings) -> ProductStore:
 def load_encoders(settings: Settings) -> tuple[ImageEncoder, TextEncoder]:
     """Both encoders of the settings (cached per spec: a second call loads nothing)."""
     return (
-        load_image_encoder(settings.image_model, settings.image_precision),
+        load_image_encoder(
+            settings.image_model,
+            settings.image_precision,
+            inference=settings.inference,
+            onnx_cache=settings.models_root / "onnx",
+        ),
         load_text_encoder(settings.text_model, settings.text_precision),
     )
 

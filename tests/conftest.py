@@ -65,8 +65,9 @@ def write_catalogue(folder: Path, rows: list[dict[str, str]]) -> Path:
 
 
 @pytest.fixture(scope="session")
-def image_encoder() -> ImageEncoder:
-    return load_image_encoder(DEFAULT_IMAGE_MODEL)
+def image_encoder(tmp_path_factory: pytest.TempPathFactory) -> ImageEncoder:
+    """The image encoder as the service loads it by default (INFERENCE=auto: the backbone on ONNX Runtime)."""
+    return load_image_encoder(DEFAULT_IMAGE_MODEL, inference="auto", onnx_cache=tmp_path_factory.mktemp("onnx"))
 
 
 @pytest.fixture(scope="session")

@@ -304,6 +304,7 @@ class Adapters:
         with self._loading:
             if digest not in self._tails:
                 encoder = self._image_encoder() if self._image_encoder is not None else None
+                encoder = getattr(encoder, "reference", encoder)  # on ONNX Runtime: its torch model
                 if not isinstance(encoder, TimmImageEncoder):
                     raise AdapterError(
                         f"image tail {digest[:12]}: it runs on the timm image encoder it was trained on, loaded in "

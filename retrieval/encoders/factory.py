@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
+from pathlib import Path
 from typing import Any
 
 from retrieval.encoders.base import EncoderError, ImageEncoder, TextEncoder
@@ -56,10 +57,32 @@ def _cached(spec: str, kinds: tuple[str, ...], precision: str = "fp32") -> Any:
         return _cache[(spec, precision)]
 
 
-def load_image_encoder(spec: str, precision: str = "auto") -> ImageEncoder:
-    """`precision`: auto (bf16 where the CPU has it, for timm backbones), fp32 or bf16."""
+INFERENCES = ("auto", "torch", "onnx")
+
+
+def load_image_encoder(
+    spec: str, precision: str = "auto", *, inference: str = "torch", onnx_cache: Path | None = None
+) -> ImageEncoder:
+    """`precision`: auto (bf16 where the CPU has it, for timm backbones), fp32 or bf16. `inference`: torch, onnx
+    (a timm backbone's forward on ONNX Runtime, its export kept in `onnx_cache`), or auto (onnx for timm
+    backbones, where it was measured faster than torch; torch for the rest)."""
+    if inference not in INFERENCES:
+        raise EncoderError(f"inference {inference!r}: use one of {', '.join(INFERENCES)}")
     encoder: ImageEncoder = _cached(spec, IMAGE_KINDS, precision)
-    return encoder
+    if inference == "torch" or (inference == "auto" and parse_spec(spec)[0] != "timm"):
+        return encoder
+    if parse_spec(spec)[0] != "timm":
+        raise EncoderError(f"INFERENCE=onnx runs timm backbones; {spec!r} runs in torch (INFERENCE=auto or torch)")
+    if onnx_cache is None:
+        raise EncoderError("ONNX inference needs a folder for the exported model")
+    from retrieval.encoders.onnx_backbone import OnnxImageEncoder
+
+    key = (f"onnx|{spec}", precision)  # one session per spec and process, whichever folder exported it
+    with _cache_lock:
+        if key not in _cache:
+            _cache[key] = OnnxImageEncoder(encoder, onnx_cache)  # type: ignore[arg-type]
+        onnx: ImageEncoder = _cache[key]
+    return onnx
 
 
 def load_text_encoder(spec: str, precision: str = "auto") -> TextEncoder:

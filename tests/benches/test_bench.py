@@ -80,6 +80,9 @@ def test_ingest_speed_bench_runs_on_both_embedded_stores(text_encoder: TextEncod
     table = run_ingest(SHARED_DATA, images=12, products=30, rounds=1, text_encoder=text_encoder, settings=Settings())
     for row in ("image model alone, fp32", "naive loop", "12 products, one photo each, local store", "edge store"):
         assert row in table
+    assert "image model alone, ONNX Runtime fp32, batch 8 | 12 |" in table
+    assert "edge store, ONNX Runtime | 12 |" in table
+    assert "ONNX Runtime: model alone / torch" in table
     assert "edge store, encoders on 2 Ray workers | 12 |" in table and "Ray (2 workers) / one process" in table
     assert "only the forwards on the 2 workers) | 12 |" in table and "decoding on the workers / in the ingest" in table
     assert table.count("| again, unchanged | 30 | 0 / 0 / 30 | 0 |") == 2

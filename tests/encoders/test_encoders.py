@@ -14,16 +14,24 @@ from skimage import data as skdata
 from torchvision.transforms import CenterCrop, InterpolationMode, Resize
 
 from ingest.pipeline import Ingestor
-from retrieval.encoders import EncoderError, ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
+from retrieval.encoders import (
+    EncoderError,
+    ImageEncoder,
+    TextEncoder,
+    load_image_encoder,
+    load_text_encoder,
+    onnx_backbone,
+)
 from retrieval.encoders.base import ResizeCrop, embed_images
 from retrieval.encoders.factory import parse_spec
+from retrieval.encoders.onnx_backbone import OnnxImageEncoder
 from retrieval.encoders.timm_backbone import TimmImageEncoder
 from retrieval.images import decode_image
 from retrieval.search import SearchEngine
 from retrieval.settings import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, Settings
 from retrieval.store import ProductStore
 from schemas.search import SearchOptions
-from tests.conftest import GROCERY, sample_rows, write_catalogue
+from tests.conftest import GROCERY, SAMPLE, sample_rows, write_catalogue
 
 IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 
@@ -39,8 +47,9 @@ def chelsea() -> Image.Image:
 
 
 def test_packaged_efficientnet_lite0_recognises_a_cat(image_encoder: ImageEncoder) -> None:
-    assert isinstance(image_encoder, TimmImageEncoder)
-    logits = image_encoder.classify(image_encoder.preprocess(chelsea()).unsqueeze(0))
+    assert isinstance(image_encoder, OnnxImageEncoder)  # INFERENCE=auto: the backbone on ONNX Runtime
+    assert isinstance(image_encoder.reference, TimmImageEncoder)
+    logits = image_encoder.reference.classify(image_encoder.preprocess(chelsea()).unsqueeze(0))
     assert int(logits.argmax()) in IMAGENET_CATS
     assert image_encoder.dim == 1280
     assert image_encoder.name == "timm:tf_efficientnet_lite0/efficientnet-lite0-57934424.pth"
@@ -96,7 +105,8 @@ def test_lukemelas_checkpoint_from_a_path_loads_like_the_packaged_one(
     from_path = load_image_encoder(f"timm:tf_efficientnet_lite0/{path}")
     assert from_path.name == "timm:tf_efficientnet_lite0/lite0.pth"
     x = torch.stack([image_encoder.preprocess(chelsea())])
-    np.testing.assert_allclose(from_path.embed_tensors(x), image_encoder.embed_tensors(x), atol=1e-5)
+    packaged = getattr(image_encoder, "reference", image_encoder)  # torch, as `from_path` runs
+    np.testing.assert_allclose(from_path.embed_tensors(x), packaged.embed_tensors(x), atol=1e-5)
 
 
 def test_spec_parsing() -> None:
@@ -266,3 +276,40 @@ def test_batch_norms_fold_into_convs_without_changing_embeddings() -> None:
         assert fold_batch_norms(block) == 1
         assert isinstance(block.bn_proj, BatchNormAct2d) and not isinstance(block.bn, torch.nn.BatchNorm2d)
         assert torch.allclose(block(probe), before, atol=1e-5)
+
+
+def test_onnx_runtime_rows_agree_with_torch_on_real_photos_and_the_export_is_kept(tmp_path: Path) -> None:
+    """INFERENCE=onnx / auto: the same backbone on ONNX Runtime gives the torch float32 rows (cosine >= 0.9999
+    on the sample's web and shelf photos), under the torch encoder's name (the catalogue's fingerprint), and
+    its export is kept by digest: a second load exports nothing."""
+    folder = SAMPLE.parent / "images"
+    photos = sorted(folder.glob("*.jpg"))[:6] + sorted((folder / "corner-store").glob("*.jpg"))[:6]
+    images = [Image.open(p).convert("RGB") for p in photos]
+    reference = load_image_encoder(DEFAULT_IMAGE_MODEL, "fp32")
+    assert isinstance(reference, TimmImageEncoder)
+    onnx = OnnxImageEncoder(reference, tmp_path / "onnx")
+    assert onnx.name == reference.name and onnx.dim == 1280 and onnx.agreement >= 0.9999
+    got, expected = embed_images(onnx, images, batch_size=5), embed_images(reference, images, batch_size=5)
+    assert got.dtype == np.float32 and np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
+    assert float((got * expected).sum(axis=1).min()) >= 0.9999
+    kept = list((tmp_path / "onnx").glob("*.onnx"))
+    assert len(kept) == 1 and kept[0].stem == onnx_backbone.export_digest(reference)
+    when = kept[0].stat().st_mtime_ns
+    again = OnnxImageEncoder(reference, tmp_path / "onnx")
+    assert kept[0].stat().st_mtime_ns == when and np.allclose(
+        again.embed_tensors(onnx.preprocess(images[0])[None]), got[:1], atol=1e-6
+    )
+    assert list((tmp_path / "onnx").iterdir()) == kept  # no half-written export left beside it
+
+
+def test_inference_choices_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(EncoderError, match="inference 'tensorrt'"):
+        load_image_encoder(DEFAULT_IMAGE_MODEL, inference="tensorrt", onnx_cache=tmp_path)
+    config = tmp_path / "pm-tiny-clip.json"
+    config.write_text(json.dumps(TINY_CLIP))
+    with pytest.raises(EncoderError, match="INFERENCE=onnx runs timm backbones"):
+        load_image_encoder(f"open_clip:{config}/random", inference="onnx", onnx_cache=tmp_path)
+    clip = load_image_encoder(f"open_clip:{config}/random", inference="auto", onnx_cache=tmp_path)
+    assert not isinstance(clip, OnnxImageEncoder)  # auto: torch where ONNX was not measured
+    with pytest.raises(ValueError, match="inference"):
+        Settings(inference="tensorrt")
