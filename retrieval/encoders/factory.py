@@ -64,14 +64,17 @@ def load_image_encoder(
     spec: str, precision: str = "auto", *, inference: str = "torch", onnx_cache: Path | None = None
 ) -> ImageEncoder:
     """`precision`: auto (bf16 where the CPU has it, for timm backbones), fp32 or bf16. `inference`: torch, onnx
-    (a timm backbone's forward on ONNX Runtime, its export kept in `onnx_cache`), or auto (onnx for timm
-    backbones, where it was measured faster than torch; torch for the rest)."""
+    (a timm backbone's forward on ONNX Runtime in float32, its export kept in `onnx_cache`), or auto: onnx where
+    torch would run a timm backbone in float32 (ONNX Runtime measured 1.7-2x torch's float32 there), torch
+    where it runs bf16 (as fast as ONNX Runtime's float32 or faster on this project's CPU: docs/BENCHMARKS.md)
+    and for the rest."""
     if inference not in INFERENCES:
         raise EncoderError(f"inference {inference!r}: use one of {', '.join(INFERENCES)}")
     encoder: ImageEncoder = _cached(spec, IMAGE_KINDS, precision)
-    if inference == "torch" or (inference == "auto" and parse_spec(spec)[0] != "timm"):
+    timm = parse_spec(spec)[0] == "timm"
+    if inference == "torch" or (inference == "auto" and (not timm or getattr(encoder, "precision", "") == "bf16")):
         return encoder
-    if parse_spec(spec)[0] != "timm":
+    if not timm:
         raise EncoderError(f"INFERENCE=onnx runs timm backbones; {spec!r} runs in torch (INFERENCE=auto or torch)")
     if onnx_cache is None:
         raise EncoderError("ONNX inference needs a folder for the exported model")

@@ -9,11 +9,12 @@ are checked against the torch float32 forward on a probe batch: below PROBE_COSI
 load, so that a catalogue never holds vectors of two runtimes that disagree. With that check the encoder's
 name (the catalogue's fingerprint) is the torch one: the vectors are interchangeable, as bf16's are.
 
-ONNX Runtime runs the model in float32: on this project's 2-core CPU it embeds photos about 1.4-2x as fast as
-torch in bf16 and 2.5-3.5x torch in float32 in batches of 8 (`python -m bench speed ingest`, docs/BENCHMARKS.md).
-Static int8 quantization (QDQ, per channel, calibrated on real photos, stem and head kept in float32) was
-measured 2-2.5x faster again but its rows fell to cosine 0.991 of float32 on grocery photos, below the
-0.995 the runtime must hold: not offered."""
+ONNX Runtime runs the model in float32: on this project's 2-core CPU (AVX512-BF16) it embeds photos 1.7-2x as
+fast as torch in float32 in batches of 8, and about as fast as torch in bf16 (0.78-1.13x over runs), so
+`INFERENCE=auto` picks it only where torch would run float32 (`python -m bench speed ingest`,
+`python -m bench.onnx_int8`, docs/BENCHMARKS.md). Static int8 quantization (QDQ, per channel, calibrated on
+real photos, stem and head kept in float32) was measured 2.1-2.4x torch bf16, but its rows fell to cosine
+0.989 of float32 on grocery photos, below the 0.995 every photo must keep: not offered."""
 
 from __future__ import annotations
 
@@ -103,6 +104,8 @@ class OnnxImageEncoder:
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # no busy-waiting between runs: the decode threads of an ingest need those cores
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             path = exported(reference, folder)
             self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

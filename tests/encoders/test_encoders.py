@@ -22,7 +22,7 @@ from retrieval.encoders import (
     load_text_encoder,
     onnx_backbone,
 )
-from retrieval.encoders.base import ResizeCrop, embed_images
+from retrieval.encoders.base import ResizeCrop, cpu_has_bf16, embed_images
 from retrieval.encoders.factory import parse_spec
 from retrieval.encoders.onnx_backbone import OnnxImageEncoder
 from retrieval.encoders.timm_backbone import TimmImageEncoder
@@ -47,9 +47,11 @@ def chelsea() -> Image.Image:
 
 
 def test_packaged_efficientnet_lite0_recognises_a_cat(image_encoder: ImageEncoder) -> None:
-    assert isinstance(image_encoder, OnnxImageEncoder)  # INFERENCE=auto: the backbone on ONNX Runtime
-    assert isinstance(image_encoder.reference, TimmImageEncoder)
-    logits = image_encoder.reference.classify(image_encoder.preprocess(chelsea()).unsqueeze(0))
+    # INFERENCE=auto: torch in bf16 where the CPU computes it, else the backbone on ONNX Runtime in float32
+    assert isinstance(image_encoder, TimmImageEncoder if cpu_has_bf16() else OnnxImageEncoder)
+    torch_model = getattr(image_encoder, "reference", image_encoder)
+    assert isinstance(torch_model, TimmImageEncoder)
+    logits = torch_model.classify(image_encoder.preprocess(chelsea()).unsqueeze(0))
     assert int(logits.argmax()) in IMAGENET_CATS
     assert image_encoder.dim == 1280
     assert image_encoder.name == "timm:tf_efficientnet_lite0/efficientnet-lite0-57934424.pth"
@@ -311,5 +313,9 @@ def test_inference_choices_are_checked(tmp_path: Path) -> None:
         load_image_encoder(f"open_clip:{config}/random", inference="onnx", onnx_cache=tmp_path)
     clip = load_image_encoder(f"open_clip:{config}/random", inference="auto", onnx_cache=tmp_path)
     assert not isinstance(clip, OnnxImageEncoder)  # auto: torch where ONNX was not measured
+    fp32 = load_image_encoder(DEFAULT_IMAGE_MODEL, "fp32", inference="auto", onnx_cache=tmp_path / "auto")
+    assert isinstance(fp32, OnnxImageEncoder)  # auto: where torch would run float32, ONNX Runtime does
+    bf16 = load_image_encoder(DEFAULT_IMAGE_MODEL, "bf16", inference="auto", onnx_cache=tmp_path / "auto")
+    assert isinstance(bf16, TimmImageEncoder)  # ... and where it runs bf16, torch does
     with pytest.raises(ValueError, match="inference"):
         Settings(inference="tensorrt")
