@@ -110,7 +110,11 @@ def main() -> int:
             )
             cos = (expected * rows).sum(axis=1)
             quick = np.ascontiguousarray(reference._pixels.model_input(speed_batch).numpy())
-            speed = rate(lambda b, s=session: s.run([OUTPUT], {INPUT: b}), quick)
+
+            def run(b: np.ndarray, s: ort.InferenceSession = session) -> object:
+                return s.run([OUTPUT], {INPUT: b})
+
+            speed = rate(run, quick)
             lines.append(
                 f"| ONNX Runtime {label} | {speed:.0f} | {speed / base:.2f} | {speed / ours:.2f} | "
                 f"{cos.min():.4f} / {cos.mean():.4f} |"
