@@ -212,6 +212,8 @@ def review_queue(
     runners: list[_Asked] = []
     for product_id in scan:
         left = (retailer, product_id)
+        if (left, _NO_PAIR) in pairs:  # said to have no counterpart: none of its candidates is asked about
+            continue
         product, matches = find_matches(
             engine,
             catalogue,

@@ -2,8 +2,9 @@
 abt-buy's train pairs, the real MiniLM model and an embedded store.
 
 The slice is 48 labelled abt -> buy pairs and, for each abt product, up to two buy products the split labels
-as *not* the same (its siblings, which the mined negatives come from). One short run (a capped number of
-steps) trains every layer; the tests then check the stored version, the kept model folder, the catalogue's
+as *not* the same (its siblings, which the mined negatives come from). The fine-tuning is given the first 32
+pairs; the other products' queries judge it (it never read them). One short run (a capped number of steps)
+trains every layer; the tests then check the stored version, the kept model folder, the catalogue's
 re-embedded texts, the queries through a fresh engine, ingest under the active encoder, and rollback."""
 
 from __future__ import annotations
@@ -35,16 +36,17 @@ from tests.conftest import SHARED_DATA
 
 CATALOGUE = "abt-slice"
 PAIRS = 48  # labelled abt -> buy pairs of the train split
+TAUGHT = 32  # of them, the pairs the fine-tuning is given; the others' queries judge it
 SIBLINGS = 2  # per abt product, buy products labelled as not the same
 LATE = 2  # pairs left out of the first ingest, ingested while the fine-tuned encoder is active
 COLUMNS = ["id", "retailer", "title", "brand", "description"]
 ENV_KEYS = ("QDRANT_URL", "IMAGE_MODEL", "TEXT_MODEL", "STORE_BACKEND", "DEFAULT_CATALOGUE", "MODELS_PATH")
-# One epoch of 3 steps (36 pairs, batch 16), measured on 12 held-out anchors: it lifts their recall@1 from
-# 0.750 to 0.833 (10 s on one thread), and the whole slice's (48 abt texts, other shop, text ranking only)
-# from 0.875 to 0.938.
-RUN = ("--epochs", "1", "--max-steps", "3", "--batch-size", "16", "--max-length", "64", "--holdout", "0.25")
+# Two epochs capped at 4 steps (24 of the 32 pairs taught, batch 16; 8 held out for early stopping): it lifts
+# the held-out anchors' recall@1 from 0.750 to 0.875, and that of the 16 products whose pair it never read
+# (other shop, text ranking only) from 15/16 to 16/16.
+RUN = ("--epochs", "2", "--max-steps", "4", "--batch-size", "16", "--max-length", "64", "--holdout", "0.25")
 MIN_HELD_OUT = 0.75
-MIN_SLICE_R1 = 0.9
+MIN_UNSEEN_R1 = 0.9
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class Slice:
     late: Path
     examples: Path
     queries: list[tuple[str, str, set[str]]]  # (abt id, its text, the buy ids that are the same)
+    unseen: list[tuple[str, str, set[str]]]  # those of them whose pair the fine-tuning is never given
     late_ids: set[str]
 
 
@@ -103,11 +106,13 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Slice:
     for abt, buys in sorted(matches.items()):
         if abt not in stored:
             continue
-        lines.append(json.dumps({"product": {"retailer": "abt", "id": abt}, "expect": sorted(buys)}))
         text = ". ".join(p for p in (rows[abt]["title"], rows[abt]["brand"], rows[abt]["description"]) if p)
         queries.append((abt, text, buys))
+    unseen = queries[TAUGHT:]  # their pairs are not in the examples: the fine-tune never reads them
+    for abt, _, buys in queries[:TAUGHT]:
+        lines.append(json.dumps({"product": {"retailer": "abt", "id": abt}, "expect": sorted(buys)}))
     (root / "pairs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    assert len(queries) >= 40 and len(first) >= 120
+    assert len(unseen) >= 12 and len(first) >= 120
     late_ids -= stored  # a late buy product that another abt product's pair brought in already
     return Slice(
         root,
@@ -117,6 +122,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Slice:
         root / "late.csv",
         root / "pairs.jsonl",
         queries,
+        unseen,
         late_ids,
     )
 
@@ -203,7 +209,8 @@ def test_cli_fine_tunes_and_switches_on_an_encoder_that_beats_the_base(run: Run)
     held = re.search(r"held-out recall@1 ([0-9.]+) -> ([0-9.]+) on (\d+) anchors", run.output)
     assert held, run.output
     before, after, anchors = float(held.group(1)), float(held.group(2)), int(held.group(3))
-    assert anchors >= 10
+    print(f"\n{held.group(0)}")
+    assert anchors >= 8
     assert after > before and after >= MIN_HELD_OUT, run.output
     assert "active: text queries are embedded by it" in run.output
     with run.store() as store:
@@ -216,7 +223,7 @@ def test_cli_fine_tunes_and_switches_on_an_encoder_that_beats_the_base(run: Run)
         assert store.info(CATALOGUE).adapters == {"text": 1}
         assert adapters.active_labels(CATALOGUE) == {"text": f"encoder v1 {record.model[:12]}"}
     code, listed = run.cli("adapt", "--catalogue", CATALOGUE, "--list")
-    assert code == 0 and listed.startswith("* text v1: finetune encoder, condition product, 48 examples"), listed
+    assert code == 0 and listed.startswith(f"* text v1: finetune encoder, condition product, {TAUGHT} examples"), listed
     assert f"model {_digest(run)[:12]}, 64 tokens" in listed
 
 
@@ -261,9 +268,12 @@ def test_a_fresh_engine_loads_the_model_from_the_record_and_text_queries_use_it(
         model = engine.adapters.text_model(CATALOGUE)
         assert isinstance(model, EncoderHead) and model.digest == digest
         assert model.encoder.name == f"sentence-transformers:{digest}"
-        recall, _ = search_all(engine, run.data)
-        base = sum(bool(r) and r[0][0] in q[2] for r, q in zip(run.before, run.data.queries, strict=True))
-        assert recall >= MIN_SLICE_R1 and recall > base / len(run.data.queries), recall
+        _, ranking = search_all(engine, run.data)
+        unseen = run.data.queries[TAUGHT:]  # products whose pair the fine-tuning never read
+        after = sum(bool(r) and r[0][0] in q[2] for r, q in zip(ranking[TAUGHT:], unseen, strict=True))
+        base = sum(bool(r) and r[0][0] in q[2] for r, q in zip(run.before[TAUGHT:], unseen, strict=True))
+        print(f"\nunseen products' recall@1: {base}/{len(unseen)} -> {after}/{len(unseen)}")
+        assert after / len(unseen) >= MIN_UNSEEN_R1 and after >= base, (base, after)
         abt, text, buys = run.data.queries[0]
         response = engine.search(CATALOGUE, text=text, filters=SearchFilters(exclude_retailer=["abt"]))
         assert response.adapted == {"text": 1} and response.modes == ["text", "lexical"]

@@ -78,9 +78,11 @@ def test_the_queue_asks_once_per_product_skips_what_is_answered_and_explains(
     assert all(p.why for p in queue)
     assert any(p.agree or p.disagree for p in queue)
     # answered pairs and skipped products are not asked again
-    answered_left = {("hemkop", lefts[0])}
+    answered_left = {("hemkop", lefts[0]), ("hemkop", lefts[2])}
     answered = {(("hemkop", lefts[0]), ("other-shop", queue[0].right.id))}  # type: ignore[union-attr]
+    answered.add((("hemkop", lefts[2]), ("", "")))  # "no counterpart": none of its candidates is asked about
     _, again = review_queue(engine, two_shops, "hemkop", limit=30, answered=(answered_left, answered), skip={lefts[1]})
+    assert len(again) >= 20 and lefts[2] not in {p.left.id for p in again}
     assert all(p.left.id != lefts[1] and (p.right is None or p.right.id != lefts[1]) for p in again)
     assert all(not (p.left.id == lefts[0] and p.right and p.right.id == queue[0].right.id) for p in again)  # type: ignore[union-attr]
 
