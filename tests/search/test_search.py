@@ -12,7 +12,9 @@ from ingest.pipeline import Ingestor
 from retrieval.search import SearchEngine
 from retrieval.store import CatalogueNotFound, ProductStore
 from schemas.search import SearchFilters, SearchOptions
-from tests.conftest import GROCERY, SAMPLE, sample_rows, write_catalogue
+from tests.conftest import SAMPLE, sample_rows, write_catalogue
+
+MIN_SHELF_TITLES = 0.95  # measured 80 of 81 (0.988) on both engines
 
 
 def sample_products() -> list[dict[str, str]]:
@@ -56,14 +58,18 @@ def test_text_search_with_a_category_filter_stays_inside_that_category(engine: S
     assert nothing.results == []  # a prefix of a level's name is not a category
 
 
-def test_text_finds_products_by_their_names(engine: SearchEngine) -> None:
-    """Name -> name + brand + description: DESIGN.md measured MiniLM at R@1 0.94 on these products."""
-    rows = sample_products()
+def test_text_finds_products_by_another_shops_names_for_them(engine: SearchEngine) -> None:
+    """The corner store's own titles for the same 81 products (kind first: "Apple: Granny Smith", no brand, no
+    description) searched among the web shop's listings (name + brand + description): not a stored text."""
+    with (SAMPLE.parent / "corner-store.csv").open(encoding="utf-8") as f:
+        shelf = list(csv.DictReader(f))
     hits = sum(
-        engine.search("grocery", text=row["title"], options=SearchOptions(limit=1)).results[0].id == row["id"]
-        for row in rows
+        engine.search("grocery", text=row["title"], options=SearchOptions(limit=1)).results[0].id
+        == row["id"].removeprefix("c-")
+        for row in shelf
     )
-    assert hits / len(rows) >= 0.93
+    print(f"\ncorner-store titles finding the web shop's listing first: {hits} of {len(shelf)}")
+    assert hits / len(shelf) >= MIN_SHELF_TITLES, hits
 
 
 def test_photo_and_text_are_fused_with_per_modality_scores(engine: SearchEngine) -> None:
@@ -128,27 +134,3 @@ def test_unknown_catalogue_and_empty_query(engine: SearchEngine) -> None:
         engine.search("nope", text="milk")
     with pytest.raises(ValueError, match="give an image, a text"):
         engine.search("grocery")
-
-
-def test_in_store_photos_find_their_shop_product_as_measured(engine: SearchEngine) -> None:
-    """Grocery val: in-store phone photo -> the shop's web photo, image only, through the whole pipeline.
-
-    DESIGN.md measured EfficientNet-Lite0 at R@1 0.39, R@5 0.71 on this split; a broken preprocessing,
-    a wrong weight mapping or a lost vector would fall far below.
-    """
-    ids = {row["title"].replace(" ", "-"): row["id"] for row in sample_products()}
-    lines = (GROCERY / "val.txt").read_text().splitlines()
-    at1 = at5 = 0
-    for line in lines:
-        photo = line.split(",")[0].strip()
-        expected = ids[Path(photo).parent.name]
-        with Image.open(GROCERY / photo) as image:
-            found = [
-                r.id
-                for r in engine.search("grocery", image=image.convert("RGB"), options=SearchOptions(limit=5)).results
-            ]
-        at1 += found[0] == expected
-        at5 += expected in found
-    recall1, recall5 = at1 / len(lines), at5 / len(lines)
-    assert recall1 >= 0.33, recall1
-    assert recall5 >= 0.62, recall5
