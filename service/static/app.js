@@ -520,18 +520,8 @@ async function answer(kind) {
     same: kind === "same",
     who: "page",
   };
-  let response;
-  try {
-    response = await fetch(`${reviewBase()}/labels`, { method: "POST", headers: writeHeaders(), body: JSON.stringify(body) });
-  } catch (e) {
-    reviewError(NO_ANSWER);
-    return;
-  }
-  if (!response.ok) {
-    reviewError(await problem(response));
-    return;
-  }
-  reviewError("");
+  const response = await reviewWrite("labels", body);
+  if (!response) return;
   review.answered += 1;
   const stored = $("review-counter").textContent.match(/^(\d+)/);
   const total = (stored ? Number(stored[1]) : 0) + (response.status === 201 ? 1 : 0);
@@ -545,20 +535,28 @@ function figures(j) {
   return el("tr", {}, el("td", { text: j.label }), el("td", { text: String(j.products) }), el("td", { text: decided }));
 }
 
-async function train() {
-  const box = $("review-training");
-  reviewError("");
+// POST a review write (a label, a training) with the API key when one is typed; the answer when it is a 2xx,
+// else null with the problem shown.
+async function reviewWrite(path, body) {
   let response;
   try {
-    response = await fetch(`${reviewBase()}/train`, { method: "POST", headers: writeHeaders(), body: "{}" });
+    response = await fetch(`${reviewBase()}/${path}`, { method: "POST", headers: writeHeaders(), body: JSON.stringify(body) });
   } catch (e) {
     reviewError(NO_ANSWER);
-    return;
+    return null;
   }
   if (!response.ok) {
     reviewError(await problem(response));
-    return;
+    return null;
   }
+  reviewError("");
+  return response;
+}
+
+async function train() {
+  const box = $("review-training");
+  const response = await reviewWrite("train", {});
+  if (!response) return;
   const job = await response.json();
   $("review-train").disabled = true;
   box.hidden = false;
