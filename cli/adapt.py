@@ -424,12 +424,16 @@ def fit_and_store(args: argparse.Namespace, settings: Settings, store: ProductSt
         title = f"{catalogue}: {modality} head v{saved.version} ({args.method}, condition {args.condition})"
         plot_adaptation(examples, fit.head, args.plot, title=title, names=_label_names(stored, examples))
         print(f"  map of the vectors before and after: {args.plot}")
+    checked = bool(fit.holdout) or args.method == "supervised"
     return switch_if_better(
         adapters,
         args,
         saved,
-        better=fit.after > fit.before if fit.holdout or args.method == "supervised" else True,
-        short="it does not beat no head on the held-out examples",
+        better=checked and fit.after > fit.before,
+        # label-free spreading lowers its own objective; whether search gets better, nothing here has judged
+        short="it does not beat no head on the held-out examples"
+        if checked
+        else "no labelled examples judged it: give --examples, or switch with --force",
         done="queries go through it; {} points rewritten",
     )
 

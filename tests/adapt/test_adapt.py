@@ -425,10 +425,15 @@ def test_condition_category_learns_from_the_catalogue_itself(env: Env, tiny: Tin
 def test_spread_lowers_the_mean_pairwise_cosine(env: Env, tiny: TinySet) -> None:
     ingested(env, tiny)
     # Label-free spreading: no examples, so the steps are not chosen by a recall check but run on the
-    # objective alone.
+    # objective alone; nothing judged it, so it is stored and switched on only when asked (--force).
     code, out, err = env.adapt("--method", "spread")
     assert code == 0, err
     assert "image head v1 (spread linear, condition product)" in out
+    assert "not switched to (no labelled examples judged it" in out
+    with env.store() as store:
+        assert store.info(CATALOGUE).adapters == {}
+    code, out, err = env.adapt("--use", "1")
+    assert code == 0, err
     with env.store() as store:
         (record,) = Adapters(store).records(CATALOGUE)
         assert record.method == "spread" and record.loss is None and record.examples == 0
