@@ -24,6 +24,7 @@ from retrieval.match.model import (
     FOLDS,
     Fitted,
     Labelled,
+    LabelsError,
     active_model,
     check_enough,
     check_labels,
@@ -486,7 +487,12 @@ def train_on_labels(
         def fitted(part: Labelled) -> Fitted:
             return fit_model(part, target_precision=target_precision, adapters=adapters, source=source, names=names)
 
-        tried = judge_by_folds("match model", data, products, fitted)
+        notes: list[str] = []
+        try:
+            tried = judge_by_folds("match model", data, products, fitted)
+        except LabelsError as exc:  # one fold without enough of both kinds: nothing can be judged yet
+            notes.append(f"the match model cannot be judged by folds yet ({exc}); what is active stays")
+            tried = Judgement("match model", products, 0.0, 0.0, 0.0, 0, 0, reliable=False)
         if baseline is None:
             before = judge_candidates(before_label, None, data, products)
         elif set(baseline.features) <= set(names):  # the default model, or a model fitted the same way
@@ -494,7 +500,6 @@ def train_on_labels(
         else:  # a model with a cross-encoder, or fitted without the prior: its own features
             before = judge(before_label, engine, catalogue, pairs, baseline)
         chosen = None
-        notes: list[str] = []
         if acts_better(tried, before, target_precision):
             refit = fitted(data)
             chosen, notes = refit.calibration, refit.notes

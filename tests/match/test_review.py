@@ -132,3 +132,17 @@ def test_training_on_review_answers_changes_the_decisions_where_the_default_mode
         engine.store.save_calibration(catalogue, None)
     with pytest.raises(LabelsError):
         train_on_labels(engine, catalogue, pairs[:2], models_root=tmp_path / "models", rerank=False)
+
+
+def test_too_few_answers_to_judge_by_folds_keep_what_is_active(
+    engine: SearchEngine, two_currencies: str, tmp_path: Path
+) -> None:
+    """Five products answered "same" and five "different": enough to fit a model, too few to judge one by folds
+    (a fold's other four fifths hold four true pairs); nothing is stored and the default model keeps deciding."""
+    book = LabelBook(tmp_path / "labels.sqlite")
+    for i in range(5):
+        book.add(two_currencies, said(str(i), f"o-{i}", True))
+        book.add(two_currencies, said(str(i + 5), f"o-{i + 6}", False))
+    result = train_on_labels(engine, two_currencies, book.pairs(two_currencies), models_root=tmp_path, rerank=False)
+    assert result.chosen is None and any("cannot be judged by folds" in note for note in result.notes)
+    assert active_model(engine.store, two_currencies).name == "default"
