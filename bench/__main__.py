@@ -112,7 +112,8 @@ def review(args: argparse.Namespace) -> int:
     from retrieval.settings import Settings
 
     settings = Settings()
-    ensure_sets(args.sets_dir, args.shared, [f"{args.set}-train", args.set])
+    judged = args.set if args.judge == "test" else f"{args.set}-valid"
+    ensure_sets(args.sets_dir, args.shared, [f"{args.set}-train", judged])
     image_encoder = load_image_encoder(settings.image_model, settings.image_precision)
     text_encoder = load_text_encoder(settings.text_model, settings.text_precision)
     rows = []
@@ -131,17 +132,18 @@ def review(args: argparse.Namespace) -> int:
         rows += run_strategy(
             strategy,
             load_set(args.sets_dir / f"{args.set}-train"),
-            load_set(args.sets_dir / args.set),
+            load_set(args.sets_dir / judged),
             image_encoder,
             text_encoder,
             rounds=args.rounds,
             per_round=args.per_round,
             seed=args.seed,
+            coverage_share=args.coverage,
         )
     result = "\n".join([*lines, table(rows)])
     print(result)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"review-{args.set}.md").write_text(result + "\n")
+    (args.out / f"review-{args.set}{'' if args.judge == 'test' else '-valid'}.md").write_text(result + "\n")
     return 0
 
 
@@ -438,6 +440,15 @@ def main(argv: list[str] | None = None) -> int:
     rv.add_argument("--per-round", type=int, default=40)
     rv.add_argument("--strategies", nargs="+", default=["queue", "random"], choices=["queue", "random"])
     rv.add_argument("--seed", type=int, default=0)
+    rv.add_argument(
+        "--coverage", type=float, default=0.25, help="the queue's share of random products' best candidates"
+    )
+    rv.add_argument(
+        "--judge",
+        choices=["test", "valid"],
+        default="test",
+        help="the split each round is judged on (valid: to choose)",
+    )
     rv.add_argument(
         "--shipped-default",
         action="store_true",

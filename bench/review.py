@@ -27,7 +27,7 @@ from bench.quality import ingested
 from retrieval.encoders import ImageEncoder, TextEncoder
 from retrieval.match.labels import SOURCE, Key, LabelBook
 from retrieval.match.model import LabelsError, active_model, find_matches
-from retrieval.match.review import CANDIDATES, review_queue
+from retrieval.match.review import CANDIDATES, COVERAGE_SHARE, review_queue
 from retrieval.match.training import judge, train_on_labels
 from retrieval.search import SearchEngine
 from schemas.search import LabelIn, ProductRef, SearchFilters
@@ -123,6 +123,7 @@ def review_rounds(
     per_round: int,
     seed: int,
     progress: Callable[[str], None] = print,
+    coverage_share: float = COVERAGE_SHARE,
 ) -> list[Round]:
     """`rounds` rounds of `per_round` answers on `train_set`'s catalogue (ingested in `engine`), each followed by
     training and a judgement on `test_set`'s (in `test_engine`); labels and models are kept under `folder`.
@@ -145,6 +146,7 @@ def review_rounds(
                 _, queue = review_queue(
                     engine, catalogue, left, against=[against] if against else [], limit=per_round,
                     answered=(lefts, asked), skip=unknown, seed=book.count(catalogue) + seed,
+                    coverage_share=coverage_share,
                 )  # fmt: skip
                 answers = [
                     LabelIn(
@@ -202,6 +204,7 @@ def run_strategy(
     per_round: int,
     seed: int,
     progress: Callable[[str], None] = print,
+    coverage_share: float = COVERAGE_SHARE,
 ) -> list[Round]:
     """`review_rounds` on both sets ingested into throw-away stores."""
     with (
@@ -211,7 +214,7 @@ def run_strategy(
     ):
         return review_rounds(
             strategy, engine, train_set, test_engine, test_set, Path(scratch),
-            rounds=rounds, per_round=per_round, seed=seed, progress=progress,
+            rounds=rounds, per_round=per_round, seed=seed, progress=progress, coverage_share=coverage_share,
         )  # fmt: skip
 
 

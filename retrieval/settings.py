@@ -124,6 +124,9 @@ class Settings(BaseSettings):
         description="what reviewers said of pairs (the review loop's labels; default: labels.sqlite in the store's "
         "folder): kept across restarts and re-ingests",
     )
+    max_labels: int = Field(
+        default=1_000_000, ge=1, description="review labels a catalogue keeps at most (more: 429 until some go)"
+    )
     max_archive_entries: int = Field(default=200_000, ge=1, description="entry count cap of a zip input")
     models_path: Path | None = Field(
         default=None,

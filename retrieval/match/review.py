@@ -40,7 +40,8 @@ CANDIDATES = 5  # the first candidates of a product that are looked at
 SCAN_PER_PAIR = 3  # products looked at per pair asked
 MIN_SCAN, MAX_SCAN = 20, 240  # each costs a match query (~0.01-0.1 s on 2 cores)
 READ_PER_SCAN = 50  # ids read past reviewed products, per product looked at, before looking at reviewed ones
-COVERAGE_SHARE = 0.25
+COVERAGE_SHARE = 0.25  # of a queue, random products' best candidates
+RUNNER_SHARE = 0.25  # of a queue, close siblings of likely matches
 Key = tuple[str, str]
 _NO_PAIR: Key = ("", "")
 
@@ -196,6 +197,7 @@ def review_queue(
     skip: Collection[str] = frozenset(),
     seed: int = 0,
     image_url: ImageUrl = ref_as_url,
+    coverage_share: float = COVERAGE_SHARE,
 ) -> tuple[ActiveModel, list[ReviewPair]]:
     """Up to `limit` unanswered pairs of `retailer`'s products (one per product) against the other retailers
     (only `against` when given), the most telling first. `answered`: (left products with a label, labelled
@@ -205,7 +207,7 @@ def review_queue(
     lefts, pairs = answered
     size = min(MAX_SCAN, max(MIN_SCAN, SCAN_PER_PAIR * limit))
     scan = _sample(engine, catalogue, retailer, size, lefts, skip, np.random.default_rng(seed))
-    coverage = set(scan[: int(COVERAGE_SHARE * limit)])  # the sample's first products: random by construction
+    coverage = set(scan[: int(coverage_share * limit)])  # the sample's first products: random by construction
     filters = SearchFilters(retailer=list(against))
     telling: list[_Asked] = []
     covered: list[_Asked] = []
@@ -250,7 +252,7 @@ def review_queue(
             reasons = [f"the best candidate looks right: is number {runner + 1}, a close one, the same too?"]
             runners.append(_pair_of(product, matches[runner], (doubts[runner][0] + fresh_bonus, reasons)))
     chosen = list(covered)
-    for pool, share in ((runners, COVERAGE_SHARE), (telling, 1.0)):
+    for pool, share in ((runners, RUNNER_SHARE), (telling, 1.0)):
         pool.sort(key=lambda asked: -asked.score)
         room = min(limit - len(chosen), max(1, int(share * limit)))
         taken = {asked.pair.left.id for asked in chosen}

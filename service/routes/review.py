@@ -84,7 +84,12 @@ async def review(
     response_model=StoredLabel,
     status_code=201,
     dependencies=[API_KEY],
-    responses={**NOT_FOUND, **WRITE_ERRORS, 200: {"model": StoredLabel, "description": "given before: kept once"}},
+    responses={
+        **NOT_FOUND,
+        **WRITE_ERRORS,
+        200: {"model": StoredLabel, "description": "given before: kept once"},
+        429: {"model": ErrorResponse, "description": "MAX_LABELS reached"},
+    },
 )
 async def add_label(state: StateDep, catalogue: Catalogue, label: LabelIn, response: Response) -> StoredLabel:
     """What a person said of two listings (`right: null`, `same: false`: the left product has no counterpart
@@ -94,6 +99,12 @@ async def add_label(state: StateDep, catalogue: Catalogue, label: LabelIn, respo
     def run() -> tuple[StoredLabel, bool]:
         for ref in filter(None, [label.left, label.right]):
             state.store.product(catalogue, ref.retailer, ref.id, known=True)  # unknown: 404
+        if state.labels.count(catalogue) >= state.settings.max_labels:
+            raise HTTPException(
+                429,
+                f"catalogue {catalogue!r} keeps {state.settings.max_labels} labels at most (MAX_LABELS): "
+                "delete some, or raise the cap",
+            )
         return state.labels.add(catalogue, label)
 
     stored, created = await run_in_threadpool(run)

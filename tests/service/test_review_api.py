@@ -77,8 +77,10 @@ def test_labels_are_given_listed_exported_and_deleted(reviewing: TestClient, two
         assert reviewing.delete(f"{base}/{number}").status_code == 204
 
 
-def test_labels_survive_a_restart(engine: SearchEngine, sample_settings: Settings, two_shops: str) -> None:
-    settings = sample_settings.model_copy(update={"labels_path": LABELS.parent / "restart.sqlite"})
+def test_labels_survive_a_restart_and_are_capped(
+    engine: SearchEngine, sample_settings: Settings, two_shops: str
+) -> None:
+    settings = sample_settings.model_copy(update={"labels_path": LABELS.parent / "restart.sqlite", "max_labels": 2})
     with TestClient(
         create_app(settings, state=AppState(settings, engine.store, engine)), base_url="http://localhost"
     ) as client:
@@ -87,6 +89,9 @@ def test_labels_survive_a_restart(engine: SearchEngine, sample_settings: Setting
         create_app(settings, state=AppState(settings, engine.store, engine)), base_url="http://localhost"
     ) as client:
         assert client.get(f"/catalogues/{two_shops}/labels").json()["total"] == 1
+        assert client.post(f"/catalogues/{two_shops}/labels", json=label("5", "o-5", True)).status_code == 201
+        again = client.post(f"/catalogues/{two_shops}/labels", json=label("6", "o-6", True))
+        assert again.status_code == 429 and "MAX_LABELS" in again.json()["detail"]
 
 
 def test_writes_need_the_key_and_come_from_the_page_itself(
