@@ -15,7 +15,6 @@ import json
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.evalset import EvalSet, load_set
@@ -29,7 +28,7 @@ from retrieval.encoders import ImageEncoder, TextEncoder
 from retrieval.search import SearchEngine
 from retrieval.settings import Settings
 from retrieval.store import ProductStore
-from schemas.adapters import AdapterRecord, HoldOut
+from schemas.adapters import AdapterRecord
 from schemas.search import SearchFilters, SearchOptions
 
 SETS = {"abt-buy": ("abt", "buy"), "amazon-google": ("amazon", "google")}
@@ -86,21 +85,16 @@ def _switch_on(engine: SearchEngine, catalogue: str, tuned: Tuned, source: str, 
     """Store the kept model as the catalogue's next text encoder version and activate it: seconds taken."""
     started = time.perf_counter()
     fit = tuned.fit
-    record = AdapterRecord(
+    record = AdapterRecord.of_fit(
+        fit,
         catalogue=catalogue,
         modality="text",
-        version=1,
         method="finetune",
         kind="encoder",
-        condition="product",
         encoder=engine.text_encoder.name,
         dim=engine.text_encoder.dim,
-        created=datetime.now(UTC),
         examples=len(tuned.anchors),
         source=source,
-        epochs=fit.epochs,
-        seconds=round(fit.seconds, 2),
-        holdout=HoldOut(examples=fit.holdout, before=fit.before, after=fit.after),
         model=tuned.digest,
         max_length=options.max_length,
         hard_negatives=fit.hard_negatives,

@@ -8,7 +8,6 @@ import argparse
 import functools
 import logging
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -23,7 +22,7 @@ from retrieval.encoders import EncoderError, load_image_encoder, load_text_encod
 from retrieval.encoders.timm_backbone import TimmImageEncoder
 from retrieval.settings import Settings
 from retrieval.store import IMAGE_VECTOR, ProductStore, StoreError
-from schemas.adapters import AdapterRecord, HoldOut
+from schemas.adapters import AdapterRecord
 
 log = logging.getLogger("cli.adapt")
 
@@ -215,21 +214,16 @@ def finetune_and_store(args: argparse.Namespace, settings: Settings, adapters: A
     tuned = finetune_catalogue(adapters, catalogue, lines, text_encoder, options=options)
     _report_skipped(skipped + tuned.anchors.skipped)
     fit = tuned.fit
-    record = AdapterRecord(
+    record = AdapterRecord.of_fit(
+        fit,
         catalogue=catalogue,
         modality="text",
-        version=1,
         method="finetune",
         kind="encoder",
-        condition="product",
         encoder=info.fingerprint.text,
         dim=text_encoder.dim,
-        created=datetime.now(UTC),
         examples=len(tuned.anchors),
         source=str(args.examples),
-        epochs=fit.epochs,
-        seconds=round(fit.seconds, 2),
-        holdout=HoldOut(examples=fit.holdout, before=fit.before, after=fit.after),
         model=tuned.digest,
         max_length=args.max_length,
         hard_negatives=fit.hard_negatives,
@@ -281,21 +275,16 @@ def finetune_image_and_store(args: argparse.Namespace, settings: Settings, adapt
     )
     _report_skipped(skipped + tuned.skipped)
     fit = tuned.fit
-    record = AdapterRecord(
+    record = AdapterRecord.of_fit(
+        fit,
         catalogue=catalogue,
         modality="image",
-        version=1,
         method="finetune",
         kind="tail",
-        condition="product",
         encoder=info.fingerprint.image,
         dim=fit.tail.dim,
-        created=datetime.now(UTC),
         examples=tuned.examples,
         source=str(args.examples),
-        epochs=fit.epochs,
-        seconds=round(fit.seconds, 2),
-        holdout=HoldOut(examples=fit.holdout, before=fit.before, after=fit.after),
         model=tuned.digest,
         blocks=args.blocks,
     )
@@ -398,22 +387,18 @@ def fit_and_store(args: argparse.Namespace, settings: Settings, store: ProductSt
     if embed is not None:
         log.info("%d photos embedded, the rest from the cache %s", embed.embedded, embed.path)
     fit = run_fit(args, stored, examples)
-    record = AdapterRecord(
+    record = AdapterRecord.of_fit(
+        fit,
         catalogue=catalogue,
         modality=modality,
-        version=1,
         method=args.method,
         kind=args.head,
         condition=args.condition,
-        loss=args.loss if args.method == "supervised" else None,
         encoder=encoder_name,
         dim=fit.head.dim,
-        created=datetime.now(UTC),
         examples=len(examples),
         source=str(args.examples) if args.examples else f"payload {args.condition}",
-        epochs=fit.epochs,
-        seconds=round(fit.seconds, 2),
-        holdout=HoldOut(examples=fit.holdout, before=fit.before, after=fit.after) if fit.holdout else None,
+        loss=args.loss if args.method == "supervised" else None,
         spread=fit.spread,
     )
     saved = adapters.save(record, fit.head)

@@ -3,8 +3,8 @@ map on frozen vectors, or a fine-tuned text encoder named by the digest of its m
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Literal
+from datetime import UTC, datetime
+from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -44,6 +44,16 @@ class HoldOut(BaseModel):
     after: float = Field(description="through the head")
 
 
+class FitFigures(Protocol):
+    """What a record reads off a fit (a head's, an encoder's or a tail's)."""
+
+    epochs: int
+    seconds: float
+    holdout: int  # held-out examples (0: none)
+    before: float
+    after: float
+
+
 class AdapterRecord(BaseModel):
     """A stored head, without its weights: what `python -m ingest adapt --list` shows."""
 
@@ -81,6 +91,45 @@ class AdapterRecord(BaseModel):
         if self.kind in MODEL_KINDS and self.modality != MODEL_KINDS[self.kind]:
             raise ValueError(f"a fine-tuned {self.kind} is of the {MODEL_KINDS[self.kind]} modality")
         return self
+
+    @classmethod
+    def of_fit(
+        cls,
+        fit: FitFigures,
+        *,
+        catalogue: str,
+        modality: Modality,
+        method: Method,
+        kind: HeadKind,
+        encoder: str,
+        dim: int,
+        examples: int,
+        source: str,
+        condition: str = "product",
+        **specific: object,
+    ) -> AdapterRecord:
+        """The record of a head, encoder or tail just fitted (version 1 until the store numbers it), its epochs,
+        seconds and held-out figures read off `fit`; `specific`: the fields of its kind (model, blocks, ...)."""
+        holdout = HoldOut(examples=fit.holdout, before=fit.before, after=fit.after) if fit.holdout else None
+        return cls.model_validate(
+            {
+                "catalogue": catalogue,
+                "modality": modality,
+                "version": 1,
+                "method": method,
+                "kind": kind,
+                "condition": condition,
+                "encoder": encoder,
+                "dim": dim,
+                "created": datetime.now(UTC),
+                "examples": examples,
+                "source": source,
+                "epochs": fit.epochs,
+                "seconds": round(fit.seconds, 2),
+                "holdout": holdout,
+                **specific,
+            }
+        )
 
     @property
     def label(self) -> str:
