@@ -12,7 +12,6 @@ features."""
 
 from __future__ import annotations
 
-import copy
 import logging
 import tempfile
 import time
@@ -27,7 +26,15 @@ from torch.nn import functional as F
 
 from retrieval.adapt.data import Labelled, PhotoVectors, Stored, labelled_examples
 from retrieval.adapt.tail import ImageTail, Trunk, TrunkCache
-from retrieval.adapt.train import Examples, batch_loss, gallery_rows, recall_at_1, rows_by_label, split
+from retrieval.adapt.train import (
+    Examples,
+    batch_loss,
+    early_stopped,
+    gallery_rows,
+    recall_at_1,
+    rows_by_label,
+    split,
+)
 from retrieval.encoders.timm_backbone import TimmImageEncoder
 from retrieval.records import stored_photos
 from retrieval.store import ProductStore
@@ -111,10 +118,10 @@ def fit_tail(
     )
     rows_of = rows_by_label(examples.gallery_labels)
     before = recall_at_1(vectors_of(tail, held))
-    best, best_epoch, best_state = before, 0, copy.deepcopy(tail.state_dict())
     training = 0.0
-    epoch = 0
-    for epoch in range(1, epochs + 1):
+
+    def one_epoch() -> None:
+        nonlocal training
         epoch_started = time.perf_counter()
         shuffled = generator.permutation(fit_index)
         for start in range(0, len(shuffled), batch_size):
@@ -143,15 +150,16 @@ def fit_tail(
             value.backward()  # type: ignore[no-untyped-call]
             optimiser.step()
         training += time.perf_counter() - epoch_started
-        measured = recall_at_1(vectors_of(tail, held))
-        log.info("epoch %d: held-out recall@1 %.3f (best %.3f)", epoch, measured, best)
-        if on_epoch is not None:
-            on_epoch(epoch, measured, tail)
-        if measured > best:
-            best, best_epoch, best_state = measured, epoch, copy.deepcopy(tail.state_dict())
-        elif epoch - best_epoch >= patience:
-            break
-    tail.load_state_dict(best_state)
+
+    best, best_epoch, epoch = early_stopped(
+        tail,
+        epochs=epochs,
+        patience=patience,
+        before=before,
+        one_epoch=one_epoch,
+        measure=lambda: recall_at_1(vectors_of(tail, held)),
+        on_epoch=(lambda number, measured: on_epoch(number, measured, tail)) if on_epoch is not None else None,
+    )
     return TailFit(
         tail, before, best, epoch, best_epoch, time.perf_counter() - started, len(held), training / max(epoch, 1)
     )

@@ -161,9 +161,8 @@ def fit_supervised(
     rows_of = rows_by_label(examples.gallery_labels)
     generator = np.random.default_rng(seed)
     before = recall_at_1(held)
-    best, best_epoch, best_state = before, 0, copy.deepcopy(module.state_dict())
-    epoch = 0
-    for epoch in range(1, epochs + 1):
+
+    def one_epoch() -> None:
         module.train()
         shuffled = generator.permutation(fit_index)
         for start in range(0, len(shuffled), batch_size):
@@ -184,16 +183,47 @@ def fit_supervised(
             value.backward()  # type: ignore[no-untyped-call]
             optimiser.step()
         module.eval()
-        measured = recall_at_1(held, Head.from_module(kind, module))
+
+    best, best_epoch, epoch = early_stopped(
+        module,
+        epochs=epochs,
+        patience=patience,
+        before=before,
+        one_epoch=one_epoch,
+        measure=lambda: recall_at_1(held, Head.from_module(kind, module)),
+    )
+    return Fit(
+        Head.from_module(kind, module), before, best, epoch, best_epoch, time.perf_counter() - started, len(held)
+    )
+
+
+def early_stopped(
+    module: torch.nn.Module,
+    *,
+    epochs: int,
+    patience: int,
+    before: float,
+    one_epoch: Callable[[], None],
+    measure: Callable[[], float],
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> tuple[float, int, int]:
+    """Run `one_epoch` up to `epochs` times and `measure` after each; keep the module's best state (the state it
+    starts in counts, scored `before`: a fit never ends worse than where it began) and stop after `patience`
+    epochs without a better score. Returns (the best score, its epoch, the epochs run)."""
+    best, best_epoch, best_state = before, 0, copy.deepcopy(module.state_dict())
+    epoch = 0
+    for epoch in range(1, epochs + 1):
+        one_epoch()
+        measured = measure()
         log.info("epoch %d: held-out recall@1 %.3f (best %.3f)", epoch, measured, best)
+        if on_epoch is not None:
+            on_epoch(epoch, measured)
         if measured > best:
             best, best_epoch, best_state = measured, epoch, copy.deepcopy(module.state_dict())
         elif epoch - best_epoch >= patience:
             break
     module.load_state_dict(best_state)
-    return Fit(
-        Head.from_module(kind, module), before, best, epoch, best_epoch, time.perf_counter() - started, len(held)
-    )
+    return best, best_epoch, epoch
 
 
 def batch_loss(
