@@ -146,3 +146,20 @@ def test_too_few_answers_to_judge_by_folds_keep_what_is_active(
     result = train_on_labels(engine, two_currencies, book.pairs(two_currencies), models_root=tmp_path, rerank=False)
     assert result.chosen is None and any("cannot be judged by folds" in note for note in result.notes)
     assert active_model(engine.store, two_currencies).name == "default"
+
+
+def test_products_with_no_candidate_are_asked_whether_they_have_a_counterpart(
+    engine: SearchEngine, two_shops: str, tmp_path: Path
+) -> None:
+    """Against a shop that sells nothing here, every product is asked about alone (`right: null`); the answer
+    "no counterpart" is a label that teaches `no_match`, and the product is not asked about again."""
+    _, queue = review_queue(engine, two_shops, "hemkop", against=["closed-shop"], limit=4)
+    assert len(queue) == 4 and all(p.right is None and "counterpart" in p.why[0] for p in queue)
+    book = LabelBook(tmp_path / "labels.sqlite")
+    book.add(two_shops, said(queue[0].left.id, None, False))
+    (alone,) = book.pairs(two_shops)
+    assert alone.expect == [] and alone.label("other-shop", "o-1") is False
+    _, again = review_queue(
+        engine, two_shops, "hemkop", against=["closed-shop"], limit=30, answered=book.asked(two_shops)
+    )
+    assert queue[0].left.id not in {p.left.id for p in again}
