@@ -39,6 +39,7 @@ CREATE INDEX IF NOT EXISTS labels_by_catalogue ON labels (catalogue, id);
 SOURCE = "review labels"  # the `source` of a match model trained on them (a later round knows it is its own)
 _COLUMNS = "id, left_retailer, left_id, right_retailer, right_id, same, who, at"
 Key = tuple[str, str]
+Answer = tuple[int, Key, Key | None, bool]  # a label's id, left, right (None: no counterpart), same
 
 
 class LabelBook:
@@ -100,41 +101,48 @@ class LabelBook:
         with self._cursor() as db:
             return int(db.execute("SELECT COUNT(*) FROM labels WHERE catalogue = ?", (catalogue,)).fetchone()[0])
 
+    def _answers(self, catalogue: str) -> list[Answer]:
+        """Every label as plain tuples (id, left, right or None, same), in order: what the queue, the checks
+        and the export read on every call, without building a model object per label."""
+        with self._cursor() as db:
+            rows = db.execute(
+                "SELECT id, left_retailer, left_id, right_retailer, right_id, same FROM labels WHERE catalogue = ? "
+                "ORDER BY id",
+                (catalogue,),
+            ).fetchall()
+        return [(int(i), (lr, li), (rr, ri) if rr else None, bool(same)) for i, lr, li, rr, ri, same in rows]
+
     def contradictions(self, catalogue: str) -> list[list[int]]:
         """Groups of label ids that cannot all hold, each group sorted, groups in order of their first id."""
-        return _contradictions(self.labels(catalogue))
+        return _contradictions(self._answers(catalogue))
 
     def asked(self, catalogue: str) -> tuple[set[Key], set[tuple[Key, Key]]]:
         """(left products with an answer, the pairs answered either way round, and left -> none)."""
         lefts: set[Key] = set()
         pairs: set[tuple[Key, Key]] = set()
-        for label in self.labels(catalogue):
-            left = (label.left.retailer, label.left.id)
-            right = (label.right.retailer, label.right.id) if label.right else ("", "")
+        for _, left, right, _ in self._answers(catalogue):
+            other = right or ("", "")
             lefts.add(left)
-            pairs.update({(left, right), (right, left)})
+            pairs.update({(left, other), (other, left)})
         return lefts, pairs
 
     def pairs(self, catalogue: str) -> list[LabelledPair]:
         """The labels without contradictions, as pairs-format lines (one per left product, in order of its first
         label)."""
-        labels = self.labels(catalogue)
-        contradicted = {i for group in _contradictions(labels) for i in group}
+        answers = self._answers(catalogue)
+        contradicted = {i for group in _contradictions(answers) for i in group}
         same: dict[Key, list[ProductRef]] = defaultdict(list)
         different: dict[Key, list[ProductRef]] = defaultdict(list)
         alone: set[Key] = set()
         order: dict[Key, None] = {}
-        for label in labels:
-            if label.id in contradicted:
+        for label_id, left, right, is_same in answers:
+            if label_id in contradicted:
                 continue
-            left = (label.left.retailer, label.left.id)
             order[left] = None
-            if label.right is None:
+            if right is None:
                 alone.add(left)
-            elif label.same:
-                same[left].append(label.right)
             else:
-                different[left].append(label.right)
+                (same if is_same else different)[left].append(ProductRef(retailer=right[0], id=right[1]))
         out = []
         for left in order:
             product = ProductRef(retailer=left[0], id=left[1])
@@ -165,22 +173,18 @@ def _stored(row: tuple[object, ...]) -> StoredLabel:
     )
 
 
-def _contradictions(labels: list[StoredLabel]) -> list[list[int]]:
+def _contradictions(answers: list[Answer]) -> list[list[int]]:
     by_pair: dict[frozenset[Key], dict[bool, list[int]]] = defaultdict(lambda: defaultdict(list))
     same_of: dict[Key, list[int]] = defaultdict(list)  # products said to be the same as some listing
     alone_of: dict[Key, list[int]] = defaultdict(list)  # products said to have no counterpart
-    for label in labels:
-        left = (label.left.retailer, label.left.id)
-        if label.right is None:
-            alone_of[left].append(label.id)
+    for label_id, left, right, is_same in answers:
+        if right is None:
+            alone_of[left].append(label_id)
             continue
-        right = (label.right.retailer, label.right.id)
-        by_pair[frozenset((left, right))][label.same].append(label.id)
-        if label.same:
-            same_of[left].append(label.id)
-            same_of[right].append(label.id)
-    groups = [
-        sorted(answers[True] + answers[False]) for answers in by_pair.values() if answers[True] and answers[False]
-    ]
+        by_pair[frozenset((left, right))][is_same].append(label_id)
+        if is_same:
+            same_of[left].append(label_id)
+            same_of[right].append(label_id)
+    groups = [sorted(said[True] + said[False]) for said in by_pair.values() if said[True] and said[False]]
     groups += [sorted(alone_of[key] + same_of[key]) for key in alone_of if same_of.get(key)]
     return sorted(groups)

@@ -154,3 +154,21 @@ def test_the_queue_then_training_on_its_answers_changes_the_decisions(
     assert after["matches"][0]["id"] == f"o-{unseen}" and after["matches"][0]["decision"] == "match"
     engine_labels = reviewing.get(f"{base}/labels").json()
     assert engine_labels["total"] == 24 and engine_labels["contradictions"] == []
+
+
+def test_hostile_review_inputs_cost_a_4xx(reviewing: TestClient, two_shops: str) -> None:
+    """Oversized ids, skip lists and limits are refused before any work; a `who` with control characters (a
+    log line of its own) is refused; nothing is stored."""
+    base = f"/catalogues/{two_shops}"
+    huge = "x" * 20_000
+    before = reviewing.get(f"{base}/labels").json()["total"]
+    assert reviewing.post(f"{base}/labels", json=label(huge, "o-1", True)).status_code == 422
+    assert (
+        reviewing.post(f"{base}/labels", json={**label("1", "o-1", True), "who": "ann\nINFO forged"}).status_code == 422
+    )
+    assert reviewing.get(f"{base}/review", params={"retailer": "hemkop", "limit": 10**9}).status_code == 422
+    assert reviewing.get(f"{base}/review", params={"retailer": huge}).status_code == 422
+    skips = [("retailer", "hemkop")] + [("skip", f"id-{i}") for i in range(1_001)]
+    assert reviewing.get(f"{base}/review", params=skips).status_code == 422
+    assert reviewing.delete(f"{base}/labels/{2**70}").status_code == 422
+    assert reviewing.get(f"{base}/labels").json()["total"] == before
