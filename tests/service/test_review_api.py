@@ -168,7 +168,7 @@ def test_hostile_review_inputs_cost_a_4xx(reviewing: TestClient, two_shops: str)
     )
     assert reviewing.get(f"{base}/review", params={"retailer": "hemkop", "limit": 10**9}).status_code == 422
     assert reviewing.get(f"{base}/review", params={"retailer": huge}).status_code == 422
-    skips = [("retailer", "hemkop")] + [("skip", f"id-{i}") for i in range(1_001)]
+    skips: dict[str, str | list[str]] = {"retailer": "hemkop", "skip": [f"id-{i}" for i in range(1_001)]}
     assert reviewing.get(f"{base}/review", params=skips).status_code == 422
     assert reviewing.delete(f"{base}/labels/{2**70}").status_code == 422
     assert reviewing.get(f"{base}/labels").json()["total"] == before
