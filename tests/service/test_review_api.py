@@ -31,7 +31,8 @@ def reviewing(engine: SearchEngine, sample_settings: Settings, two_shops: str) -
     state = AppState(settings, engine.store, engine)
     with TestClient(create_app(settings, state=state), base_url="http://localhost") as client:
         yield client
-    engine.store.save_calibration("two-currencies", None)
+    if "two-currencies" in engine.store.catalogues():  # trained by a test of this module: back to no model
+        engine.store.save_calibration("two-currencies", None)
 
 
 def label(left: str, right: str | None, same: bool) -> dict[str, Any]:
