@@ -405,6 +405,11 @@ class Calibration(BaseModel):
         description="the cross-encoder whose pair score is a feature (SHA-256 of its kept folder); none: no pair score",
     )
     rerank_depth: int = Field(default=0, ge=0, le=100, description="first candidates the cross-encoder reads")
+    typed_query: Calibration | None = Field(
+        default=None,
+        description="the same model fitted without the features a typed query cannot have (where it lands in "
+        "its candidates' own searches): what decides `/search` results",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Calibration:

@@ -54,14 +54,16 @@ from schemas.search import (
     SearchResponse,
 )
 
-# 3: + the text read off the photos (`ocr`); 4: fitted by scikit-learn, stored with its reliability and curve
-MODEL_VERSION = 4
+# 3: + the text read off the photos (`ocr`); 4: fitted by scikit-learn, stored with its reliability and curve;
+# 5: + `reverse_rank`, with a twin fitted without it for typed queries (`typed_query`)
+MODEL_VERSION = 5
 MODALITIES = ("image", "text", "lexical", "ocr")  # fusion-independent: a score means the same in any query
 FEATURES = (
     *MODALITIES,
     *(f"has_{m}" for m in MODALITIES),
     *(f"{m}_margin" for m in MODALITIES),
     "reciprocal_rank",
+    "reverse_rank",
     "code_same",
     "code_stem_same",
     "code_prefix",
@@ -89,6 +91,7 @@ TRANSFER_FEATURES = (
     "text_margin",
     "lexical_margin",
     "reciprocal_rank",
+    "reverse_rank",
     *FEATURES[FEATURES.index("code_same") :],
 )
 # The cross-encoder's score of a candidate (its logit), against the best of the other candidates', and whether
@@ -98,6 +101,13 @@ PAIR_FEATURES = ("pair", "pair_margin", "has_pair")
 # from what the default model knows and learns how this catalogue differs (stacking); only in models fitted
 # where the default model applies (its text encoder, no fine-tuned text model).
 PRIOR = "prior"
+# Where the query product lands when its candidate searches the query's retailer (1 / rank; 0 when not among
+# the candidate's first REVERSE_DEPTH, or not asked): a mutual best match is the same product far more often
+# than a one-sided one, whatever the catalogue's words and score scale (docs/BENCHMARKS.md, "The default
+# match model"). Asked for the first REVERSE_CANDIDATES candidates in search order.
+REVERSE = "reverse_rank"
+REVERSE_DEPTH = 5
+REVERSE_CANDIDATES = 10
 DEFAULT_DEPTH = 20  # candidates per product that the model re-ranks
 DEFAULT_FUSION: Fusion = "dbsf"
 UNCERTAIN_PRECISION = 0.5
@@ -190,6 +200,7 @@ class Candidate:
     product: Product
     scores: dict[str, float | None]
     pair: float | None = None  # the cross-encoder's probability that the two listings are one product
+    reverse: int | None = None  # the query's 1-based rank in the candidate's search of its retailer; 0: not there
 
 
 def feature_names(*, pair: bool, prior: bool = False) -> list[str]:
@@ -213,6 +224,7 @@ def _candidate_features(
         **{f"has_{m}": float(candidate.scores.get(m) is not None) for m in MODALITIES},
         **{f"{m}_margin": float(score[k] - best_other[k]) for k, m in enumerate(MODALITIES)},
         "reciprocal_rank": 1.0 / (rank + 1),
+        REVERSE: 1.0 / candidate.reverse if candidate.reverse else 0.0,
         **_pair_features(query, _Side.of(candidate.product)),
     }
 
@@ -243,7 +255,10 @@ def features(
         shipped = default_model()
         if shipped is None:
             raise ValueError("the match model reads the default model's log-odds, and no default model ships here")
-        prior = probabilities(shipped.calibration, [[row[n] for n in shipped.calibration.features] for row in rows])
+        model = shipped.calibration
+        if REVERSE not in names and model.typed_query is not None:  # a typed query's rows: no reverse rank
+            model = model.typed_query
+        prior = probabilities(model, [[row[n] for n in model.features] for row in rows])
         for row, p in zip(rows, prior, strict=True):
             row[PRIOR] = _logit(float(p))
     return [[row[name] for name in names] for row in rows]
@@ -505,8 +520,26 @@ def fit_model(
         curve=offered_curve(held_out, y, data.positives),
         reranker=reranker,
         rerank_depth=rerank_depth if reranker else 0,
+        typed_query=_typed_query(data, names, target_precision, accept_precision) if REVERSE in names else None,
     )
     return Fitted(calibration, notes)
+
+
+def _typed_query(
+    data: Labelled, names: list[str], target_precision: float, accept_precision: float | None
+) -> Calibration:
+    """The same model fitted without the reverse rank: what decides a typed query's results (`/search`), whose
+    query is no listing of a retailer that a candidate could search back."""
+    keep = [i for i, name in enumerate(names) if name != REVERSE]
+    rows = [[row[i] for i in keep] for row in data.rows]
+    without = Labelled(rows, data.labels, data.groups, data.positives)
+    return fit_model(
+        without,
+        target_precision=target_precision,
+        accept_precision=accept_precision,
+        names=[names[i] for i in keep],
+        source="typed queries",
+    ).calibration
 
 
 def fit(
@@ -659,6 +692,30 @@ def pair_scores(
     return [*scores, *([None] * (len(candidates) - read))]
 
 
+def reverse_ranks(
+    engine: SearchEngine,
+    catalogue: str,
+    product: Product,
+    candidates: Sequence[Product],
+    *,
+    fusion: Fusion = DEFAULT_FUSION,
+    asked: bool = True,
+) -> list[int | None]:
+    """Where `product` lands when each of the first REVERSE_CANDIDATES candidates searches the product's own
+    retailer with its stored vectors (1-based; 0: not among its first REVERSE_DEPTH); None for the candidates
+    not asked (all of them when not `asked`)."""
+    ranks: list[int | None] = [None] * len(candidates)
+    if not asked:
+        return ranks
+    back = SearchFilters(retailer=[product.retailer])
+    options = SearchOptions(limit=REVERSE_DEPTH, fusion=fusion, ranks=False)
+    for i, candidate in enumerate(candidates[:REVERSE_CANDIDATES]):
+        _, response = engine.search_product(catalogue, candidate.retailer, candidate.id, filters=back, options=options)
+        found = [r.id for r in response.results]
+        ranks[i] = found.index(product.id) + 1 if product.id in found else 0
+    return ranks
+
+
 def find_matches(
     engine: SearchEngine,
     catalogue: str,
@@ -690,8 +747,10 @@ def find_matches(
         return product, [MatchResult.model_validate(r) for r in undecided]
     found = [r.product for r in response.results]
     pairs = pair_scores(reranker_of(engine, calibration), calibration.rerank_depth, product, found)
+    reverse = reverse_ranks(engine, catalogue, product, found, fusion=chosen, asked=REVERSE in calibration.features)
     candidates = [
-        Candidate(r.product, r.scores.model_dump(), pair) for r, pair in zip(response.results, pairs, strict=True)
+        Candidate(r.product, r.scores.model_dump(), pair, back)
+        for r, pair, back in zip(response.results, pairs, reverse, strict=True)
     ]
     rows = features(product, candidates, names=calibration.features)
     p = probabilities(calibration, rows) if candidates else np.zeros(0)
@@ -715,6 +774,10 @@ def decide_search(response: SearchResponse, text: str | None, active: ActiveMode
     calibration = active.calibration
     if calibration is None or calibration.reranker or not text or not response.results:
         return response
+    if REVERSE in calibration.features:  # no retailer to search back: the twin fitted without it decides
+        calibration = calibration.typed_query
+        if calibration is None:
+            return response
     query = Product(id="query", retailer="query", title=text)
     candidates = [Candidate(r.product, r.scores.model_dump()) for r in response.results]
     p = probabilities(calibration, features(query, candidates, names=calibration.features))
@@ -744,8 +807,14 @@ def labelled_candidates(
         product, results = find_matches(
             engine, catalogue, pair.product.retailer, pair.product.id, calibration=None, limit=depth, fusion=fusion
         )
-        scores = pair_scores(reranker, rerank_depth, product, [r.product for r in results])
-        candidates = [Candidate(r.product, r.scores.model_dump(), s) for r, s in zip(results, scores, strict=True)]
+        found = [r.product for r in results]
+        scores = pair_scores(reranker, rerank_depth, product, found)
+        asked = REVERSE in (names if names is not None else FEATURES)
+        reverse = reverse_ranks(engine, catalogue, product, found, fusion=fusion, asked=asked)
+        candidates = [
+            Candidate(r.product, r.scores.model_dump(), s, back)
+            for r, s, back in zip(results, scores, reverse, strict=True)
+        ]
         rows = features(product, candidates, pair=reranker is not None, names=names)  # margins read every candidate
         labels = [pair.label(r.retailer, r.id) for r in results]
         known = [i for i, label in enumerate(labels) if label is not None]  # without `expect`: the rejects only
