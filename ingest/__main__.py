@@ -8,6 +8,7 @@ import logging
 import re
 import sys
 from collections.abc import Callable
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TextIO
 
@@ -107,25 +108,32 @@ def rejects_writer(out: TextIO) -> RejectionSink:
     return write
 
 
+# `python -m ingest calibrate|match|adapt|train`: commands of the layer above (cli/), the spellings the README
+# uses. The package registers them under this entry-point group (pyproject.toml), so the pipeline finds them at
+# run time without importing the layer that uses it.
+COMMAND_GROUP = "product_match.ingest_commands"
+SUBCOMMANDS = ("calibrate", "match", "adapt", "train")
+
+
+def subcommand(name: str) -> Callable[[list[str]], int]:
+    """The `main(argv)` registered for `python -m ingest NAME`; a checkout that was never installed has none."""
+    found = [entry for entry in entry_points(group=COMMAND_GROUP) if entry.name == name]
+    if not found:
+
+        def missing(_: list[str]) -> int:
+            print(f"error: `{name}` is not installed here: run `make install` (pip install -e .)", file=sys.stderr)
+            return 2
+
+        return missing
+    command: Callable[[list[str]], int] = found[0].load()
+    return command
+
+
 def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["calibrate"]:
-        from cli.calibrate import main as calibrate
-
-        return calibrate(argv[1:])
-    if argv[:1] == ["adapt"]:
-        from cli.adapt import main as adapt
-
-        return adapt(argv[1:])
-    if argv[:1] == ["train"]:
-        from cli.train import main as train
-
-        return train(argv[1:])
-    if argv[:1] == ["match"]:
-        from cli.match import main as match
-
-        return match(argv[1:])
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        return subcommand(argv[0])(argv[1:])
     args = parse_args(argv, prog)
     try:
         settings = Settings()
