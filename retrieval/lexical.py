@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+import math
 import re
 import unicodedata
 from collections import defaultdict
@@ -93,9 +94,10 @@ def normalise(text: str) -> str:
 def _number(written: str) -> float | None:
     plain = written.replace(",", "") if re.fullmatch(r"\d{1,3}(?:,\d{3})+", written) else written.replace(",", ".")
     try:
-        return float(plain)
+        value = float(plain)
     except ValueError:
         return None
+    return value if math.isfinite(value) else None  # 400 digits are no size: the text stays as written
 
 
 def _size(value: float, unit: str) -> str:

@@ -49,7 +49,8 @@ def test_the_default_model_decides_unseen_siblings_as_measured(abt_buy_valid: tu
     assert result["r1_model"] >= 0.96 and result["r1_model"] >= result["r1_search"], result  # measured 0.985 (0.971)
     typed = calibration.typed_query  # what decides a typed query's results: no reverse rank to read
     assert typed is not None and model.REVERSE not in typed.features
-    data = labelled_candidates(engine, evalset.name, pairs, depth=typed.depth, fusion=typed.fusion, names=typed.features)
+    names = typed.features
+    data = labelled_candidates(engine, evalset.name, pairs, depth=typed.depth, fusion=typed.fusion, names=names)
     result = measure(typed, data, len(pairs))
     assert result["precision"] >= 0.97 and result["recall"] >= 0.72, result  # measured 1.000 / 0.754
 

@@ -72,10 +72,10 @@ def test_calibrated_matches_on_unseen_cross_shop_pairs(
     pairs = pairs_of(evalset)
     data = labelled_candidates(test_engine, evalset.name, pairs, depth=calibration.depth, fusion=calibration.fusion)
     result = measure(calibration, data, len(pairs))
-    assert result["r1_model"] >= 0.95, result  # measured 0.976 (search order 0.966)
+    assert result["r1_model"] >= 0.955, result  # measured 0.981 with the reverse rank (search order 0.966)
     assert result["r1_model"] > result["r1_search"], result
-    assert result["precision"] >= 0.94, result  # measured 0.966 at the 0.95 target
-    assert result["recall"] >= 0.92, result  # measured 0.948
+    assert result["precision"] >= 0.95, result  # measured 0.980 at the 0.95 target
+    assert result["recall"] >= 0.915, result  # measured 0.943
     assert result["uncertain"] > 0, result  # the middle band is used: not every candidate is match / no match
 
 
@@ -133,6 +133,10 @@ def test_review_answers_keep_decisions_at_target_on_unseen_products(
     )
     last = rounds[-1]
     print(rounds)
-    assert last.answers == 80 and last.model == "catalogue", last  # it acted better than the default model
-    assert last.precision >= 0.93, last  # measured 0.961
-    assert last.recall >= 0.90, last  # measured 0.938 (the default model alone: 0.800)
+    # 40 answers: the catalogue's model acted better than the default on the answered products (by folds) and
+    # replaced it; 80: the one fitted then did not beat the default (0.939 / 0.738 against 0.919 / 0.810 by
+    # folds), which decides again
+    assert rounds[0].model == "catalogue" and rounds[0].precision >= 0.94, rounds[0]  # measured 0.966 / 0.948
+    assert last.answers == 80 and last.model in ("catalogue", "default"), last
+    assert last.precision >= 0.97, last  # measured 1.000
+    assert last.recall >= 0.89, last  # measured 0.919 (the default alone, before any answer, too)
