@@ -117,7 +117,7 @@ def run_adapt(
         rows.append(none)
         quality = {f"{name} (no head)": SetRun(before, 0.0, len(stored.ids), {})}
         for kind, loss in SUPERVISED:
-            fit = fit_supervised(examples, kind=kind, loss=loss)
+            fit = fit_supervised(examples, kind=kind, loss=loss, held_out_by="example")
             adapting.switch_to(fit, "supervised", kind)
             row = Row(
                 "supervised",
@@ -133,7 +133,7 @@ def run_adapt(
                 quality[f"{name} (head: {kind}, {loss})"] = SetRun(tallies, 0.0, len(stored.ids), {})
             rows.append(row)
 
-        _, held = split(len(examples), 1 / 7, 0)
+        _, held = split(len(examples), 1 / 7, 0)  # photo by photo, as the heads above are judged
         check = examples.take(held)
         for label, labelled_check in (("spread, 20 steps (no labels)", None), ("spread + labelled check", check)):
             row = Row("unsupervised", label, 0.0, "", [], [], {})
@@ -193,6 +193,6 @@ def evaluate_adapted(
         before = run_set(evalset, engine, evalset.name, max_queries=max_queries, fusions=fusions)
         embeddings = catalogue_embeddings(engine.store, evalset.name)
         adapting = Adapting.of(engine, evalset.name, train_dir, settings)
-        adapting.switch_to(fit_supervised(adapting.examples), "supervised")
+        adapting.switch_to(fit_supervised(adapting.examples, held_out_by="example"), "supervised")
         after = run_set(evalset, engine, evalset.name, max_queries=max_queries, fusions=fusions)
         return SetRun(before, report.seconds, products, embeddings), SetRun(after, report.seconds, products, {})

@@ -206,7 +206,7 @@ def run_finetune_image(
         [(", crops as extra examples", with_views(raw_examples, raw_views))] if raw_views else []
     )
     for label, head_examples in heads:
-        fit = fit_supervised(head_examples)
+        fit = fit_supervised(head_examples, held_out_by="example")
         note = f"epoch {fit.best} of {fit.epochs}"
         linear = Row(f"linear head{label}", fit.seconds, _holdout(fit.before, fit.after), note=note)
         measure(linear, raw_tail, raw, val, shop, fit.head)
@@ -224,6 +224,7 @@ def run_finetune_image(
             patience=patience,
             views=list(features.train_views.values()),
             flip=flip,
+            held_out_by="example",  # val's photos are of the same products: new photos of labelled ones
             on_epoch=progress(count),
         )
         tail = tail_fit.tail
@@ -238,7 +239,9 @@ def run_finetune_image(
         measure(row, tail, features, val, shop)
         rows.append(row)
         tail_examples = vectors_of(tail, examples(features, train, shop))
-        head_fit = fit_supervised(with_views(tail_examples, [tail.embed(v) for v in features.train_views.values()]))
+        head_fit = fit_supervised(
+            with_views(tail_examples, [tail.embed(v) for v in features.train_views.values()]), held_out_by="example"
+        )
         both = Row(
             f"tail {count} + linear head",
             tail_fit.seconds + head_fit.seconds,

@@ -17,7 +17,7 @@ from retrieval.adapt.finetune_image import finetune_catalogue_photos
 from retrieval.adapt.finetune_text import FinetuneOptions, TextFit, finetune_catalogue
 from retrieval.adapt.heads import AdapterError, Adapters, trunk_cache_root
 from retrieval.adapt.tail import TailError
-from retrieval.adapt.train import Examples, Fit, fit_spread, fit_supervised, split
+from retrieval.adapt.train import Examples, Fit, fit_spread, fit_supervised, held_out_split
 from retrieval.encoders import EncoderError, load_image_encoder, load_text_encoder
 from retrieval.encoders.timm_backbone import TimmImageEncoder
 from retrieval.settings import Settings
@@ -77,6 +77,14 @@ def parse_args(argv: list[str], prog: str | None = None) -> argparse.Namespace:
         "--lr", type=float, help="learning rate (supervised 1e-3, spread 1e-4; finetune text 3e-5, image 1e-4)"
     )
     fitting.add_argument("--holdout", type=float, default=1 / 7, help="share of examples held out (0.14)")
+    fitting.add_argument(
+        "--held-out-by",
+        choices=["product", "example"],
+        default="product",
+        help="heads and image tails: hold out whole products (what the head does for products nobody labelled; "
+        "the default) or single examples (new photos of labelled products: choose it when the queries are of "
+        "the products you labelled; near-duplicate photos may sit on both sides)",
+    )
     fitting.add_argument("--steps", type=int, default=20, help="spread: optimisation steps")
     fitting.add_argument("--batch-size", type=int, help="finetune: pairs (text, 32) or photos (image, 256) per step")
     fitting.add_argument("--max-length", type=int, default=64, help="finetune: tokens read per text (64)")
@@ -270,6 +278,7 @@ def finetune_image_and_store(args: argparse.Namespace, settings: Settings, adapt
         lr=args.lr or 1e-4,
         batch_size=args.batch_size,
         holdout=args.holdout,
+        held_out_by=args.held_out_by,
         seed=args.seed,
         on_epoch=on_epoch,
     )
@@ -294,7 +303,8 @@ def finetune_image_and_store(args: argparse.Namespace, settings: Settings, adapt
     print(
         f"catalogue {catalogue}: image tail v{saved.version} (the last {args.blocks} blocks of {record.encoder} "
         f"fine-tuned)\n"
-        f"  held-out recall@1 {fit.before:.3f} -> {fit.after:.3f} on {fit.holdout} photos"
+        f"  held-out recall@1 {fit.before:.3f} -> {fit.after:.3f} on {fit.holdout} photos (held out by "
+        f"{args.held_out_by})"
         + (f" (active {current.label}: {to_beat:.3f})" if current else "")
         + f"\n  {tuned.examples} labelled photos against {tuned.photos} catalogue photos; {fit.epochs} epochs "
         f"(kept {fit.best}), {fit.seconds:.1f} s; {tuned.computed} photo views through the trunk, the rest cached\n"
@@ -402,7 +412,7 @@ def fit_and_store(args: argparse.Namespace, settings: Settings, store: ProductSt
         spread=fit.spread,
     )
     saved = adapters.save(record, fit.head)
-    print(describe(saved, fit))
+    print(describe(saved, fit, args.held_out_by))
     if args.plot:
         from cli.adapt_plot import plot_adaptation
 
@@ -432,7 +442,7 @@ def run_fit(args: argparse.Namespace, stored: Stored, examples: Examples) -> Fit
     if args.method == "spread":
         check = None
         if len(examples):  # labelled examples: a small check picks the step (the identity included)
-            _, held = split(len(examples), args.holdout, args.seed)
+            _, held = held_out_split(examples, args.holdout, args.seed, args.held_out_by)
             check = examples.take(held)
         return fit_spread(
             stored.rows, kind=args.head, steps=args.steps, lr=args.lr or 1e-4, seed=args.seed, check=check
@@ -445,18 +455,19 @@ def run_fit(args: argparse.Namespace, stored: Stored, examples: Examples) -> Fit
         patience=args.patience,
         lr=args.lr or 1e-3,
         holdout=args.holdout,
+        held_out_by=args.held_out_by,
         seed=args.seed,
     )
 
 
-def describe(record: AdapterRecord, fit: Fit) -> str:
+def describe(record: AdapterRecord, fit: Fit, by: str) -> str:
     what = f"{record.method} {record.kind}" + (f" {record.loss}" if record.loss else "")
     line = (
         f"catalogue {record.catalogue}: {record.modality} head v{record.version} ({what}, condition {record.condition})"
     )
     if record.holdout:
         h = record.holdout
-        line += f"\n  held-out recall@1 {h.before:.3f} -> {h.after:.3f} on {h.examples} examples"
+        line += f"\n  held-out recall@1 {h.before:.3f} -> {h.after:.3f} on {h.examples} examples (held out by {by})"
     if record.spread:
         line += f"\n  mean pairwise cosine of the catalogue's vectors {record.spread[0]:.3f} -> {record.spread[1]:.3f}"
     unit = "epochs" if record.method == "supervised" else "steps"

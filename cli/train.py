@@ -79,6 +79,13 @@ def parse_args(argv: list[str], prog: str | None = None) -> argparse.Namespace:
     parser.add_argument("--rerank-epochs", type=int, default=3, help="most epochs of the cross-encoder (3)")
     parser.add_argument("--text-epochs", type=int, default=3, help="most epochs of the text encoder (3)")
     parser.add_argument("--depth", type=int, default=DEFAULT_DEPTH, help="candidates the match model re-ranks")
+    parser.add_argument(
+        "--photos-held-out-by",
+        choices=["product", "example"],
+        default="product",
+        help="the photos' held-out share (--held-out): whole products (default) or single photos (new photos of "
+        "labelled products)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.pairs is None and args.photos is None and not args.labels:
@@ -162,7 +169,10 @@ def main(argv: list[str], *, prog: str | None = None) -> int:
         if code != 0:
             print("  (the text encoder stays as it was)", file=sys.stderr)
     if args.photos is not None:
-        photos = ["--catalogue", args.catalogue, "--modality", "image", "--examples", str(args.photos)]
+        photos = [
+            "--catalogue", args.catalogue, "--modality", "image", "--examples", str(args.photos),
+            "--holdout", str(args.held_out), "--held-out-by", args.photos_held_out_by,
+        ]  # fmt: skip
         if _adapt([*photos, "--seed", str(args.seed)]) != 0:
             print("  (the image vectors stay as they were)", file=sys.stderr)
         tail = ["--method", "finetune", "--blocks", str(args.image_blocks), "--seed", str(args.seed)]

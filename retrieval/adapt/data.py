@@ -225,6 +225,7 @@ def labelled_examples(
         gallery=stored.rows,
         gallery_labels=labels[stored.owners],
         gallery_owners=stored.owners,
+        products=np.asarray([groups.find(a.product) for a in anchors], dtype=np.int64),
     )
     answerable = examples.answerable() if len(examples) else np.zeros(0, dtype=bool)
     if len(examples) and not answerable.all():

@@ -28,12 +28,13 @@ from retrieval.adapt.data import Labelled, PhotoVectors, Stored, labelled_exampl
 from retrieval.adapt.tail import ImageTail, Trunk, TrunkCache
 from retrieval.adapt.train import (
     Examples,
+    HeldOutBy,
     batch_loss,
     early_stopped,
     gallery_rows,
+    held_out_split,
     recall_at_1,
     rows_by_label,
-    split,
 )
 from retrieval.encoders.timm_backbone import TimmImageEncoder
 from retrieval.records import stored_photos
@@ -65,6 +66,7 @@ def vectors_of(tail: ImageTail, examples: Examples) -> Examples:
         tail.embed(examples.gallery),
         examples.gallery_labels,
         examples.gallery_owners,
+        examples.products,
     )
 
 
@@ -82,6 +84,7 @@ def fit_tail(
     batch_size: int = 256,
     gallery_limit: int = 512,
     holdout: float = 1 / 7,
+    held_out_by: HeldOutBy = "product",
     views: Sequence[np.ndarray] = (),
     flip: bool = False,
     seed: int = 0,
@@ -107,7 +110,7 @@ def fit_tail(
     sources = [examples.anchors, *views]
     torch.manual_seed(seed)
     generator = np.random.default_rng(seed)
-    fit_index, held_index = split(len(examples), holdout, seed)
+    fit_index, held_index = held_out_split(examples, holdout, seed, held_out_by)
     held = examples.take(held_index)
     tail = ImageTail(trunk)
     optimiser = torch.optim.AdamW([p for p in tail.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
@@ -251,6 +254,7 @@ def finetune_catalogue_photos(
         found.gallery.reshape(shape),
         found.gallery_labels,
         found.gallery_owners,
+        found.products,
     )
     fit = fit_tail(trunk, examples, views=[v.reshape(shape).astype(np.float16) for v in views], **fit_options)
     skipped = whole.skipped + ([f"{missing} products have no photo the tail can read"] if missing else [])

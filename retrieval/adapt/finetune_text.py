@@ -274,7 +274,7 @@ def finetune(
         raise ValueError(f"{len(anchors)} labelled anchors with a stored match: at least 4 are needed")
     torch.manual_seed(options.seed)
     generator = np.random.default_rng(options.seed)
-    fit_index, held_index = split(len(anchors), options.holdout, options.seed)
+    fit_index, held_index = split(len(anchors), options.holdout, options.seed, anchors.labels)
     gallery = _eval_gallery(catalogue, anchors, vectors, held_index, generator)
     before = _recall(anchors, held_index, vectors[held_index], gallery, catalogue.vectors[gallery])
     negatives = mine_hard_negatives(catalogue, anchors, vectors, near=options.near, pool=options.pool)

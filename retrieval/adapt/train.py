@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -27,6 +28,10 @@ log = logging.getLogger(__name__)
 EVAL_CHUNK = 512
 GALLERY_MAX = 4096  # gallery rows per training batch beyond the batch's positives
 SPREAD_SAMPLE = 2048  # rows the label-free spread measure looks at
+# How the held-out share that chooses the epoch (and the switch) is drawn: whole products (what a head does for
+# products nobody labelled) or example by example (new photos of labelled products; near-duplicates of one
+# product can fall on both sides).
+HeldOutBy = Literal["product", "example"]
 
 
 @dataclass
@@ -40,6 +45,7 @@ class Examples:
     gallery: np.ndarray  # (m, d)
     gallery_labels: np.ndarray  # (m,) int
     gallery_owners: np.ndarray  # (m,) int
+    products: np.ndarray | None = None  # (n,) int: the product (group of same products) each anchor shows; None: labels
 
     def __len__(self) -> int:
         return len(self.anchors)
@@ -52,7 +58,12 @@ class Examples:
             self.gallery,
             self.gallery_labels,
             self.gallery_owners,
+            self.products[index] if self.products is not None else None,
         )
+
+    def groups(self) -> np.ndarray:
+        """What a held-out split keeps on one side: the product each anchor shows."""
+        return self.products if self.products is not None else self.labels
 
     def answerable(self) -> np.ndarray:
         """Which anchors have a positive in the gallery other than their own rows."""
@@ -120,11 +131,33 @@ def new_module(kind: HeadKind, dim: int) -> torch.nn.Module:
     return linear
 
 
-def split(count: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(fit, held out) anchor indexes: a random `share` held out, at least one each side."""
-    order = np.random.default_rng(seed).permutation(count)
+def split(count: int, share: float, seed: int, groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, held out) anchor indexes: about a random `share` held out, at least one each side. With `groups`
+    (the product each anchor shows), whole products fall on one side, so that near-duplicate photos or texts of
+    one product never sit on both and the held-out measure is one of products nothing learnt from; with fewer
+    than two products, anchors are split one by one."""
+    generator = np.random.default_rng(seed)
     held = min(max(1, round(count * share)), count - 1)
-    return order[held:], order[:held]
+    if groups is None or len(np.unique(groups)) < 2:
+        order = generator.permutation(count)
+        return order[held:], order[:held]
+    chosen: list[int] = []
+    taken = 0
+    products = generator.permutation(np.unique(groups))
+    for product in products[:-1]:  # the last is never held out: something is left to learn from
+        if taken >= held:
+            break
+        chosen.append(int(product))
+        taken += int(np.sum(groups == product))
+    out = np.isin(groups, chosen)
+    return generator.permutation(np.flatnonzero(~out)), np.flatnonzero(out)
+
+
+def held_out_split(
+    examples: Examples, share: float, seed: int, by: HeldOutBy = "product"
+) -> tuple[np.ndarray, np.ndarray]:
+    """`split` of the examples, whole products or one by one."""
+    return split(len(examples), share, seed, examples.groups() if by == "product" else None)
 
 
 def fit_supervised(
@@ -139,15 +172,17 @@ def fit_supervised(
     margin: float = 0.2,
     batch_size: int = 256,
     holdout: float = 1 / 7,
+    held_out_by: HeldOutBy = "product",
     seed: int = 0,
 ) -> Fit:
     """Train a head so that anchors land nearest to gallery rows of their label; keep the epoch with the
-    best held-out recall@1 and stop after `patience` epochs without a better one."""
+    best held-out recall@1 (`held_out_by`: whole products or single examples held out) and stop after
+    `patience` epochs without a better one."""
     started = time.perf_counter()
     if len(examples) < 4:
         raise ValueError(f"{len(examples)} labelled examples with a match in the catalogue: at least 4 are needed")
     torch.manual_seed(seed)
-    fit_index, held_index = split(len(examples), holdout, seed)
+    fit_index, held_index = held_out_split(examples, holdout, seed, held_out_by)
     held = examples.take(held_index)
     dim = examples.anchors.shape[1]
     module = new_module(kind, dim)

@@ -42,6 +42,10 @@ LATE = "6"  # Banana: ingested after the head is active
 # Three kinds of three products each (apples, juices, milks): what `--condition category` learns from.
 KINDS = ("0", "1", "2", "28", "29", "31", "40", "41", "43")
 PER_PRODUCT = 10  # train photos per product in the examples file
+# The mechanics below learn from new photos of the labelled products: held out photo by photo. Held out by
+# product (the default) a head must help products nobody labelled, which six products cannot show
+# (tests/quality/test_quality_guards.py measures that on Grocery).
+BY_PHOTO = ("--held-out-by", "example")
 ABSOLUTE = "63"  # this product's example lines name their photos by absolute path, the others relative
 ENV_KEYS = ("QDRANT_URL", "IMAGE_MODEL", "TEXT_MODEL", "IMAGE_PRECISION", "STORE_BACKEND", "DEFAULT_CATALOGUE")
 
@@ -156,7 +160,7 @@ def ingested(env: Env, tiny: TinySet) -> None:
 
 
 def adapted(env: Env, tiny: TinySet) -> str:
-    code, out, err = env.adapt("--examples", tiny.examples)
+    code, out, err = env.adapt(*BY_PHOTO, "--examples", tiny.examples)
     assert code == 0, err
     assert "active: queries go through it; " in out, out
     return out
@@ -206,7 +210,7 @@ def search_val(
 def test_cli_fits_plots_and_lists_a_head(env: Env, tiny: TinySet) -> None:
     ingested(env, tiny)
     plot = env.path.parent / f"{env.path.name}-map.png"
-    code, out, err = env.adapt("--examples", tiny.examples, "--plot", plot)
+    code, out, err = env.adapt(*BY_PHOTO, "--examples", tiny.examples, "--plot", plot)
     assert code == 0, err
     assert "catalogue tiny: image head v1 (supervised linear contrastive, condition product)" in out
     assert f"{len(PRODUCTS) * PER_PRODUCT} examples" in out
@@ -225,7 +229,7 @@ def test_cli_fits_plots_and_lists_a_head(env: Env, tiny: TinySet) -> None:
     assert "held-out R@1" in listed[0]
 
     # --no-activate stores the next version without switching to it
-    code, out, err = env.adapt("--examples", tiny.examples, "--no-activate")
+    code, out, err = env.adapt(*BY_PHOTO, "--examples", tiny.examples, "--no-activate")
     assert code == 0, err
     assert "image head v2" in out and "not switched to (--no-activate)" in out and "--use 2" in out
     code, out, _ = env.adapt("--list")
@@ -325,7 +329,7 @@ def test_rollback_use_and_off_switch_in_one_command(
     assert np.allclose([[s for _, s in r] for r in ranking], [[s for _, s in r] for r in through_head], atol=1e-6)
 
     # a second head (v2) on top of v1: rolling back returns to v1, not to none
-    code, out, err = env.adapt("--examples", tiny.examples, "--seed", "1")
+    code, out, err = env.adapt(*BY_PHOTO, "--examples", tiny.examples, "--seed", "1")
     assert code == 0, err
     assert "image head v2" in out
     assert snapshot()[2] == {"image": 2}
@@ -362,7 +366,7 @@ def test_bad_example_lines_are_named_and_the_rest_is_learnt(env: Env, tiny: Tiny
     examples.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     ingested(env, tiny)
-    code, out, err = env.adapt("--examples", examples)
+    code, out, err = env.adapt(*BY_PHOTO, "--examples", examples)
     assert code == 0, err
     skipped = [line.strip() for line in err.splitlines() if line.strip().startswith("skipped: line ")]
     by_number = {int(line.split()[2].rstrip(":")): line for line in skipped}
@@ -401,7 +405,7 @@ def test_requests_that_cannot_be_done_exit_2_with_a_message(env: Env, tiny: Tiny
     with env.store() as store:
         store.update_metadata(CATALOGUE, {"layout_version": 2})
         assert store.info(CATALOGUE).layout == 2
-    code, out, err = env.adapt("--examples", tiny.examples)
+    code, out, err = env.adapt(*BY_PHOTO, "--examples", tiny.examples)
     assert (code, out) == (2, "")
     assert "layout 2" in err and "ingest it again" in err and "Traceback" not in err
     with env.store() as store:
@@ -566,7 +570,17 @@ def test_a_fine_tuned_image_tail_is_the_image_head_for_search_ingest_and_rollbac
         assert flags == [{}] * len(photos)
         raw_state = store.info(CATALOGUE)
     code, out, err = env.adapt(
-        "--modality", "image", "--method", "finetune", "--examples", tiny.examples, "--blocks", "1", "--epochs", "3"
+        *BY_PHOTO,
+        "--modality",
+        "image",
+        "--method",
+        "finetune",
+        "--examples",
+        tiny.examples,
+        "--blocks",
+        "1",
+        "--epochs",
+        "3",
     )
     assert code == 0, err
     assert "image tail v1 (the last 1 blocks" in out and "held-out recall@1" in out, out
@@ -622,10 +636,12 @@ def test_a_fine_tuned_image_tail_is_the_image_head_for_search_ingest_and_rollbac
 def test_ingest_train_fits_the_head_then_the_tail_and_keeps_the_better(env: Env, tiny: TinySet) -> None:
     ingested(env, tiny)
     code, out, err = env.cli(
-        "train", "--catalogue", CATALOGUE, "--photos", tiny.examples, "--image-blocks", "1", "--no-text"
-    )
+        "train", "--catalogue", CATALOGUE, "--photos", tiny.examples, "--image-blocks", "1", "--no-text",
+        "--photos-held-out-by", "example",
+    )  # fmt: skip
     assert code == 0, err
     assert "image head v1 (supervised linear" in out and "image tail v2 (the last 1 blocks" in out, out
+    assert "on 12 examples (held out by example)" in out, out  # --held-out 0.2 of the 60 photos
     with env.store() as store:
         records = {r.version: r for r in Adapters(store).records(CATALOGUE)}
         active = store.info(CATALOGUE).adapters["image"]

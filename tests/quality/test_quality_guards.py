@@ -108,7 +108,12 @@ def test_an_adaptation_head_lifts_image_recall_by_a_margin(
     with ingested(evalset, image_encoder, text_encoder, settings=settings) as (engine, _):
         before = recall_at(run_set(evalset, engine, evalset.name, only=("image",), filtered_rows=False), "image")
         adapting = Adapting.of(engine, evalset.name, train, settings, cache=root / "cache")
-        adapting.switch_to(fit_supervised(adapting.examples), "supervised")
+        # Held out by product, the head must help products it never saw a photo of: it does not, so the epoch
+        # kept is the identity (measured 0.238 -> 0.238 on 130 photos of unseen products).
+        unseen = fit_supervised(adapting.examples)
+        assert unseen.best == 0 and unseen.after == unseen.before, (unseen.before, unseen.after, unseen.best)
+        # Held out photo by photo (new photos of labelled products: what val's photos are), it learns.
+        adapting.switch_to(fit_supervised(adapting.examples, held_out_by="example"), "supervised")
         after = recall_at(run_set(evalset, engine, evalset.name, only=("image",), filtered_rows=False), "image")
     assert before >= 0.36, before  # measured 0.402 without a head
     assert after >= before + 0.15, (before, after)  # BENCHMARKS: +0.37 with all 2640 train photos (here a third)
