@@ -6,6 +6,8 @@ written."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from qdrant_client import models
@@ -21,21 +23,14 @@ from retrieval.store import ADAPTED_VECTORS, IMAGE_VECTOR, LEXICAL_VECTOR, OCR_V
 from schemas.report import IngestReport, Rejection
 
 
+@dataclass
 class Embedder:
     """The embed stage of one run: the encoders, the catalogue's active heads and the image batch size."""
 
-    def __init__(
-        self,
-        image_encoder: ImageEncoder,
-        text_encoder: TextEncoder,
-        heads: dict[str, ActiveHead],
-        *,
-        batch_size: int,
-    ) -> None:
-        self.image_encoder = image_encoder
-        self.text_encoder = text_encoder
-        self.heads = heads
-        self.batch_size = batch_size
+    image_encoder: ImageEncoder
+    text_encoder: TextEncoder
+    heads: dict[str, ActiveHead]
+    batch_size: int
 
     def embed(self, prepared: Prepared, cache: PhotoCache, report: IngestReport, bar: tqdm) -> list[models.PointStruct]:
         """Embed what the preparing stage left to embed and count the chunk; its points are returned for

@@ -162,17 +162,11 @@ class Ingestor:
         remote = self.image_encoder if isinstance(self.image_encoder, PhotoEmbedder) else None
         if isinstance(heads.get(IMAGE_VECTOR), TailHead):
             remote = None
+        reads_text = text_reading(self.store, self.settings, catalogue)
         preparer = Preparer(
-            self.settings,
-            self.store,
-            self.image_encoder,
-            self.reader,
-            catalogue,
-            reads_text=text_reading(self.store, self.settings, catalogue),
-            reuse_stored=existed,
-            remote=remote,
+            self.settings, self.store, self.image_encoder, self.reader, catalogue, reads_text, existed, remote
         )
-        embedder = Embedder(self.image_encoder, self.text_encoder, heads, batch_size=self.settings.batch_size)
+        embedder = Embedder(self.image_encoder, self.text_encoder, heads, self.settings.batch_size)
         show = sys.stderr.isatty() if progress is None else progress
         bar = tqdm(desc=f"ingest {catalogue}", unit="product", disable=not show, file=sys.stderr)
         stream = itertools.chain([first], records) if first is not None else iter(())

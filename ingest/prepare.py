@@ -143,32 +143,21 @@ def record_text_reading(store: ProductStore, catalogue: str, on: bool) -> None:
     log.info("catalogue %s: text on photos is %s", catalogue, "read" if on else "not read")
 
 
+@dataclass
 class Preparer:
-    """The prepare stage of one run: what each chunk needs before its photos and texts are embedded."""
+    """The prepare stage of one run: what each chunk needs before its photos and texts are embedded.
+    `reads_text`: the catalogue's decision (None: the first chunk decides); `reuse_stored`: the catalogue held
+    products before the run (their photo vectors are looked up by hash); `remote`: an encoder that decodes and
+    embeds where it runs (the bytes are sent to it)."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        store: ProductStore,
-        image_encoder: ImageEncoder,
-        reader: TextReader,
-        catalogue: str,
-        *,
-        reads_text: bool | None,
-        reuse_stored: bool,
-        remote: PhotoEmbedder | None = None,
-    ) -> None:
-        """`reads_text`: the catalogue's decision (None: the first chunk decides); `reuse_stored`: the catalogue
-        held products before the run (their photo vectors are looked up by hash); `remote`: an encoder that
-        decodes and embeds where it runs (the bytes are sent to it)."""
-        self.settings = settings
-        self.store = store
-        self.image_encoder = image_encoder
-        self.reader = reader
-        self.catalogue = catalogue
-        self.reads_text = reads_text
-        self.reuse_stored = reuse_stored
-        self.remote = remote
+    settings: Settings
+    store: ProductStore
+    image_encoder: ImageEncoder
+    reader: TextReader
+    catalogue: str
+    reads_text: bool | None
+    reuse_stored: bool
+    remote: PhotoEmbedder | None = None
 
     def prepare(
         self,

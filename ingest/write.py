@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from qdrant_client import models
@@ -18,12 +19,12 @@ from retrieval.store import ProductStore, StoreError
 log = logging.getLogger("ingest")
 
 
+@dataclass
 class Writer:
     """The write stage of one run, for one catalogue."""
 
-    def __init__(self, store: ProductStore, catalogue: str) -> None:
-        self.store = store
-        self.catalogue = catalogue
+    store: ProductStore
+    catalogue: str
 
     def write(self, points: list[models.PointStruct], number: int, unchanged: int, read: int) -> None:
         catalogue = self.catalogue

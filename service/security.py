@@ -2,7 +2,8 @@
 
 Without `API_KEY` every endpoint is open (a service on loopback or behind a gateway that authenticates).
 With it, the endpoints that change data or start work (`POST /catalogues/{c}/match-jobs`,
-`POST /catalogues/{c}/ingest`) answer 401 without the header and 403 with a wrong key; reads stay open.
+`POST /catalogues/{c}/ingest`, `POST` / `DELETE` of labels, `POST /catalogues/{c}/train`) answer 401 without
+the header and 403 with a wrong key; reads stay open.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ MAX_ROWS = 2_000_000  # a job's rows at most: MAX_JOB_PRODUCTS (up to 100,000) x
 def _job(state: AppState, job_id: str) -> Job:
     job = state.jobs.get(job_id)
     if job is None:
-        raise HTTPException(404, f"no job {job_id} (jobs are kept in memory: the last 100, until a restart)")
+        raise HTTPException(404, f"no job {job_id} (the last 100 jobs are kept, in JOBS_PATH)")
     return job
 
 
