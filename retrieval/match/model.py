@@ -38,7 +38,7 @@ from retrieval.match.rerank import Reranker, load_reranker
 from retrieval.records import point_id
 from retrieval.search import ImageUrl, SearchEngine, ref_as_url
 from retrieval.settings import Settings
-from retrieval.store import TEXT_VECTOR, ProductStore
+from retrieval.store import TEXT_VECTOR, ProductNotFound, ProductStore
 from retrieval.weights import ModelFolderError, kept_model
 from schemas.payload import Product
 from schemas.search import (
@@ -710,7 +710,13 @@ def reverse_ranks(
     back = SearchFilters(retailer=[product.retailer])
     options = SearchOptions(limit=REVERSE_DEPTH, fusion=fusion, ranks=False)
     for i, candidate in enumerate(candidates[:REVERSE_CANDIDATES]):
-        _, response = engine.search_product(catalogue, candidate.retailer, candidate.id, filters=back, options=options)
+        try:
+            _, response = engine.search_product(
+                catalogue, candidate.retailer, candidate.id, filters=back, options=options
+            )
+        except ProductNotFound:  # removed since it was found (a concurrent prune): it finds nothing back
+            ranks[i] = 0
+            continue
         found = [r.id for r in response.results]
         ranks[i] = found.index(product.id) + 1 if product.id in found else 0
     return ranks

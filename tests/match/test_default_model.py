@@ -100,3 +100,12 @@ def test_the_default_applies_only_with_its_text_encoder(
     assert refused.calibration is None and "text vectors of sentence-transformers:another" in (refused.warning or "")
     monkeypatch.setattr(model, "default_model", lambda: None)  # a package without it: search order, undecided
     assert active_model(engine.store, two_shops) == model.ActiveModel(None, None)
+
+
+def test_a_candidate_gone_meanwhile_finds_nothing_back(engine: SearchEngine, two_shops: str) -> None:
+    """A candidate removed between the search and its reverse search (a concurrent prune) ranks 0, it does not
+    fail the product's matches."""
+    product, found = model.find_matches(engine, two_shops, "hemkop", "5", calibration=None, limit=3)
+    gone = found[0].product.model_copy(update={"id": "removed-meanwhile"})
+    ranks = model.reverse_ranks(engine, two_shops, product, [found[0].product, gone])
+    assert ranks == [1, 0]  # its true counterpart (o-5) finds it first; the removed one finds nothing
