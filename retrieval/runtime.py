@@ -12,12 +12,6 @@ from retrieval.settings import Settings
 from retrieval.store import ProductStore
 
 
-def open_store(settings: Settings) -> ProductStore:
-    """The store of the settings (a server at QDRANT_URL, else the embedded folder); StoreBusy / StoreError
-    with what to do when it cannot be opened."""
-    return ProductStore.open(settings)
-
-
 def load_encoders(settings: Settings) -> tuple[ImageEncoder, TextEncoder]:
     """Both encoders of the settings (cached per spec: a second call loads nothing)."""
     return (

@@ -33,8 +33,7 @@ from sklearn.preprocessing import StandardScaler
 
 from retrieval.lexical import code_stem, codes, tokens
 from retrieval.match.default import default_model
-from retrieval.match.rerank import DEFAULT_DEPTH as DEFAULT_RERANK_DEPTH
-from retrieval.match.rerank import Reranker, load_reranker
+from retrieval.match.rerank import DEFAULT_RERANK_DEPTH, Reranker, load_reranker
 from retrieval.records import point_id
 from retrieval.search import ImageUrl, SearchEngine, ref_as_url
 from retrieval.settings import Settings

@@ -36,7 +36,7 @@ log = logging.getLogger("retrieval.rerank")
 
 MAX_LENGTH = 64  # word pieces of the pair together: titles decide; long descriptions cost 3x and add noise
 DESCRIPTION_WORDS = 12  # the first words of a description carry the model and edition where titles lack them
-DEFAULT_DEPTH = 10  # candidates per product the cross-encoder reads (each costs one forward pass)
+DEFAULT_RERANK_DEPTH = 10  # candidates per product the cross-encoder reads (each costs one forward pass)
 HARD_NEGATIVES = 4  # the highest-ranked non-matches per labelled product that training reads
 _lock = threading.Lock()
 _loaded: dict[str, Reranker] = {}

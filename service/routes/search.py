@@ -12,7 +12,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
 from PIL import Image
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from retrieval.images import decode_image
@@ -122,55 +122,67 @@ def _words(values: list[str] | None) -> list[str]:
     return [v.strip() for v in values or [] if v.strip()]
 
 
+class SearchForm(BaseModel):
+    """The fields of `POST /search` beside the photo: the words, the catalogue, the filters and the options,
+    each bounded here (422 naming the field); `filters` and `options` add the checks across fields."""
+
+    text: str | None = Field(default=None, max_length=MAX_TEXT_LENGTH, description="words describing the product")
+    catalogue: str | None = Field(default=None, description="catalogue (collection); default DEFAULT_CATALOGUE")
+    category: str | None = Field(default=None, max_length=1_000, description="'A > B': this category or below")
+    retailer: list[str] = Field(default_factory=list, description="only these retailers (repeat the field)")
+    exclude_retailer: list[str] = Field(default_factory=list, description="not these retailers")
+    brand: list[str] = Field(default_factory=list, description="only these brands")
+    price_min: float | None = Field(default=None, ge=0)
+    price_max: float | None = Field(default=None, ge=0)
+    fusion: Fusion = Field(default="dbsf", description="dbsf, rrf, or weighted (with the weights)")
+    image_weight: float = Field(default=1.0, ge=0, le=100)
+    text_weight: float = Field(default=1.0, ge=0, le=100)
+    lexical: bool = Field(default=True, description="add the lexical ranking (words, codes, GTIN) for a text")
+    lexical_weight: float = Field(default=1.0, ge=0, le=100)
+    limit: int = Field(default=10, ge=1, le=100)
+    offset: int = Field(default=0, ge=0, le=1_000)
+    ranks: bool = Field(default=True, description="each result's rank in every ranking before fusion")
+    score_threshold: float | None = Field(default=None, description="drop results scoring below this")
+
+    def filters(self) -> SearchFilters:
+        return SearchFilters(
+            category=(self.category or "").strip() or None,
+            retailer=_words(self.retailer),
+            exclude_retailer=_words(self.exclude_retailer),
+            brand=_words(self.brand),
+            price_min=self.price_min,
+            price_max=self.price_max,
+        )
+
+    def options(self) -> SearchOptions:
+        return SearchOptions(
+            fusion=self.fusion,
+            image_weight=self.image_weight,
+            text_weight=self.text_weight,
+            lexical=self.lexical,
+            lexical_weight=self.lexical_weight,
+            limit=self.limit,
+            offset=self.offset,
+            ranks=self.ranks,
+            score_threshold=self.score_threshold,
+        )
+
+
 @router.post("/search", response_model=SearchResponse, responses=ERRORS)
 async def search(
     request: Request,
     state: StateDep,
+    form: Annotated[SearchForm, Form()],
     image: Annotated[UploadFile | None, File(description="a product photo (JPEG, PNG, WebP...)")] = None,
-    text: Annotated[str | None, Form(max_length=MAX_TEXT_LENGTH, description="words describing the product")] = None,
-    catalogue: Annotated[str | None, Form(description="catalogue (collection); default DEFAULT_CATALOGUE")] = None,
-    category: Annotated[str | None, Form(max_length=1_000, description="'A > B': this category or below")] = None,
-    retailer: Annotated[list[str] | None, Form(description="only these retailers (repeat the field)")] = None,
-    exclude_retailer: Annotated[list[str] | None, Form(description="not these retailers")] = None,
-    brand: Annotated[list[str] | None, Form(description="only these brands")] = None,
-    price_min: Annotated[float | None, Form(ge=0)] = None,
-    price_max: Annotated[float | None, Form(ge=0)] = None,
-    fusion: Annotated[Fusion, Form(description="dbsf, rrf, or weighted (with the weights)")] = "dbsf",
-    image_weight: Annotated[float, Form(ge=0, le=100)] = 1.0,
-    text_weight: Annotated[float, Form(ge=0, le=100)] = 1.0,
-    lexical: Annotated[bool, Form(description="add the lexical ranking (words, codes, GTIN) for a text")] = True,
-    lexical_weight: Annotated[float, Form(ge=0, le=100)] = 1.0,
-    limit: Annotated[int, Form(ge=1, le=100)] = 10,
-    offset: Annotated[int, Form(ge=0, le=1_000)] = 0,
-    ranks: Annotated[bool, Form(description="each result's rank in every ranking before fusion")] = True,
-    score_threshold: Annotated[float | None, Form(description="drop results scoring below this")] = None,
 ) -> SearchResponse:
     """Find products by photo, text or both (fused in Qdrant), within the given filters."""
-    name = _catalogue(state, catalogue)
+    name = _catalogue(state, form.catalogue)
     data = await _read_upload(image, state.settings.max_upload_bytes)
-    query_text = (text or "").strip() or None
+    query_text = (form.text or "").strip() or None
     if data is None and query_text is None:
         raise HTTPException(422, "give an image, a text, or both")
     try:  # the fields are checked one by one above; these models add the cross-field checks
-        filters = SearchFilters(
-            category=(category or "").strip() or None,
-            retailer=_words(retailer),
-            exclude_retailer=_words(exclude_retailer),
-            brand=_words(brand),
-            price_min=price_min,
-            price_max=price_max,
-        )
-        options = SearchOptions(
-            fusion=fusion,
-            image_weight=image_weight,
-            text_weight=text_weight,
-            lexical=lexical,
-            lexical_weight=lexical_weight,
-            limit=limit,
-            offset=offset,
-            ranks=ranks,
-            score_threshold=score_threshold,
-        )
+        filters, options = form.filters(), form.options()
     except ValidationError as exc:
         raise HTTPException(422, "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
     return await _run(request, state, name, data, query_text, filters, options)
