@@ -129,7 +129,8 @@ def run_set(
     """Every query of the set in every mode it supports (fused once per fusion), with and without its
     category filter (`only`: just these modes; `filtered_rows=False`: no category-filtered rows)."""
     plain = SearchOptions(limit=TOP_K, ranks=False)
-    reads_text = bool(engine.store.info(catalogue).reads_text)
+    info = engine.store.info(catalogue)
+    reads_text = bool(info.reads_text)
     fused = [parse_fusion(spec) for spec in fusions]
     tallies: dict[RowKey, Tally] = defaultdict(Tally)
     for query in evalset.queries[:max_queries]:
@@ -138,9 +139,11 @@ def run_set(
         if path := evalset.image_path(query):
             with Image.open(path) as opened:
                 image = opened.convert("RGB")
-        encoded = engine.encode_query(image, query.text, read_text=reads_text)
-        encode_s = time.perf_counter() - started
         exclude = [query.exclude_retailer] if query.exclude_retailer else []
+        # the crops are decided on the unfiltered search (the category-filtered rows reuse the encoding)
+        unfiltered = SearchFilters(exclude_retailer=exclude)
+        encoded = engine.encode_for(catalogue, info, image, query.text, filters=unfiltered, read_text=reads_text)
+        encode_s = time.perf_counter() - started
         modes = [mode for mode in modes_of(query) if only is None or mode in only]
         runs = [(mode, "", plain) for mode in modes if mode not in FUSED_MODES]
         runs += [(mode, label, options) for mode in modes if mode in FUSED_MODES for label, options in fused]
@@ -196,7 +199,14 @@ def ingested(
             )
             if problems := report.rejected_rows + report.skipped_images:
                 raise ValueError(f"{evalset.catalogue}: {len(problems)} rows or images not ingested: {problems[0]}")
-            yield SearchEngine(store, image_encoder, text_encoder, query_crops=run_settings.query_crop_shares), report
+            engine = SearchEngine(
+                store,
+                image_encoder,
+                text_encoder,
+                query_crops=run_settings.query_crop_shares,
+                crops_margin=run_settings.query_crops_margin,
+            )
+            yield engine, report
         finally:
             store.close()
 

@@ -67,6 +67,7 @@ def open_runtime(settings: Settings, *, store: ProductStore | None = None) -> Ru
         image_encoder,
         text_encoder,
         query_crops=settings.query_crop_shares,
+        crops_margin=settings.query_crops_margin,
         models_root=settings.models_root,
         model_precision=settings.text_precision,
         cache_root=trunk_cache_root(settings),

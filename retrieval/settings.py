@@ -80,6 +80,16 @@ class Settings(BaseSettings):
             "separated) and searches with the mean direction; empty: the whole photo only"
         ),
     )
+    query_crops_margin: float = Field(
+        default=0.04,
+        ge=0,
+        le=1,
+        description=(
+            "a query photo whose best catalogue photo (the whole photo searched alone, within the query's "
+            "filters) beats the second by this cosine margin skips the crops: one forward instead of three; "
+            "0: always the crops"
+        ),
+    )
     ocr_deadline_s: float = Field(
         default=3.0,
         gt=0,

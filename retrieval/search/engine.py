@@ -55,6 +55,11 @@ from schemas.search import (
 # views: a product that fills a third of a shelf photo weighs more in a crop (grocery-val, photo only:
 # measured in docs/BENCHMARKS.md, "Query crops"). () embeds the photo alone.
 QUERY_CROPS: tuple[float, ...] = (0.8, 0.6)
+# A query photo whose whole-photo search (with the query's filters) puts its best catalogue photo this far
+# (cosine) above the second skips the crops: one forward instead of 1 + len(QUERY_CROPS). Chosen on grocery
+# train (R@1 unchanged, 23 % of photos take the cheap path), held on val (0.422 either way, 26 %): docs/
+# BENCHMARKS.md, "Query crops". 0: always the crops.
+CROPS_MARGIN = 0.04
 
 # A typed query's model numbers: the results among the first CODE_WINDOW whose codes are siblings of the
 # query's but not the same have their score multiplied by CONFLICT_FACTOR (abt-buy, text+lexical RRF:
@@ -166,6 +171,7 @@ class SearchEngine:
     image_encoder: ImageEncoder
     text_encoder: TextEncoder
     query_crops: tuple[float, ...] = QUERY_CROPS
+    crops_margin: float = CROPS_MARGIN  # QUERY_CROPS_MARGIN; 0: a photo is always searched with its crops
     reader: TextReader = field(default_factory=TextReader, repr=False)
     models_root: Path | None = None  # fine-tuned text encoders (MODELS_PATH; default: the settings')
     model_precision: str = "auto"  # what they run in (TEXT_PRECISION)
@@ -195,6 +201,9 @@ class SearchEngine:
         read_text: bool = False,
         text_model: EncoderHead | None = None,
         image_model: TailHead | None = None,
+        whole: np.ndarray | None = None,
+        crops: bool = True,
+        reading: Future[str] | None = None,
     ) -> QueryVectors:
         """Query vectors: the photo through the image encoder, the text through the text encoder and into
         lexical terms. With an image encoder that also embeds texts (CLIP) and no photo, the text searches
@@ -202,18 +211,24 @@ class SearchEngine:
         text too, when it shows enough of it. `embedder`: where the rows are computed (default: here, now).
         `text_model`: the catalogue's fine-tuned text encoder (`Adapters.text_model`): the text is embedded
         by it, here, and searches the adapted twin. `image_model`: the catalogue's fine-tuned image tail
-        (`Adapters.image_model`): the photo and its crops are embedded by it, here, and search the twin."""
+        (`Adapters.image_model`): the photo and its crops are embedded by it, here, and search the twin.
+        `whole`: the photo's own row, embedded already (`search` does, to decide on the crops); `crops`: embed
+        the centre crops too; `reading`: the photo's read, started already."""
         embedder = embedder or DirectEmbedder(
             self.image_encoder, self.text_encoder, self.reader, read_deadline_s=self.read_deadline_s
         )
-        reading = embedder.read(image) if image is not None and read_text else None
-        views = [image, *(centre_crop(image, share) for share in self.query_crops)] if image is not None else []
+        if reading is None and image is not None and read_text:
+            reading = embedder.read(image)
+        shares = self.query_crops if crops else ()
+        views = [image, *(centre_crop(image, share) for share in shares)] if image is not None else []
         tail = image_model is not None and bool(views)
-        photo_rows = embedder.photos(views) if views and not tail else []  # all started before any is awaited
+        to_embed = views[1:] if whole is not None and not tail else views
+        photo_rows = embedder.photos(to_embed) if to_embed and not tail else []  # all started before any is awaited
         tuned = text_model is not None and bool(text)
         text_row = embedder.text(text) if text and not tuned else None
         tuned_vector = text_model.embed_texts([text])[0] if text_model is not None and text else None
-        image_vector = _mean_direction([row.result() for row in photo_rows]) if photo_rows else None
+        rows = ([whole] if whole is not None and not tail else []) + [row.result() for row in photo_rows]
+        image_vector = _mean_direction(rows) if rows else None
         if image_model is not None and views:  # the tail only: raw photo vectors are not searched meanwhile
             image_vector = _mean_direction(list(image_model.embed_images(views)))
         text_vector = text_row.result() if text_row is not None else tuned_vector
@@ -257,14 +272,68 @@ class SearchEngine:
         read_text = bool(info.reads_text) and not text
         text_model = self.adapters.text_model(catalogue, info.adapters) if text else None
         image_model = self.adapters.image_model(catalogue, info.adapters) if image is not None else None
-        vectors = self.encode_query(
-            image, text, embedder=embedder, read_text=read_text, text_model=text_model, image_model=image_model
+        vectors = self.encode_for(
+            catalogue,
+            info,
+            image,
+            text,
+            filters=filters,
+            embedder=embedder,
+            read_text=read_text,
+            text_model=text_model,
+            image_model=image_model,
         )
         response = self.search_vectors(
             catalogue, vectors, filters=filters, options=options, image_url=image_url, info=info
         )
         response.took_ms = round((time.perf_counter() - started) * 1000, 2)
         return response
+
+    def encode_for(
+        self,
+        catalogue: str,
+        info: CollectionMeta,
+        image: Image.Image | None,
+        text: str | None,
+        *,
+        filters: SearchFilters | None = None,
+        embedder: QueryEmbedder | None = None,
+        read_text: bool = False,
+        text_model: EncoderHead | None = None,
+        image_model: TailHead | None = None,
+    ) -> QueryVectors:
+        """`encode_query` for a search of `catalogue` within `filters`: a photo is embedded whole first, and its
+        centre crops only when the whole photo does not already answer (`crops_margin`); its text is read
+        meanwhile. With an image tail, or no crops configured, as `encode_query`."""
+        embedder = embedder or DirectEmbedder(
+            self.image_encoder, self.text_encoder, self.reader, read_deadline_s=self.read_deadline_s
+        )
+        whole, crops, reading = None, True, None
+        if image is not None and image_model is None and self.query_crops and self.crops_margin > 0:
+            reading = embedder.read(image) if read_text else None  # read while the photo is judged
+            whole = embedder.photos([image])[0].result()
+            crops = not self._decisive(catalogue, whole, filters, info)
+        return self.encode_query(
+            image,
+            text,
+            embedder=embedder,
+            read_text=read_text,
+            text_model=text_model,
+            image_model=image_model,
+            whole=whole,
+            crops=crops,
+            reading=reading,
+        )
+
+    def _decisive(self, catalogue: str, whole: np.ndarray, filters: SearchFilters | None, info: CollectionMeta) -> bool:
+        """Whether the whole photo alone already answers: its best catalogue photo (within the query's filters,
+        through the catalogue's head) at least `crops_margin` above the second."""
+        probe = SearchOptions(limit=2, ranks=False, lexical=False)
+        found = self.search_vectors(catalogue, QueryVectors(image=whole), filters=filters, options=probe, info=info)
+        scores = [r.scores.image for r in found.results]
+        if len(scores) < 2 or scores[0] is None or scores[1] is None:
+            return True  # one photo or none to choose between: the crops would change nothing
+        return scores[0] - scores[1] >= self.crops_margin
 
     def search_vectors(
         self,
