@@ -56,10 +56,14 @@ from schemas.search import (
 # measured in docs/BENCHMARKS.md, "Query crops"). () embeds the photo alone.
 QUERY_CROPS: tuple[float, ...] = (0.8, 0.6)
 # A query photo whose whole-photo search (with the query's filters) puts its best catalogue photo this far
-# (cosine) above the second skips the crops: one forward instead of 1 + len(QUERY_CROPS). Chosen on grocery
-# train (R@1 unchanged, 23 % of photos take the cheap path), held on val (0.422 either way, 26 %): docs/
-# BENCHMARKS.md, "Query crops". 0: always the crops.
-CROPS_MARGIN = 0.04
+# (cosine) above the second can skip the crops: one forward instead of 1 + len(QUERY_CROPS). For
+# EfficientNet-Lite0 DECISIVE_MARGIN was chosen on grocery train (R@1 unchanged, 23 % of photos take the cheap
+# path) and held on val (0.422 either way, 26 %); but on this project's CPU the whole photo, the probe search
+# and then the crops cost more than the three views in one batch (20.0 against 17.0 ms a query, `python -m
+# bench.crops_skip`), so the check is off by default (CROPS_MARGIN 0): it pays where a forward costs far more
+# than a search (a large backbone), with a margin chosen for that model (docs/BENCHMARKS.md, "Query crops").
+DECISIVE_MARGIN = 0.04
+CROPS_MARGIN = 0.0
 
 # A typed query's model numbers: the results among the first CODE_WINDOW whose codes are siblings of the
 # query's but not the same have their score multiplied by CONFLICT_FACTOR (abt-buy, text+lexical RRF:
