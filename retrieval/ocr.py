@@ -38,6 +38,10 @@ _NOT_WORD = re.compile(r"[^a-z0-9]+")
 # to read whole. The recogniser's cost grows with the width of what it reads, in line heights (a box 2000 px
 # wide and 18 px high is 110 heights: as much work as 20 words of a pack), so that is what is budgeted.
 MAX_SIDE = 1024  # pixels, the longer side the detector sees at most (every grocery photo is smaller)
+# The detector sees a photo's shorter side scaled to at least this many pixels (rapidocr's own default, 736):
+# small print on a 348-pixel shopper photo is found only when enlarged. Measured against 544 and 416, which
+# read 1.6x and 2.5x as fast and lose photo-query recall (`python -m bench.ocr_side`, docs/BENCHMARKS.md).
+DETECT_SIDE = 736
 MAX_BOXES = 64  # text boxes recognised at most, the largest first
 MAX_LINE_HEIGHTS = 40  # a box wider than this many of its heights is read from its start only
 READ_HEIGHTS = 400  # line heights recognised at most in one photo (a pack shows 50-150)
@@ -131,6 +135,7 @@ class TextReader:
 
             self._engine = RapidOCR(
                 use_cls=False,
+                det_limit_side_len=DETECT_SIDE,
                 text_score=MIN_LINE_SCORE,
                 intra_op_num_threads=self._threads,
                 inter_op_num_threads=1,
