@@ -531,6 +531,15 @@ def _typed_query(
     query is no listing of a retailer that a candidate could search back."""
     keep = [i for i, name in enumerate(names) if name != REVERSE]
     rows = [[row[i] for i in keep] for row in data.rows]
+    shipped = default_model()
+    if PRIOR in names and shipped is not None and shipped.calibration.typed_query is not None:
+        # the prior of a typed query is the default model's own twin's (as `features` computes it then)
+        twin = shipped.calibration.typed_query
+        named = [dict(zip(names, row, strict=True)) for row in data.rows]
+        prior = probabilities(twin, [[row[n] for n in twin.features] for row in named])
+        at = [names[i] for i in keep].index(PRIOR)
+        for row, p in zip(rows, prior, strict=True):
+            row[at] = _logit(float(p))
     without = Labelled(rows, data.labels, data.groups, data.positives)
     return fit_model(
         without,
