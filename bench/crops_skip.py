@@ -37,6 +37,8 @@ GROCERY = ROOT.parent / "shared" / "data" / "grocery" / "dataset"
 
 
 class Counting(DirectEmbedder):
+    """The engine's own embedder, counting the photo views it embeds (the forwards a query costs)."""
+
     def __init__(self, engine: SearchEngine) -> None:
         super().__init__(engine.image_encoder, engine.text_encoder, engine.reader)
         self.views = 0

@@ -5,16 +5,14 @@ the search suite (tests/search/test_search.py) runs on both."""
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
-from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
+from bench.crops_skip import Counting
 from retrieval.search import SearchEngine
-from retrieval.search.engine import DECISIVE_MARGIN, DirectEmbedder
+from retrieval.search.engine import DECISIVE_MARGIN
 from schemas.search import SearchOptions
 from tests.conftest import GROCERY, SAMPLE
 
@@ -51,18 +49,6 @@ def test_in_store_photos_find_their_shop_product_as_measured(engine: SearchEngin
     assert recall5 >= MIN_R5, recall5
 
 
-class CountingEmbedder(DirectEmbedder):
-    """The engine's own embedder, counting the photo views it embeds (the forwards a query costs)."""
-
-    def __init__(self, engine: SearchEngine) -> None:
-        super().__init__(engine.image_encoder, engine.text_encoder, engine.reader)
-        self.views = 0
-
-    def photos(self, images: Sequence[Image.Image]) -> list[Future[np.ndarray]]:
-        self.views += len(images)
-        return super().photos(images)
-
-
 def test_a_photo_that_already_answers_skips_its_crops(engine: SearchEngine) -> None:
     """A catalogue's own web photo (exactly the decisive case: its product's photo at cosine 1) costs one forward;
     a shopper's photo whose best two products are close costs the whole photo and both crops, and searches as
@@ -71,14 +57,14 @@ def test_a_photo_that_already_answers_skips_its_crops(engine: SearchEngine) -> N
     own = sorted((SAMPLE.parent / "images").glob("*.jpg"))[0]
     with Image.open(own) as opened:
         photo = opened.convert("RGB")
-    counting = CountingEmbedder(engine)
+    counting = Counting(engine)
     engine.search("grocery", image=photo, embedder=counting)
     assert counting.views == 1
     views: dict[str, int] = {}
     for path in sorted((SAMPLE.parent / "queries").glob("*.jpg")):
         with Image.open(path) as opened:
             query = opened.convert("RGB")
-        counting = CountingEmbedder(engine)
+        counting = Counting(engine)
         found = engine.search("grocery", image=query, embedder=counting, options=SearchOptions(limit=5))
         views[path.name] = counting.views
         if counting.views > 1:  # doubtful: the crops were embedded, as with the check off
