@@ -37,7 +37,7 @@ from retrieval.match.rerank import DEFAULT_RERANK_DEPTH, Reranker, load_reranker
 from retrieval.records import point_id
 from retrieval.search import ImageUrl, SearchEngine, ref_as_url
 from retrieval.settings import Settings
-from retrieval.store import TEXT_VECTOR, ProductNotFound, ProductStore
+from retrieval.store import TEXT_VECTOR, ProductStore
 from retrieval.weights import ModelFolderError, kept_model
 from schemas.payload import Product
 from schemas.search import (
@@ -711,21 +711,17 @@ def reverse_ranks(
 ) -> list[int | None]:
     """Where `product` lands when each of the first REVERSE_CANDIDATES candidates searches the product's own
     retailer with its stored vectors (1-based; 0: not among its first REVERSE_DEPTH); None for the candidates
-    not asked (all of them when not `asked`)."""
+    not asked (all of them when not `asked`). The searches go to the store as one batch."""
     ranks: list[int | None] = [None] * len(candidates)
-    if not asked:
+    if not asked or not candidates:
         return ranks
     back = SearchFilters(retailer=[product.retailer])
     options = SearchOptions(limit=REVERSE_DEPTH, fusion=fusion, ranks=False)
-    for i, candidate in enumerate(candidates[:REVERSE_CANDIDATES]):
-        try:
-            _, response = engine.search_product(
-                catalogue, candidate.retailer, candidate.id, filters=back, options=options
-            )
-        except ProductNotFound:  # removed since it was found (a concurrent prune): it finds nothing back
-            ranks[i] = 0
-            continue
-        found = [r.id for r in response.results]
+    asking = candidates[:REVERSE_CANDIDATES]
+    responses = engine.search_products(catalogue, [(c.retailer, c.id) for c in asking], filters=back, options=options)
+    for i, response in enumerate(responses):
+        # a candidate removed since it was found (a concurrent prune) finds nothing back
+        found = [r.id for r in response.results] if response is not None else []
         ranks[i] = found.index(product.id) + 1 if product.id in found else 0
     return ranks
 

@@ -21,6 +21,7 @@ from retrieval.images import centre_crop
 from retrieval.lexical import clean, codes_conflict, identifiers, overlap, query_vector
 from retrieval.ocr import ReadTimeout, TextReader, matched_words
 from retrieval.ocr import query_vector as query_read_vector
+from retrieval.records import point_id
 from retrieval.search.products import ImageUrl, ref_as_url, to_product
 from retrieval.search.requests import (
     MODALITY_OF,
@@ -353,8 +354,28 @@ class SearchEngine:
         """The store side of `search`, for vectors already encoded (benchmarks reuse one encoding). Raw
         query vectors go through the catalogue's active heads here (`info`: the catalogue, read already)."""
         started = time.perf_counter()
+        plan = self._plan(catalogue, vectors, filters, options, exclude_points, info or self.store.info(catalogue))
+        requests = plan.requests()
+        answers = (
+            [self.store.query(catalogue, requests[0])]
+            if len(requests) == 1
+            else self.store.query_batch(catalogue, requests)
+        )
+        response = plan.response(catalogue, answers, image_url)
+        response.took_ms = round((time.perf_counter() - started) * 1000, 2)
+        return response
+
+    def _plan(
+        self,
+        catalogue: str,
+        vectors: QueryVectors,
+        filters: SearchFilters | None,
+        options: SearchOptions | None,
+        exclude_points: Sequence[str],
+        info: CollectionMeta,
+    ) -> _Plan:
+        """One query's vectors through the catalogue's heads, its rankings, filter and the page to ask for."""
         options = options or SearchOptions()
-        info = info or self.store.info(catalogue)
         active = info.adapters
         vectors = self.adapt(catalogue, vectors, active)
         if not options.lexical:
@@ -372,38 +393,46 @@ class SearchEngine:
         # codes conflict lowered, so the window is asked for whole and the page cut from it afterwards.
         window = max(CODE_WINDOW, options.offset + options.limit) if vectors.codes else 0
         asked = options.model_copy(update={"offset": 0, "limit": window}) if window else options
-        points, ranks = self._query(catalogue, rankings, query_filter, asked)
-        results = []
-        for point in points:
-            product = to_product(point.payload or {}, image_url)
-            verdict = self._code_verdict(vectors.codes, product)
-            results.append(
-                SearchResult(
-                    id=product.id,
-                    retailer=product.retailer,
-                    score=float(point.score) * (CONFLICT_FACTOR if verdict == "conflict" else 1.0),
-                    scores=_modality_scores(point.vector, vectors),
-                    ranks=ModalityRanks(**{MODALITY_OF[name]: ranks[name].get(str(point.id)) for name in ranks}),
-                    codes=verdict,
-                    read_words=_read_words(vectors, product),
-                    product=product,
-                )
-            )
-        if window:
-            results.sort(key=lambda r: -r.score)  # stable: ties keep the engine's order
-            threshold = options.score_threshold
-            kept = [r for r in results if threshold is None or r.score >= threshold]
-            results = kept[options.offset : options.offset + options.limit]
-        return SearchResponse(
-            catalogue=catalogue,
-            read=vectors.read or None,
-            modes=[MODALITY_OF[name] for name, _ in rankings],
-            fusion=options.fusion if len(rankings) > 1 else None,
-            adapted={m: active[m] for m, used in vectors.adapted().items() if used and m in active},
-            took_ms=round((time.perf_counter() - started) * 1000, 2),
-            results=results,
-            warnings=[vectors.unread] if vectors.unread else [],
-        )
+        return _Plan(vectors, rankings, query_filter, options, asked, window, active)
+
+    def search_products(
+        self,
+        catalogue: str,
+        refs: Sequence[tuple[str, str]],
+        *,
+        filters: SearchFilters | None = None,
+        options: SearchOptions | None = None,
+        image_url: ImageUrl = ref_as_url,
+    ) -> list[SearchResponse | None]:
+        """`search_product` for several stored products at once: their vectors read in one call and their
+        searches sent as one batch of Query API requests (one round trip to a server, not two per product). None
+        for a (retailer, id) the catalogue does not hold."""
+        started = time.perf_counter()
+        info = self.store.check_encoders(catalogue, self.fingerprint)
+        ids = [point_id(retailer, product_id) for retailer, product_id in refs]
+        records = {str(r.id): r for r in self.store.retrieve(catalogue, ids, with_vectors=True)}
+        plans: list[_Plan | None] = []
+        for pid in ids:
+            record = records.get(pid)
+            if record is None:
+                plans.append(None)
+                continue
+            vectors = self._stored_query(record, info)
+            plans.append(self._plan(catalogue, vectors, filters, options, [str(record.id)], info))
+        requests = [plan.requests() for plan in plans if plan is not None]
+        flat = [request for group in requests for request in group]
+        answers = iter(self.store.query_batch(catalogue, flat) if flat else [])
+        out: list[SearchResponse | None] = []
+        for plan in plans:
+            if plan is None:
+                out.append(None)
+                continue
+            out.append(plan.response(catalogue, [next(answers) for _ in plan.requests()], image_url))
+        took = round((time.perf_counter() - started) * 1000, 2)  # the batch's, for each of its searches
+        for response in out:
+            if response is not None:
+                response.took_ms = took
+        return out
 
     def search_product(
         self,
@@ -419,27 +448,9 @@ class SearchEngine:
         started = time.perf_counter()
         info = self.store.check_encoders(catalogue, self.fingerprint)
         record = self.store.product(catalogue, retailer, product_id, with_vectors=True, known=True)
-        stored = record.vector if isinstance(record.vector, dict) else {}
-        parts: dict[str, tuple[np.ndarray | None, str]] = {}
-        for modality in (IMAGE_VECTOR, TEXT_VECTOR):
-            # Where the product holds its adapted twin under the active head, it is the query as it stands.
-            twin = ADAPTED_VECTORS[modality]
-            name = twin if modality in info.adapters and stored.get(twin) else modality
-            value = stored.get(name)
-            rows = np.asarray(value, dtype=np.float32) if isinstance(value, list) and value else None
-            parts[modality] = (rows[0] if rows is not None and rows.ndim == 2 else rows, name)
-        lexical, printed = stored.get(LEXICAL_VECTOR), stored.get(OCR_VECTOR)
-        vectors = QueryVectors(
-            image=parts[IMAGE_VECTOR][0],
-            text=parts[TEXT_VECTOR][0],
-            lexical=lexical if isinstance(lexical, models.SparseVector) else None,
-            ocr=printed if isinstance(printed, models.SparseVector) else None,
-            image_using=parts[IMAGE_VECTOR][1],
-            text_using=parts[TEXT_VECTOR][1],
-        )
         response = self.search_vectors(
             catalogue,
-            vectors,
+            self._stored_query(record, info),
             filters=filters,
             options=options,
             image_url=image_url,
@@ -448,6 +459,28 @@ class SearchEngine:
         )
         response.took_ms = round((time.perf_counter() - started) * 1000, 2)
         return to_product(record.payload or {}, image_url), response
+
+    @staticmethod
+    def _stored_query(record: models.Record, info: CollectionMeta) -> QueryVectors:
+        """A stored product's own vectors as a query: its first photo, its text, its lexical and read terms;
+        where it holds the adapted twin under the active head, the twin, as the query stands."""
+        stored = record.vector if isinstance(record.vector, dict) else {}
+        parts: dict[str, tuple[np.ndarray | None, str]] = {}
+        for modality in (IMAGE_VECTOR, TEXT_VECTOR):
+            twin = ADAPTED_VECTORS[modality]
+            name = twin if modality in info.adapters and stored.get(twin) else modality
+            value = stored.get(name)
+            rows = np.asarray(value, dtype=np.float32) if isinstance(value, list) and value else None
+            parts[modality] = (rows[0] if rows is not None and rows.ndim == 2 else rows, name)
+        lexical, printed = stored.get(LEXICAL_VECTOR), stored.get(OCR_VECTOR)
+        return QueryVectors(
+            image=parts[IMAGE_VECTOR][0],
+            text=parts[TEXT_VECTOR][0],
+            lexical=lexical if isinstance(lexical, models.SparseVector) else None,
+            ocr=printed if isinstance(printed, models.SparseVector) else None,
+            image_using=parts[IMAGE_VECTOR][1],
+            text_using=parts[TEXT_VECTOR][1],
+        )
 
     @staticmethod
     def _code_verdict(query: frozenset[str], product: Product) -> Literal["same", "conflict"] | None:
@@ -475,51 +508,106 @@ class SearchEngine:
             changes.update(text=text_head(vectors.text[None, :])[0], text_using=ADAPTED_VECTORS[TEXT_VECTOR])
         return replace(vectors, **changes)  # type: ignore[arg-type]
 
-    def _query(
-        self,
-        catalogue: str,
-        rankings: list[tuple[str, Query]],
-        query_filter: models.Filter | None,
-        options: SearchOptions,
-    ) -> tuple[list[models.ScoredPoint], dict[str, dict[str, int]]]:
-        """The fused (or single) ranking, and each modality's own ranking as point id -> 1-based rank. For a
-        fused query the modality rankings are the prefetches, asked again in the same batch request."""
-        names = [name for name, _ in rankings]
-        if len(rankings) == 1:
+
+@dataclass(frozen=True)
+class _Plan:
+    """One query ready for the store: its vectors (through the catalogue's heads), rankings, filter and the page
+    asked (`asked`: the code window's when `window`); `requests` are what the store runs for it, `response` turns
+    their answers into the public response."""
+
+    vectors: QueryVectors
+    rankings: list[tuple[str, Query]]
+    query_filter: models.Filter | None
+    options: SearchOptions
+    asked: SearchOptions
+    window: int
+    active: dict[str, int]
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.rankings]
+
+    def requests(self) -> list[models.QueryRequest]:
+        """The fused (or single) ranking's request, then, for a fused query asked for ranks, each modality's own
+        ranking: the prefetches asked again in the same batch."""
+        asked, names = self.asked, self.names
+        if len(self.rankings) == 1:
             nearest = ranked_request(
-                rankings,
-                fusion_query(options, names),  # unused: one ranking is a plain nearest query
-                query_filter=query_filter,
-                limit=options.limit,
-                offset=options.offset,
-                score_threshold=options.score_threshold,
+                self.rankings,
+                fusion_query(asked, names),  # unused: one ranking is a plain nearest query
+                query_filter=self.query_filter,
+                limit=asked.limit,
+                offset=asked.offset,
+                score_threshold=asked.score_threshold,
                 with_vector=names,
             )
-            points = self.store.query(catalogue, nearest)
-            return points, {names[0]: {str(p.id): options.offset + i for i, p in enumerate(points, start=1)}}
-        depth = max(PREFETCH_MIN, PREFETCH_FACTOR * (options.offset + options.limit))
+            return [nearest]
+        depth = max(PREFETCH_MIN, PREFETCH_FACTOR * (asked.offset + asked.limit))
         fused = ranked_request(
-            rankings,
-            fusion_query(options, names),
-            query_filter=query_filter,
-            limit=options.limit,
-            offset=options.offset,
-            score_threshold=options.score_threshold,
+            self.rankings,
+            fusion_query(asked, names),
+            query_filter=self.query_filter,
+            limit=asked.limit,
+            offset=asked.offset,
+            score_threshold=asked.score_threshold,
             depth=depth,
             with_vector=names,
         )
         single = [
-            models.QueryRequest(query=q, using=n, filter=query_filter, limit=depth, with_payload=False)
-            for n, q in rankings
-            if options.ranks
+            models.QueryRequest(query=q, using=n, filter=self.query_filter, limit=depth, with_payload=False)
+            for n, q in self.rankings
+            if asked.ranks
         ]
-        first, *each = self.store.query_batch(catalogue, [fused, *single])
-        asked = names if options.ranks else []
-        ranks = {
+        return [fused, *single]
+
+    def _ranks(self, answers: Sequence[list[models.ScoredPoint]]) -> dict[str, dict[str, int]]:
+        """Each modality's own ranking as point id -> 1-based rank."""
+        names = self.names
+        if len(self.rankings) == 1:
+            first = answers[0]
+            return {names[0]: {str(p.id): self.asked.offset + i for i, p in enumerate(first, start=1)}}
+        asked = names if self.asked.ranks else []
+        return {
             name: {str(p.id): i for i, p in enumerate(points, start=1)}
-            for name, points in zip(asked, each, strict=True)
+            for name, points in zip(asked, answers[1:], strict=True)
         }
-        return first, ranks
+
+    def response(
+        self, catalogue: str, answers: Sequence[list[models.ScoredPoint]], image_url: ImageUrl
+    ) -> SearchResponse:
+        vectors, options, ranks = self.vectors, self.options, self._ranks(answers)
+        results = []
+        for point in answers[0]:
+            product = to_product(point.payload or {}, image_url)
+            verdict = SearchEngine._code_verdict(vectors.codes, product)
+            results.append(
+                SearchResult(
+                    id=product.id,
+                    retailer=product.retailer,
+                    score=float(point.score) * (CONFLICT_FACTOR if verdict == "conflict" else 1.0),
+                    scores=_modality_scores(point.vector, vectors),
+                    ranks=ModalityRanks(**{MODALITY_OF[name]: ranks[name].get(str(point.id)) for name in ranks}),
+                    codes=verdict,
+                    read_words=_read_words(vectors, product),
+                    product=product,
+                )
+            )
+        if self.window:
+            results.sort(key=lambda r: -r.score)  # stable: ties keep the engine's order
+            threshold = options.score_threshold
+            kept = [r for r in results if threshold is None or r.score >= threshold]
+            results = kept[options.offset : options.offset + options.limit]
+        active = self.active
+        return SearchResponse(
+            catalogue=catalogue,
+            read=vectors.read or None,
+            modes=[MODALITY_OF[name] for name, _ in self.rankings],
+            fusion=options.fusion if len(self.rankings) > 1 else None,
+            adapted={m: active[m] for m, used in vectors.adapted().items() if used and m in active},
+            took_ms=0.0,
+            results=results,
+            warnings=[vectors.unread] if vectors.unread else [],
+        )
 
 
 def _read_words(query: QueryVectors, product: Product) -> list[str]:

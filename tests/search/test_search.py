@@ -129,6 +129,30 @@ def test_retailer_filters_find_the_same_product_in_another_shop(
     assert {r.retailer for r in only.results} == {"hemkop"} and len(only.results) == 8
 
 
+def test_several_stored_products_search_in_one_batch_as_one_by_one(
+    tmp_path: Path, ingestor: Ingestor, store: ProductStore, catalogue_name: str
+) -> None:
+    """`search_products` (what the match model's reverse ranks use): one read and one batch of requests, the same
+    answers as `search_product` one product at a time, with the product itself left out; None for a product the
+    catalogue does not hold."""
+    rows = sample_rows(8)
+    other = [{**row, "retailer": "other-shop", "id": f"o-{row['id']}", "description": ""} for row in rows]
+    ingestor.run(write_catalogue(tmp_path / "feed", rows + other), catalogue_name, progress=False)
+    engine = SearchEngine(store, ingestor.image_encoder, ingestor.text_encoder)
+    refs = [("other-shop", f"o-{row['id']}") for row in rows[:4]] + [("other-shop", "missing")]
+    back = SearchFilters(retailer=["hemkop"])
+    for options in (SearchOptions(limit=3, ranks=False), SearchOptions(limit=3), SearchOptions(limit=3, lexical=False)):
+        batched = engine.search_products(catalogue_name, refs, filters=back, options=options)
+        assert batched[-1] is None
+        for (retailer, product_id), response in zip(refs[:-1], batched, strict=False):
+            _, alone = engine.search_product(catalogue_name, retailer, product_id, filters=back, options=options)
+            assert response is not None
+            assert [(r.id, r.ranks) for r in response.results] == [(r.id, r.ranks) for r in alone.results]
+            for mine, theirs in zip(response.results, alone.results, strict=True):  # float32 read back: 1e-6
+                assert mine.scores.model_dump() == pytest.approx(theirs.scores.model_dump(), abs=1e-6)
+            assert response.results[0].id == product_id.removeprefix("o-")  # its own listing in the other shop
+
+
 def test_unknown_catalogue_and_empty_query(engine: SearchEngine) -> None:
     with pytest.raises(CatalogueNotFound, match="'nope' does not exist"):
         engine.search("nope", text="milk")
