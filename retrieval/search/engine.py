@@ -419,15 +419,15 @@ class SearchEngine:
                 continue
             vectors = self._stored_query(record, info)
             plans.append(self._plan(catalogue, vectors, filters, options, [str(record.id)], info))
-        requests = [plan.requests() for plan in plans if plan is not None]
-        flat = [request for group in requests for request in group]
+        groups = [plan.requests() if plan is not None else [] for plan in plans]
+        flat = [request for group in groups for request in group]
         answers = iter(self.store.query_batch(catalogue, flat) if flat else [])
         out: list[SearchResponse | None] = []
-        for plan in plans:
+        for plan, group in zip(plans, groups, strict=True):
             if plan is None:
                 out.append(None)
                 continue
-            out.append(plan.response(catalogue, [next(answers) for _ in plan.requests()], image_url))
+            out.append(plan.response(catalogue, [next(answers) for _ in group], image_url))
         took = round((time.perf_counter() - started) * 1000, 2)  # the batch's, for each of its searches
         for response in out:
             if response is not None:
