@@ -203,7 +203,7 @@ def speed(args: argparse.Namespace) -> int:
     if args.what in ("serve", "all"):
         from bench.serve_load import run_serve
 
-        serve_table = run_serve(seconds=args.seconds, soak_s=args.soak_s)
+        serve_table = run_serve(seconds=args.seconds, soak_s=args.soak_s, runtimes=tuple(args.runtime))
         if args.what == "serve":
             emit(serve_table, args.out, "speed-serve.md")
         tables.append("### Serving\n\n" + serve_table)
@@ -467,6 +467,13 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--ray-workers", type=int, default=2, help="ingest: also on this many Ray actors (0: no Ray row)")
     sp.add_argument("--seconds", type=float, default=20, help="serve: seconds of load per row")
     sp.add_argument("--soak-s", type=float, default=0, help="serve: then a steady-load soak of this many seconds")
+    sp.add_argument(
+        "--runtime",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "torch-bf16", "torch-fp32", "onnx-fp32"],
+        help="serve: how the image backbone runs, one table each, side by side in one run (default: auto)",
+    )
     sp.add_argument("--images", type=int, default=512, help="photos for the throughput rows")
     sp.add_argument("--products", type=int, default=10_000, help="products of the re-ingest catalogue")
     sp.add_argument("--rounds", type=int, default=3, help="ingest: alternating rounds of the throughput rows")

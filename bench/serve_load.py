@@ -61,9 +61,21 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def build_store(folder: Path) -> dict[str, str]:
+# How the image backbone runs (`--runtime`): the settings a service gets for each
+RUNTIMES = {
+    "auto": {},
+    "torch-bf16": {"INFERENCE": "torch", "IMAGE_PRECISION": "bf16"},
+    "torch-fp32": {"INFERENCE": "torch", "IMAGE_PRECISION": "fp32"},
+    "onnx-fp32": {"INFERENCE": "onnx", "IMAGE_PRECISION": "fp32"},
+}
+
+
+def build_store(folder: Path, runtime: str = "auto") -> dict[str, str]:
+    """The sample catalogue ingested under `runtime` (a catalogue's vectors carry their runtime in its
+    fingerprint: each runtime's service gets a store of its own); the environment a service then runs with."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("QDRANT_")}
-    env.update(QDRANT_PATH=str(folder / "qdrant"), DEFAULT_CATALOGUE="grocery")
+    env.update(QDRANT_PATH=str(folder / "qdrant"), DEFAULT_CATALOGUE="grocery", MODELS_PATH=str(folder / "models"))
+    env.update(RUNTIMES[runtime])
     subprocess.run(
         [sys.executable, "-m", "ingest", str(SAMPLE / "catalogue.csv"), "--catalogue", "grocery", "--no-progress"],
         cwd=ROOT, env=env, check=True, capture_output=True,
@@ -78,8 +90,14 @@ def in_process_costs(env: dict[str, str], repeats: int = 20) -> dict[str, float]
     from retrieval.settings import Settings
     from schemas.search import SearchOptions
 
-    settings = Settings(qdrant_path=Path(env["QDRANT_PATH"]), default_catalogue="grocery")
-    runtime = open_runtime(settings)
+    settings = Settings(
+        qdrant_path=Path(env["QDRANT_PATH"]),
+        models_path=Path(env["MODELS_PATH"]),
+        default_catalogue="grocery",
+        inference=env.get("INFERENCE", "auto"),
+        image_precision=env.get("IMAGE_PRECISION", "auto"),
+    )
+    runtime = open_runtime(settings, serving=True)
     store, engine = runtime.store, runtime.engine
     try:
         photo, text = (SAMPLE / "queries" / QUERIES[0][0]).read_bytes(), QUERIES[0][1]
@@ -192,9 +210,18 @@ def warm(base: str) -> None:
 OPEN_LOOP_SHARE = 0.7  # of the saturation rate (the batched service's throughput at 8 closed-loop clients)
 
 
-def run_serve(*, seconds: float, soak_s: float) -> str:
+def run_serve(*, seconds: float, soak_s: float, runtimes: tuple[str, ...] = ("auto",)) -> str:
+    """The table for each of `runtimes` (RUNTIMES), one after the other in one run; the soak on the first."""
+    sections = []
+    for runtime in runtimes:
+        table = _serve_runtime(runtime, seconds=seconds, soak_s=soak_s if runtime == runtimes[0] else 0)
+        sections.append(table if len(runtimes) == 1 else f"Image backbone: **{runtime}**\n\n{table}")
+    return "\n\n".join(sections)
+
+
+def _serve_runtime(runtime: str, *, seconds: float, soak_s: float) -> str:
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-        env = build_store(Path(tmp))
+        env = build_store(Path(tmp), runtime)
         costs = in_process_costs(env)
         runs: dict[tuple[bool, int], Load] = {}
         for batching in (True, False):

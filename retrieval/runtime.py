@@ -12,14 +12,16 @@ from retrieval.settings import Settings
 from retrieval.store import ProductStore
 
 
-def load_encoders(settings: Settings) -> tuple[ImageEncoder, TextEncoder]:
-    """Both encoders of the settings (cached per spec: a second call loads nothing)."""
+def load_encoders(settings: Settings, *, serving: bool = False) -> tuple[ImageEncoder, TextEncoder]:
+    """Both encoders of the settings (cached per spec: a second call loads nothing); `serving`: for the service
+    (INFERENCE=auto picks the image runtime measured fastest at serving queries, `load_image_encoder`)."""
     return (
         load_image_encoder(
             settings.image_model,
             settings.image_precision,
             inference=settings.inference,
             onnx_cache=settings.models_root / "onnx",
+            serving=serving,
         ),
         load_text_encoder(settings.text_model, settings.text_precision),
     )
@@ -53,12 +55,13 @@ class Runtime:
         self.close()
 
 
-def open_runtime(settings: Settings, *, store: ProductStore | None = None) -> Runtime:
+def open_runtime(settings: Settings, *, store: ProductStore | None = None, serving: bool = False) -> Runtime:
     """Open the store first (a busy store fails in a moment, not after the models have loaded), then load the
-    encoders; the store is closed again when they cannot be loaded. `store`: one already opened."""
+    encoders; the store is closed again when they cannot be loaded. `store`: one already opened; `serving`: the
+    service's runtime (`load_encoders`)."""
     store = store or ProductStore.open(settings)
     try:
-        image_encoder, text_encoder = load_encoders(settings)
+        image_encoder, text_encoder = load_encoders(settings, serving=serving)
     except BaseException:
         store.close()
         raise

@@ -52,8 +52,8 @@ class Settings(BaseSettings):
     inference: Literal["auto", "torch", "onnx"] = Field(
         default="auto",
         description="what runs the image backbone's forward: onnx (ONNX Runtime, float32, its export kept in "
-        "MODELS_PATH/onnx), torch, or auto (onnx where torch would run a timm backbone in float32, torch where it "
-        "runs bf16: docs/BENCHMARKS.md)",
+        "MODELS_PATH/onnx), torch, or auto (for a timm backbone: onnx in the service and wherever torch would run "
+        "it in float32, torch in bf16 for ingest and other batch work: docs/BENCHMARKS.md)",
     )
     text_precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto", description="sentence-transformers: bf16 where the CPU computes it natively (auto), or fp32"

@@ -61,7 +61,7 @@ def build_state(settings: Settings) -> AppState:
         catalogues = ", ".join(store.catalogues()) or "none"
         log.info("store: %s; catalogues: %s", settings.describe_store(store.engine), catalogues)
         log.info("loading encoders %s and %s", settings.image_model, settings.text_model)
-        runtime = open_runtime(settings, store=store)
+        runtime = open_runtime(settings, store=store, serving=True)
     except BaseException:
         if jobs is not None:
             jobs.close(0)

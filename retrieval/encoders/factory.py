@@ -61,18 +61,27 @@ INFERENCES = ("auto", "torch", "onnx")
 
 
 def load_image_encoder(
-    spec: str, precision: str = "auto", *, inference: str = "torch", onnx_cache: Path | None = None
+    spec: str,
+    precision: str = "auto",
+    *,
+    inference: str = "torch",
+    onnx_cache: Path | None = None,
+    serving: bool = False,
 ) -> ImageEncoder:
     """`precision`: auto (bf16 where the CPU has it, for timm backbones), fp32 or bf16. `inference`: torch, onnx
-    (a timm backbone's forward on ONNX Runtime in float32, its export kept in `onnx_cache`), or auto: onnx where
-    torch would run a timm backbone in float32 (ONNX Runtime measured 1.7-2x torch's float32 there), torch
-    where it runs bf16 (as fast as ONNX Runtime's float32 or faster on this project's CPU: docs/BENCHMARKS.md)
-    and for the rest."""
+    (a timm backbone's forward on ONNX Runtime in float32, its export kept in `onnx_cache`), or auto: for a timm
+    backbone, onnx where torch would run it in float32 (ONNX Runtime measured 1.7-2x torch's float32 there) and
+    in a service (`serving`: a query's few photos beside the text model's thread, where ONNX Runtime served
+    1.28-1.36x the requests of torch bf16), torch in bf16 for batch work (ingest: as fast or faster there);
+    torch for the rest (docs/BENCHMARKS.md)."""
     if inference not in INFERENCES:
         raise EncoderError(f"inference {inference!r}: use one of {', '.join(INFERENCES)}")
     encoder: ImageEncoder = _cached(spec, IMAGE_KINDS, precision)
     timm = parse_spec(spec)[0] == "timm"
-    if inference == "torch" or (inference == "auto" and (not timm or getattr(encoder, "precision", "") == "bf16")):
+    torch_runs = inference == "torch" or (
+        inference == "auto" and (not timm or (getattr(encoder, "precision", "") == "bf16" and not serving))
+    )
+    if torch_runs:
         return encoder
     if not timm:
         raise EncoderError(f"INFERENCE=onnx runs timm backbones; {spec!r} runs in torch (INFERENCE=auto or torch)")

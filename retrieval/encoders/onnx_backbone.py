@@ -10,9 +10,10 @@ load, so that a catalogue never holds vectors of two runtimes that disagree. Wit
 name (the catalogue's fingerprint) is the torch one: the vectors are interchangeable, as bf16's are.
 
 ONNX Runtime runs the model in float32: on this project's 2-core CPU (AVX512-BF16) it embeds photos 1.7-2x as
-fast as torch in float32 in batches of 8, and about as fast as torch in bf16 (0.78-1.13x over runs), so
-`INFERENCE=auto` picks it only where torch would run float32 (`python -m bench speed ingest`,
-`python -m bench.onnx_int8`, docs/BENCHMARKS.md). Static int8 quantization (QDQ, per channel, calibrated on
+fast as torch in float32 in batches of 8, and about as fast as torch in bf16 (0.78-1.13x over runs); in the
+service, beside the text model's torch thread, it served 1.28-1.36x the searches of torch bf16. So
+`INFERENCE=auto` picks it in the service and where torch would run float32, torch bf16 for batch ingest
+(`python -m bench speed ingest|serve`, `python -m bench.onnx_int8`, docs/BENCHMARKS.md). Static int8 quantization (QDQ, per channel, calibrated on
 real photos, stem and head kept in float32) was measured 2.1-2.4x torch bf16, but its rows fell to cosine
 0.989 of float32 on grocery photos, below the 0.995 every photo must keep: not offered."""
 

@@ -316,6 +316,13 @@ def test_inference_choices_are_checked(tmp_path: Path) -> None:
     fp32 = load_image_encoder(DEFAULT_IMAGE_MODEL, "fp32", inference="auto", onnx_cache=tmp_path / "auto")
     assert isinstance(fp32, OnnxImageEncoder)  # auto: where torch would run float32, ONNX Runtime does
     bf16 = load_image_encoder(DEFAULT_IMAGE_MODEL, "bf16", inference="auto", onnx_cache=tmp_path / "auto")
-    assert isinstance(bf16, TimmImageEncoder)  # ... and where it runs bf16, torch does
+    assert isinstance(bf16, TimmImageEncoder)  # ... and where it runs bf16, torch does (batch work)
+    served = load_image_encoder(
+        DEFAULT_IMAGE_MODEL, "bf16", inference="auto", onnx_cache=tmp_path / "auto", serving=True
+    )
+    assert isinstance(served, OnnxImageEncoder)  # ... but the service's queries run on ONNX Runtime
+    assert isinstance(
+        load_image_encoder(DEFAULT_IMAGE_MODEL, "bf16", inference="torch", serving=True), TimmImageEncoder
+    )
     with pytest.raises(ValueError, match="inference"):
         Settings(inference="tensorrt")

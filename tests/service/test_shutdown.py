@@ -205,13 +205,14 @@ def test_sigterm_and_kill_during_an_http_ingest(tmp_path: Path, trickle: Trickle
         third.output()
     assert third.process.returncode == 0
 
-    # The same file ingested once, never interrupted, gives the same points.
+    # The same file ingested once, never interrupted, gives the same points (on the service's image runtime:
+    # INFERENCE=auto runs ONNX Runtime in a service, torch bf16 in the command line).
     reference = tmp_path / "reference"
     (tmp_path / "feed.csv").write_bytes(feed)
     cli = subprocess.run(
         [sys.executable, "-m", "ingest", str(tmp_path / "feed.csv"), "--catalogue", "shop", "--no-progress"],
-        cwd=ROOT, env={**env_for(reference), "ALLOW_PRIVATE_URLS": "true"}, capture_output=True, text=True,
-        timeout=300,
+        cwd=ROOT, env={**env_for(reference), "ALLOW_PRIVATE_URLS": "true", "INFERENCE": "onnx"},
+        capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert cli.returncode == 0, cli.stderr
     resumed, uninterrupted = points(store), points(reference)
