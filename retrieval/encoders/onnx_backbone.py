@@ -13,9 +13,11 @@ ONNX Runtime runs the model in float32: on this project's 2-core CPU (AVX512-BF1
 fast as torch in float32 in batches of 8, and about as fast as torch in bf16 (0.78-1.13x over runs); in the
 service, beside the text model's torch thread, it served 1.28-1.36x the searches of torch bf16. So
 `INFERENCE=auto` picks it in the service and where torch would run float32, torch bf16 for batch ingest
-(`python -m bench speed ingest|serve`, `python -m bench.onnx_int8`, docs/BENCHMARKS.md). Static int8 quantization (QDQ, per channel, calibrated on
-real photos, stem and head kept in float32) was measured 2.1-2.4x torch bf16, but its rows fell to cosine
-0.989 of float32 on grocery photos, below the 0.995 every photo must keep: not offered."""
+(`python -m bench speed ingest|serve`, `python -m bench.onnx_int8`, docs/BENCHMARKS.md).
+
+Static int8 quantization (QDQ, per channel, calibrated on real photos, stem and head kept in float32) was
+measured 2.1-2.4x torch bf16, but its rows fell to cosine 0.989 of float32 on grocery photos, below the 0.995
+every photo must keep: not offered."""
 
 from __future__ import annotations
 
