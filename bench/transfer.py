@@ -21,6 +21,7 @@ from retrieval.match.model import TRANSFER_FEATURES, Labelled, fit_model, labell
 
 TRAIN_SETS = ("abt-buy-train", "amazon-google-train", "beer-train", "itunes-amazon-train")
 JUDGE_SETS = ("abt-buy", "amazon-google")  # the two product test splits (abt-buy: abt-buy's test split)
+VALID_SETS = ("abt-buy-valid", "amazon-google-valid")  # read by no fitting: the shipped model judged there too
 
 
 @dataclass
@@ -47,9 +48,15 @@ def pooled(parts: list[Candidates]) -> Labelled:
         out.rows += part.data.rows
         out.labels += part.data.labels
         out.groups += [g + offset for g in part.data.groups]
+        out.shops += part.data.shop_of()
         out.positives += part.data.positives
         offset += max(part.data.groups, default=-1) + 1
     return out
+
+
+def any_shop(data: Labelled) -> Labelled:
+    """`data` with every candidate in a shop of its own: decided as if a shop could list a product twice."""
+    return Labelled(data.rows, data.labels, data.groups, data.positives, [str(i) for i in range(len(data.rows))])
 
 
 HEADER = (
@@ -104,11 +111,14 @@ def run(
             f"sha256 {digest[:16]}"
         )
         print(lines[-1], flush=True)
-        for judged in judge.values():  # in-domain: these test splits' own train splits were among its data
+        valid = [candidates_of(sets_dir, name, image_encoder, text_encoder) for name in VALID_SETS]
+        for judged in [*judge.values(), *valid]:  # in-domain: their train splits were among its data
             m = measure(fitted.calibration, judged.data, judged.products)
+            every = measure(fitted.calibration, any_shop(judged.data), judged.products)
             lines.append(
-                f"shipped model on {judged.name} (test split): match precision {m['precision']:.3f}, recall "
-                f"{m['recall']:.3f}, R@1 {m['r1_search']:.3f} -> {m['r1_model']:.3f}"
+                f"shipped model on {judged.name}: match precision {m['precision']:.3f}, recall {m['recall']:.3f} "
+                f"(without one match per shop {every['precision']:.3f} / {every['recall']:.3f}), R@1 "
+                f"{m['r1_search']:.3f} -> {m['r1_model']:.3f}"
             )
             print(lines[-1], flush=True)
     table = "\n".join(lines)

@@ -383,6 +383,27 @@ class Labelled:
     labels: list[bool]
     groups: list[int]
     positives: int  # every labelled true pair, also those the search did not bring among the candidates
+    shops: list[str] = field(default_factory=list)  # each candidate's retailer (none given: one shop)
+
+    def shop_of(self) -> list[str]:
+        """Each row's retailer ("" for all when none were given)."""
+        return self.shops if len(self.shops) == len(self.rows) else [""] * len(self.rows)
+
+
+def first_of_each_shop(p: np.ndarray, groups: Sequence[int], shops: Sequence[str]) -> np.ndarray:
+    """Whether each candidate is the most probable of its query's candidates in its shop (the first in search
+    order among equals): only those may be decided `match`. A shop lists a product once (the labels' own rule,
+    `LabelledPair.partial`), so of two listings of one shop at most one is the query's product; the other,
+    however probable, is `uncertain`: a near twin (an edition, a pack size) or a duplicate listing, either worth
+    a person's look. Measured on the valid splits before it was adopted (docs/BENCHMARKS.md, "The default
+    match model"); it applies to every model, its thresholds chosen as before (`fit_model`)."""
+    best: dict[tuple[int, str], int] = {}
+    for i, key in enumerate(zip(groups, shops, strict=True)):
+        if key not in best or p[i] > p[best[key]]:
+            best[key] = i
+    first = np.zeros(len(p), dtype=bool)
+    first[list(best.values())] = True
+    return first
 
 
 @dataclass(frozen=True)
@@ -485,6 +506,10 @@ def fit_model(
             f"only {data.positives} labelled true pairs: out-of-fold precision and recall are rough estimates "
             f"(label {FEW_TRUE_PAIRS} or more)"
         )
+    # Thresholds are chosen on every candidate, although `match` is only decided for the first of each shop
+    # (`first_of_each_shop`): that rule only takes matches away, so the precision stored is a floor. Chosen on the
+    # first of each shop alone, a threshold falls to ~0 on labels whose products all have a counterpart (a
+    # product's best candidate is then always right), and would decide `match` for every product of a catalogue.
     match = lowest_threshold(held_out, y, target_precision, positives=data.positives, min_hits=MIN_HITS)
     accepted = None
     if match is None and accept_precision is not None:
@@ -540,7 +565,7 @@ def _typed_query(
         at = [names[i] for i in keep].index(PRIOR)
         for row, p in zip(rows, prior, strict=True):
             row[at] = _logit(float(p))
-    without = Labelled(rows, data.labels, data.groups, data.positives)
+    without = Labelled(rows, data.labels, data.groups, data.positives, data.shops)
     return fit_model(
         without,
         target_precision=target_precision,
@@ -576,11 +601,18 @@ def fit(
     ).calibration
 
 
-def decide(calibration: Calibration, p: float) -> Decision:
-    """An unreliable calibration never says 'match': its best is a candidate worth a look."""
-    if calibration.reliable and p >= calibration.match_threshold:
+def decide(calibration: Calibration, p: float, *, first: bool = True) -> Decision:
+    """An unreliable calibration never says 'match': its best is a candidate worth a look. `first`: whether the
+    candidate is the most probable of its shop (`first_of_each_shop`); another is at most 'uncertain'."""
+    if calibration.reliable and first and p >= calibration.match_threshold:
         return "match"
     return "uncertain" if p >= calibration.uncertain_threshold else "no_match"
+
+
+def decide_all(calibration: Calibration, p: np.ndarray, shops: Sequence[str]) -> list[Decision]:
+    """The decisions of one query's candidates (`shops`: each one's retailer)."""
+    first = first_of_each_shop(p, [0] * len(p), shops)
+    return [decide(calibration, float(q), first=bool(f)) for q, f in zip(p, first, strict=True)]
 
 
 def unreliable_warning(calibration: Calibration) -> str | None:
@@ -764,14 +796,11 @@ def find_matches(
     ]
     rows = features(product, candidates, names=calibration.features)
     p = probabilities(calibration, rows) if candidates else np.zeros(0)
+    decisions = decide_all(calibration, p, [r.retailer for r in response.results])
     order = np.argsort(-p, kind="stable")[:limit]
     return product, [
         MatchResult.model_validate(
-            {
-                **response.results[i].model_dump(),
-                "decision": decide(calibration, float(p[i])),
-                "confidence": round(float(p[i]), 4),
-            }
+            {**response.results[i].model_dump(), "decision": decisions[i], "confidence": round(float(p[i]), 4)}
         )
         for i in order
     ]
@@ -791,8 +820,9 @@ def decide_search(response: SearchResponse, text: str | None, active: ActiveMode
     query = Product(id="query", retailer="query", title=text)
     candidates = [Candidate(r.product, r.scores.model_dump()) for r in response.results]
     p = probabilities(calibration, features(query, candidates, names=calibration.features))
-    for result, probability in zip(response.results, p, strict=True):
-        result.decision = decide(calibration, float(probability))
+    decisions = decide_all(calibration, p, [r.retailer for r in response.results])
+    for result, probability, decision in zip(response.results, p, decisions, strict=True):
+        result.decision = decision
         result.confidence = round(float(probability), 4)
     response.model = active.name
     return response
@@ -831,6 +861,7 @@ def labelled_candidates(
         data.rows += [rows[i] for i in known]
         data.labels += [bool(labels[i]) for i in known]
         data.groups += [number] * len(known)
+        data.shops += [results[i].retailer for i in known]
         data.positives += pair.positives
         if progress:
             progress(number + 1)

@@ -31,6 +31,7 @@ from retrieval.match.model import (
     default_applies,
     feature_names,
     find_matches,
+    first_of_each_shop,
     fit_model,
     labelled_candidates,
     probabilities,
@@ -163,7 +164,9 @@ def judge_candidates(label: str, calibration: Calibration | None, data: Labelled
     else:
         p = probabilities(calibration, data.rows) if data.rows else np.zeros(0)
         order = p
-    match = (p >= calibration.match_threshold) & calibration.reliable if calibration else np.zeros(len(y), bool)
+    match = np.zeros(len(y), bool)
+    if calibration is not None and calibration.reliable:
+        match = (p >= calibration.match_threshold) & first_of_each_shop(p, data.groups, data.shop_of())
     uncertain = (p >= calibration.uncertain_threshold) & ~match if calibration else np.zeros(len(y), bool)
     return Judgement(
         label=label,
@@ -402,16 +405,19 @@ def judge_by_folds(
     x = np.asarray(data.rows, dtype=np.float64)
     y = np.asarray(data.labels, dtype=bool)
     groups = np.asarray(data.groups)
+    shops = np.asarray(data.shop_of(), dtype=object)
     p = np.zeros(len(y))
     match = np.zeros(len(y), dtype=bool)
     uncertain = np.zeros(len(y), dtype=bool)
     reliable = True
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=0)
     for inside, outside in splitter.split(x, y, groups):
-        part = Labelled(x[inside].tolist(), y[inside].tolist(), groups[inside].tolist(), int(y[inside].sum()))
+        inside_rows = (x[inside].tolist(), y[inside].tolist(), groups[inside].tolist())
+        part = Labelled(*inside_rows, int(y[inside].sum()), shops[inside].tolist())
         calibration = fit(part).calibration
         p[outside] = probabilities(calibration, x[outside])
-        match[outside] = (p[outside] >= calibration.match_threshold) & calibration.reliable
+        first = first_of_each_shop(p[outside], groups[outside].tolist(), shops[outside].tolist())
+        match[outside] = (p[outside] >= calibration.match_threshold) & first & calibration.reliable
         uncertain[outside] = (p[outside] >= calibration.uncertain_threshold) & ~match[outside]
         reliable = reliable and calibration.reliable
     return Judgement(
@@ -429,7 +435,7 @@ def judge_by_folds(
 def _columns(data: Labelled, names: Sequence[str], wanted: Sequence[str]) -> Labelled:
     """`data` with only the `wanted` features (a subset of its `names`), in that order."""
     at = [list(names).index(name) for name in wanted]
-    return Labelled([[row[i] for i in at] for row in data.rows], data.labels, data.groups, data.positives)
+    return Labelled([[row[i] for i in at] for row in data.rows], data.labels, data.groups, data.positives, data.shops)
 
 
 def train_on_labels(

@@ -20,6 +20,7 @@ from retrieval.match.model import (
     Candidate,
     Labelled,
     decide,
+    decide_all,
     features,
     find_matches,
     fit,
@@ -95,6 +96,15 @@ def test_fit_on_real_candidates_and_rerank(engine: SearchEngine, two_shops: str)
     stored = Calibration.model_validate_json(calibration.model_dump_json())  # JSON, as a server keeps it
     assert np.array_equal(probabilities(stored, data.rows), p)
     assert decide(calibration, 0.999) == "match" and decide(calibration, 0.0) == "no_match"
+    # one match per shop: of two listings of one shop above the threshold, the less probable is 'uncertain'
+    sure = [0.999, 0.998, 0.997, 0.0]
+    assert decide_all(calibration, np.array(sure), ["ica", "ica", "coop", "coop"]) == [
+        "match",
+        "uncertain",
+        "match",
+        "no_match",
+    ]
+    assert decide(calibration, 0.999, first=False) == "uncertain"
     _, matches = find_matches(engine, two_shops, "hemkop", "7", calibration=calibration, limit=3)
     assert matches[0].id == "o-7" and matches[0].decision == "match"
     confidences = [m.confidence or 0.0 for m in matches]

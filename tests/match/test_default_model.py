@@ -44,14 +44,23 @@ def test_the_default_model_decides_unseen_siblings_as_measured(abt_buy_valid: tu
         engine, evalset.name, pairs, depth=calibration.depth, fusion=calibration.fusion, names=calibration.features
     )
     result = measure(calibration, data, len(pairs))
-    assert result["precision"] >= 0.95, result  # measured 0.974
+    print(f"\ndefault model on abt-buy valid: {result}")
+    assert result["precision"] >= 0.97, result  # measured 0.995 (0.974 before one match per shop)
     assert result["recall"] >= 0.88, result  # measured 0.908 (0.749 before the reverse rank)
+    # One match per shop, on real siblings: of the candidates above the threshold that are not their product's
+    # most probable in their shop (decided 'uncertain', not 'match'), few are the product
+    p = model.probabilities(calibration, data.rows)
+    demoted = (p >= calibration.match_threshold) & ~model.first_of_each_shop(p, data.groups, data.shop_of())
+    same = [label for label, down in zip(data.labels, demoted, strict=True) if down]
+    print(f"above the threshold, not first of their shop: {len(same)}, of which the product: {sum(same)}")
+    assert len(same) >= 3 and sum(same) <= len(same) / 2, same  # measured 4, none the product
     assert result["r1_model"] >= 0.96 and result["r1_model"] >= result["r1_search"], result  # measured 0.985 (0.971)
     typed = calibration.typed_query  # what decides a typed query's results: no reverse rank to read
     assert typed is not None and model.REVERSE not in typed.features
     names = typed.features
     data = labelled_candidates(engine, evalset.name, pairs, depth=typed.depth, fusion=typed.fusion, names=names)
     result = measure(typed, data, len(pairs))
+    print(f"its typed-query twin: {result}")
     assert result["precision"] >= 0.97 and result["recall"] >= 0.72, result  # measured 1.000 / 0.754
 
 

@@ -74,7 +74,7 @@ def test_calibrated_matches_on_unseen_cross_shop_pairs(
     result = measure(calibration, data, len(pairs))
     assert result["r1_model"] >= 0.955, result  # measured 0.981 with the reverse rank (search order 0.966)
     assert result["r1_model"] > result["r1_search"], result
-    assert result["precision"] >= 0.95, result  # measured 0.980 at the 0.95 target
+    assert result["precision"] >= 0.97, result  # measured 0.990 at the 0.95 target (0.980 before one match per shop)
     assert result["recall"] >= 0.915, result  # measured 0.943
     assert result["uncertain"] > 0, result  # the middle band is used: not every candidate is match / no match
 
@@ -124,9 +124,9 @@ def test_calibrated_matches_on_held_out_software_titles(
     pairs = pairs_of(evalset)
     data = labelled_candidates(test_engine, evalset.name, pairs, depth=calibration.depth, fusion=calibration.fusion)
     result = measure(calibration, data, len(pairs))
-    assert result["r1_model"] >= 0.865 and result["r1_model"] > result["r1_search"], result  # measured 0.894 (0.846)
+    assert result["r1_model"] >= 0.865 and result["r1_model"] > result["r1_search"], result  # measured 0.899 (0.846)
     assert result["precision"] >= 0.94, result  # measured 0.966 at the 0.95 target
-    assert result["recall"] >= 0.52, result  # measured 0.552
+    assert result["recall"] >= 0.52, result  # measured 0.548 (0.552 before one match per shop)
 
 
 def test_an_adaptation_head_lifts_image_recall_by_a_margin(
