@@ -577,7 +577,11 @@ class _Plan:
     ) -> SearchResponse:
         vectors, options, ranks = self.vectors, self.options, self._ranks(answers)
         results = []
-        for point in answers[0]:
+        # Results of equal score come in whatever order the engine holds them (it differs between two ingests of
+        # one catalogue): they are put in the order of their retailer and id, so that an answer, and the match
+        # model's rank features read off it, do not change with how the store was written.
+        points = sorted(answers[0], key=lambda p: (-p.score, *_retailer_and_id(p)))
+        for point in points:
             product = to_product(point.payload or {}, image_url)
             verdict = SearchEngine._code_verdict(vectors.codes, product)
             results.append(
@@ -593,7 +597,7 @@ class _Plan:
                 )
             )
         if self.window:
-            results.sort(key=lambda r: -r.score)  # stable: ties keep the engine's order
+            results.sort(key=lambda r: -r.score)  # stable: ties keep the order above
             threshold = options.score_threshold
             kept = [r for r in results if threshold is None or r.score >= threshold]
             results = kept[options.offset : options.offset + options.limit]
@@ -608,6 +612,11 @@ class _Plan:
             results=results,
             warnings=[vectors.unread] if vectors.unread else [],
         )
+
+
+def _retailer_and_id(point: models.ScoredPoint) -> tuple[str, str]:
+    payload = point.payload or {}
+    return str(payload.get("retailer", "")), str(payload.get("product_id", point.id))
 
 
 def _read_words(query: QueryVectors, product: Product) -> list[str]:
