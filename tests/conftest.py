@@ -66,8 +66,8 @@ def write_catalogue(folder: Path, rows: list[dict[str, str]]) -> Path:
 
 @pytest.fixture(scope="session")
 def image_encoder(tmp_path_factory: pytest.TempPathFactory) -> ImageEncoder:
-    """The image encoder as the service loads it by default (INFERENCE=auto: torch in bf16 where the CPU computes
-    it, else the backbone on ONNX Runtime)."""
+    """The image encoder as ingest loads it by default (INFERENCE=auto: torch in bf16 where the CPU computes it,
+    else the backbone on ONNX Runtime; the service's own choice is tested in tests/search/test_photo_guard.py)."""
     return load_image_encoder(DEFAULT_IMAGE_MODEL, inference="auto", onnx_cache=tmp_path_factory.mktemp("onnx"))
 
 

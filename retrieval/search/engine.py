@@ -579,7 +579,8 @@ class _Plan:
         results = []
         # Results of equal score come in whatever order the engine holds them (it differs between two ingests of
         # one catalogue): they are put in the order of their retailer and id, so that an answer, and the match
-        # model's rank features read off it, do not change with how the store was written.
+        # model's rank features read off it, do not change with how the store was written (under RRF, which fuses
+        # ranks, the engine has already ranked equal scores in its own order).
         points = sorted(answers[0], key=lambda p: (-p.score, *_retailer_and_id(p)))
         for point in points:
             product = to_product(point.payload or {}, image_url)

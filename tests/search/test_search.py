@@ -153,6 +153,23 @@ def test_several_stored_products_search_in_one_batch_as_one_by_one(
             assert response.results[0].id == product_id.removeprefix("o-")  # its own listing in the other shop
 
 
+def test_results_of_equal_score_come_in_retailer_and_id_order(
+    tmp_path: Path, ingestor: Ingestor, store: ProductStore, catalogue_name: str
+) -> None:
+    """Three listings with one title (equal vectors, equal scores), written in another order: under DBSF (the
+    match model's fusion) the answer does not depend on how the store was written, so the rank features read
+    the same order every time. (RRF fuses ranks: the engine's order of equal scores within one ranking gives
+    them different ranks before this code sees them.)"""
+    same = {"title": "Oatly Oat Drink Barista Edition 1 l", "description": ""}
+    rows = [{"retailer": "shop-b", "id": "2", **same}, {"retailer": "shop-a", "id": "9", **same}]
+    rows += [{"retailer": "shop-a", "id": "1", **same}, {"retailer": "shop-c", "id": "5", "title": "Arla milk"}]
+    ingestor.run(write_catalogue(tmp_path / "feed", rows), catalogue_name, progress=False)
+    engine = SearchEngine(store, ingestor.image_encoder, ingestor.text_encoder)
+    found = engine.search(catalogue_name, text="oat drink barista", options=SearchOptions(limit=3, fusion="dbsf"))
+    assert [(r.retailer, r.id) for r in found.results] == [("shop-a", "1"), ("shop-a", "9"), ("shop-b", "2")]
+    assert len({r.score for r in found.results}) == 1
+
+
 def test_unknown_catalogue_and_empty_query(engine: SearchEngine) -> None:
     with pytest.raises(CatalogueNotFound, match="'nope' does not exist"):
         engine.search("nope", text="milk")
