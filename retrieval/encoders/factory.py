@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from pathlib import Path
@@ -12,6 +13,7 @@ from retrieval.encoders.base import EncoderError, ImageEncoder, TextEncoder
 IMAGE_KINDS = ("timm", "open_clip")
 TEXT_KINDS = ("sentence-transformers", "open_clip")
 
+log = logging.getLogger("retrieval.encoders")
 _cache: dict[tuple[str, str], Any] = {}
 _cache_lock = threading.Lock()
 
@@ -85,15 +87,23 @@ def load_image_encoder(
         return encoder
     if not timm:
         raise EncoderError(f"INFERENCE=onnx runs timm backbones; {spec!r} runs in torch (INFERENCE=auto or torch)")
-    if onnx_cache is None:
-        raise EncoderError("ONNX inference needs a folder for the exported model")
     from retrieval.encoders.onnx_backbone import OnnxImageEncoder
 
     key = (f"onnx|{spec}", precision)  # one session per spec and process, whichever folder exported it
-    with _cache_lock:
-        if key not in _cache:
-            _cache[key] = OnnxImageEncoder(encoder, onnx_cache)  # type: ignore[arg-type]
-        onnx: ImageEncoder = _cache[key]
+    try:
+        if onnx_cache is None:
+            raise EncoderError("ONNX inference needs a folder for the exported model")
+        with _cache_lock:
+            if key not in _cache:
+                _cache[key] = OnnxImageEncoder(encoder, onnx_cache)  # type: ignore[arg-type]
+            onnx: ImageEncoder = _cache[key]
+    except EncoderError as exc:
+        if inference == "onnx":
+            raise
+        # auto chose ONNX Runtime for speed alone: where it cannot run (a read-only model folder, a failed
+        # export or probe), torch does, rather than a service that does not start
+        log.warning("%s; the image backbone runs in torch instead", exc)
+        return encoder
     return onnx
 
 

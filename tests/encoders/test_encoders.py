@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from retrieval.encoders import (
     EncoderError,
     ImageEncoder,
     TextEncoder,
+    factory,
     load_image_encoder,
     load_text_encoder,
     onnx_backbone,
@@ -326,3 +328,20 @@ def test_inference_choices_are_checked(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="inference"):
         Settings(inference="tensorrt")
+
+
+def test_auto_falls_back_to_torch_where_onnx_runtime_cannot_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A service whose model folder cannot take the export still starts on `auto` (torch runs the backbone, a
+    warning says why); asked for explicitly, ONNX Runtime's failure is an error."""
+    for precision in ("bf16", "fp32"):  # sessions this process already holds would be reused: set aside
+        monkeypatch.delitem(factory._cache, (f"onnx|{DEFAULT_IMAGE_MODEL}", precision), raising=False)
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the export folder should be")
+    bf16 = load_image_encoder(DEFAULT_IMAGE_MODEL, "bf16")
+    with caplog.at_level(logging.WARNING, logger="retrieval.encoders"):
+        served = load_image_encoder(DEFAULT_IMAGE_MODEL, "bf16", inference="auto", onnx_cache=blocked, serving=True)
+    assert served is bf16 and "runs in torch instead" in caplog.text
+    with pytest.raises(EncoderError, match="set INFERENCE=torch"):
+        load_image_encoder(DEFAULT_IMAGE_MODEL, "fp32", inference="onnx", onnx_cache=blocked / "onnx")
