@@ -575,14 +575,15 @@ class _Plan:
     def response(
         self, catalogue: str, answers: Sequence[list[models.ScoredPoint]], image_url: ImageUrl
     ) -> SearchResponse:
+        # Points of equal score come in whatever order the engine holds them (it differs between two ingests of
+        # one catalogue): they are put in the order of their retailer and id (point id where no payload was
+        # asked), so that an answer, its ranks and the match model's rank features read off it do not change
+        # with how the store was written (under RRF, which fuses ranks, the engine has already ranked equal
+        # scores in its own order).
+        answers = [sorted(points, key=lambda p: (-p.score, *_retailer_and_id(p))) for points in answers]
         vectors, options, ranks = self.vectors, self.options, self._ranks(answers)
         results = []
-        # Results of equal score come in whatever order the engine holds them (it differs between two ingests of
-        # one catalogue): they are put in the order of their retailer and id, so that an answer, and the match
-        # model's rank features read off it, do not change with how the store was written (under RRF, which fuses
-        # ranks, the engine has already ranked equal scores in its own order).
-        points = sorted(answers[0], key=lambda p: (-p.score, *_retailer_and_id(p)))
-        for point in points:
+        for point in answers[0]:
             product = to_product(point.payload or {}, image_url)
             verdict = SearchEngine._code_verdict(vectors.codes, product)
             results.append(
