@@ -124,7 +124,7 @@ def test_calibrated_matches_on_held_out_software_titles(
     pairs = pairs_of(evalset)
     data = labelled_candidates(test_engine, evalset.name, pairs, depth=calibration.depth, fusion=calibration.fusion)
     result = measure(calibration, data, len(pairs))
-    assert result["r1_model"] >= 0.865 and result["r1_model"] > result["r1_search"], result  # measured 0.899 (0.846)
+    assert result["r1_model"] >= 0.87 and result["r1_model"] > result["r1_search"], result  # measured 0.899 (0.846)
     assert result["precision"] >= 0.94, result  # measured 0.966 at the 0.95 target
     assert result["recall"] >= 0.52, result  # measured 0.548 (0.552 before one match per shop)
 
